@@ -1,0 +1,148 @@
+"""Stage `evaluate`: the kept model on the test split, as the seeds' eval.py reported it.
+
+metrics/eval.json      top-1, top-5, mean per-class accuracy (and the same under TTA)
+metrics/eval_report.json  the 10 worst and best classes and the 10 most-confused pairs, by name
+plots/per_class_accuracy.csv, plots/confused_pairs.csv, plots/predictions.csv  for `dvc plots`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stages.data import (MODEL_PATH, TTA_CROP_FRACTIONS, ImageSplit, class_names, eval_transform, make_loader,
+                         open_split, resolve_workers)
+from stages.files import write_csv, write_json
+from stages.model import load_checkpoint
+from stages.params import load_params_or_exit
+from stages.runtime import Precision, pick_device, predict_logits
+
+EVAL_METRICS = Path("metrics/eval.json")
+EVAL_REPORT = Path("metrics/eval_report.json")
+PER_CLASS_CSV = Path("plots/per_class_accuracy.csv")
+CONFUSED_CSV = Path("plots/confused_pairs.csv")
+PREDICTIONS_CSV = Path("plots/predictions.csv")
+TABLE_ROWS = 10
+
+
+def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    k = min(k, probs.shape[1])
+    return (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted]."""
+    return torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> torch.Tensor:
+    """Recall of each class; NaN for a class with no test image."""
+    totals = confusion.sum(dim=1)
+    return torch.where(totals > 0, confusion.diag() / totals.clamp(min=1), torch.tensor(float("nan")))
+
+
+def most_confused(confusion: torch.Tensor, k: int) -> list[tuple[int, int, int]]:
+    """The k largest off-diagonal counts as (true, predicted, count), largest first, ties by class ids."""
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    flat = off.flatten()
+    order = sorted(range(len(flat)), key=lambda i: (-int(flat[i]), i))[:k]
+    n = confusion.shape[0]
+    return [(i // n, i % n, int(flat[i])) for i in order if flat[i] > 0]
+
+
+def summarize(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    confusion = confusion_matrix(probs.argmax(1), labels, probs.shape[1])
+    return {
+        "top1": round(topk_accuracy(probs, labels, 1), 5),
+        "top5": round(topk_accuracy(probs, labels, 5), 5),
+        "mean_class_accuracy": round(per_class_accuracy(confusion).nanmean().item(), 5),
+    }
+
+
+def tta_probs(model, split, resolution: int, batch_size: int, workers: int, device, precision,
+              channels_last: bool) -> torch.Tensor:
+    """Softmax averaged over 3 scales x 2 horizontal flips."""
+    total = None
+    for fraction in TTA_CROP_FRACTIONS:
+        loader = make_loader(ImageSplit(split, eval_transform(resolution, fraction)), batch_size, False, workers)
+        for flip in (False, True):
+            logits, _ = predict_logits(model, loader, device, precision, channels_last, flip=flip,
+                                       desc=f"tta {fraction:.3f}{' flip' if flip else ''}")
+            probs = logits.softmax(1)
+            total = probs if total is None else total + probs
+    return total / (2 * len(TTA_CROP_FRACTIONS))
+
+
+def class_rows(confusion: torch.Tensor, names: list[str]) -> list[dict]:
+    """One row per class with test images, worst first (a class without any has no accuracy to rank)."""
+    accuracy = per_class_accuracy(confusion)
+    rows = [{"class_id": i, "class_name": name, "accuracy": round(accuracy[i].item(), 4),
+             "images": int(confusion[i].sum())} for i, name in enumerate(names) if confusion[i].sum() > 0]
+    return sorted(rows, key=lambda r: (r["accuracy"], r["class_id"]))
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))
+
+
+def main() -> None:
+    params = load_params_or_exit()
+    device = pick_device()
+    model, meta = load_checkpoint(MODEL_PATH, device)
+    test = open_split("test")
+    names = meta["class_names"]
+    if class_names(test) != names:
+        raise SystemExit("error: the test split's classes differ from the model's; re-run `dvc repro` from prepare")
+    resolution = meta["resolution"]
+    train_params = meta["params"]["train"]
+    channels_last = train_params["channels_last"] and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    precision = Precision(train_params["amp"], device)
+    workers = resolve_workers(train_params["num_workers"])
+    batch_size = params.evaluate.batch_size
+
+    loader = make_loader(ImageSplit(test, eval_transform(resolution)), batch_size, False, workers)
+    logits, labels = predict_logits(model, loader, device, precision, channels_last, desc="test")
+    probs = logits.softmax(1)
+    metrics = {"images": len(labels), **summarize(probs, labels)}
+    if params.evaluate.tta:
+        metrics["tta"] = summarize(tta_probs(model, test, resolution, batch_size, workers, device, precision,
+                                             channels_last), labels)
+
+    predicted = probs.argmax(1)
+    confusion = confusion_matrix(predicted, labels, len(names))
+    per_class = class_rows(confusion, names)
+    confused = [{"true": names[t], "predicted": names[p], "count": c} for t, p, c in most_confused(confusion, TABLE_ROWS)]
+    ids = test["id"]
+    predictions = [{"id": ids[i], "actual": names[labels[i]], "predicted": names[predicted[i]],
+                    "confidence": round(probs[i, predicted[i]].item(), 4)} for i in range(len(labels))]
+
+    metrics["classes_without_test_images"] = len(names) - len(per_class)
+    write_json(EVAL_METRICS, metrics)
+    write_json(EVAL_REPORT, {
+        "worst_classes": per_class[:TABLE_ROWS],
+        "best_classes": per_class[::-1][:TABLE_ROWS],
+        "most_confused": confused,
+    })
+    write_csv(PER_CLASS_CSV, per_class, ["class_id", "class_name", "accuracy", "images"])
+    write_csv(CONFUSED_CSV, confused, ["true", "predicted", "count"])
+    write_csv(PREDICTIONS_CSV, predictions, ["id", "actual", "predicted", "confidence"])
+
+    tta = metrics.get("tta")
+    print(f"\ntest: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
+          f"mean per-class {metrics['mean_class_accuracy']:.2%}  ({len(labels)} images)"
+          + (f"\nTTA (3 scales x 2 flips): top-1 {tta['top1']:.2%}  top-5 {tta['top5']:.2%}" if tta else ""))
+    print_table(f"{TABLE_ROWS} worst classes", per_class[:TABLE_ROWS], ["class_name", "accuracy", "images"])
+    print_table(f"{TABLE_ROWS} best classes", per_class[::-1][:TABLE_ROWS], ["class_name", "accuracy", "images"])
+    print_table(f"{TABLE_ROWS} most-confused pairs", confused, ["true", "predicted", "count"])
+
+
+if __name__ == "__main__":
+    main()
