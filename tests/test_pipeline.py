@@ -1,0 +1,105 @@
+"""The real thing: `dvc repro` and `dvc exp run` of this project in a fresh git repo, on generated data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import make_project, run, tiny_params
+
+STAGES = ["fetch", "prepare", "train", "evaluate", "gradcam"]
+CHANCE = 1 / 6
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, image_folder):
+    project = make_project(tmp_path_factory.mktemp("project"), tiny_params(image_folder))
+    result = run(["dvc", "repro"], project)
+    return project, result.stdout + result.stderr
+
+
+def test_repro_runs_every_stage_and_locks_them(reproduced):
+    project, log = reproduced
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert list(lock["stages"]) == STAGES
+    assert run(["dvc", "status", "--json"], project).stdout.strip() == "{}"
+
+
+def test_data_metrics_count_what_was_dropped(reproduced):
+    project, _ = reproduced
+    data = json.loads((project / "metrics/data.json").read_text())
+    assert data["classes"] == 6
+    train = data["splits"]["train"]
+    assert train["images_in_source"] == 6 * 40 + 8  # 8 odd files, 3 of them unreadable
+    assert train["dropped"] == 3 and train["images"] == 6 * 40 + 5
+    assert data["splits"]["test"]["images"] == 6 * 15
+    assert train["stored_short_side"]["max"] <= 80
+    assert train["converted_to_rgb"] == {"CMYK": 1, "I;16": 1, "L": 1, "P": 1, "RGBA": 1}
+    dropped = (project / "metrics/dropped_images.csv").read_text()
+    for name in ("truncated.jpg", "empty.jpg", "not_an_image.jpg"):
+        assert name in dropped
+
+
+def test_model_learns_well_above_chance(reproduced):
+    project, _ = reproduced
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    assert metrics["images"] == 90
+    assert metrics["top1"] > 2.5 * CHANCE
+    assert metrics["top5"] >= metrics["top1"]
+    assert 0 < metrics["mean_class_accuracy"] <= 1
+    live = json.loads((project / "metrics/train/metrics.json").read_text())
+    assert live["step"] == 5 and live["kept_epoch"] == 6
+    assert live["train"]["loss"] > 0 and live["test"]["acc"] > CHANCE
+    curve = (project / "metrics/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(curve) == 1 + 6  # header + one row per epoch
+
+
+def test_evaluate_writes_named_tables(reproduced):
+    project, log = reproduced
+    report = json.loads((project / "metrics/eval_report.json").read_text())
+    assert len(report["worst_classes"]) == 6 and len(report["best_classes"]) == 6
+    assert report["worst_classes"][0]["accuracy"] <= report["best_classes"][0]["accuracy"]
+    assert "Audi A5 Coupe 2012" in (project / "plots/per_class_accuracy.csv").read_text()
+    assert (project / "plots/predictions.csv").read_text().count("\n") == 1 + 90
+    assert "most-confused pairs" in log and "worst classes" in log
+
+
+def test_gradcam_pngs_are_real_images(reproduced):
+    project, _ = reproduced
+    for name in ("samples.png", "worst.png"):
+        with Image.open(project / "plots/gradcam" / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+
+def test_dvc_plots_and_metrics_read_the_outputs(reproduced):
+    project, _ = reproduced
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    flat = json.dumps(metrics)
+    assert "top1" in flat and "images_per_class" in flat and "train" in flat
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
+    assert not plots.get("errors")
+    names = set(plots["data"])
+    assert {"Per-class test accuracy", "Confusion (test)", "plots/gradcam/samples.png"} <= names
+    assert "metrics/train/plots/metrics/train/loss.tsv" in names
+
+
+def test_experiment_reuses_data_stages_and_reports_the_change(reproduced):
+    project, _ = reproduced
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline run"], project)
+    result = run(["dvc", "exp", "run", "-S", "train.lr=0.02", "-S", "train.epochs=3"], project)
+    log = result.stdout + result.stderr
+    assert "Running stage 'fetch'" not in log and "Running stage 'prepare'" not in log
+    assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
+    changed = diff["metrics/train/metrics.json"]
+    assert changed["step"]["new"] == 2 and changed["step"]["old"] == 5
+    assert "top1" in diff["metrics/eval.json"]
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    assert "0.02" in json.dumps(shown)
