@@ -1,0 +1,128 @@
+"""fetch: a hub id, an image folder or a save_to_disk folder becomes data/raw (id, image bytes, ClassLabel)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+
+from stages.fetch import SourceError, check_image_folder, load_source, save, source_kind, standardize
+from stages.params import DataParams
+from tests.synthetic import class_image, make_image_folder
+
+
+def data_params(source, **overrides) -> DataParams:
+    return DataParams(**{"source": str(source), "val_fraction": 0.0, **overrides})
+
+
+def fetch(source, **overrides) -> datasets.DatasetDict:
+    params = data_params(source, **overrides)
+    return standardize(load_source(params), params, source_kind(str(source)))
+
+
+def test_source_kinds(tmp_path, image_folder):
+    assert source_kind("tanganke/stanford_cars") == "hub"
+    assert source_kind(str(image_folder)) == "folder"
+    with pytest.raises(SourceError, match="does not exist"):
+        source_kind(str(tmp_path / "missing"))
+    with pytest.raises(SourceError, match="does not exist"):
+        source_kind("./cars")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(SourceError, match="is a file"):
+        source_kind(str(tmp_path / "file.txt"))
+
+
+def test_image_folder_becomes_named_splits_with_ids(image_folder, tmp_path):
+    save(fetch(image_folder), tmp_path / "raw")
+    splits = datasets.load_from_disk(str(tmp_path / "raw"))
+    assert list(splits) == ["train", "test"]
+    assert splits["train"].column_names == ["id", "image", "label"]
+    assert splits["train"].features["label"].names[:2] == ["Audi A5 Coupe 2012", "Audi S5 Coupe 2012"]
+    assert len(splits["test"]) == 6 * 15
+    row = splits["test"].cast_column("image", datasets.Image(decode=False))[0]
+    assert row["id"] == "test/Audi A5 Coupe 2012/000.jpg"
+    assert row["image"]["bytes"][:2] == b"\xff\xd8"  # the JPEG's own bytes are stored, not a path
+
+
+def test_folder_with_one_class_is_refused(tmp_path):
+    make_image_folder(tmp_path, num_classes=1, per_class={"train": 2, "test": 1})
+    with pytest.raises(SourceError, match="has 1 class folder"):
+        check_image_folder(tmp_path)
+
+
+def test_folder_without_test_split_is_refused(tmp_path):
+    make_image_folder(tmp_path, num_classes=2, per_class={"train": 2})
+    with pytest.raises(SourceError, match="needs split folders train and test"):
+        check_image_folder(tmp_path)
+
+
+def test_empty_class_folder_is_refused(tmp_path):
+    make_image_folder(tmp_path, num_classes=2, per_class={"train": 2, "test": 1})
+    (tmp_path / "test" / "Audi S5 Coupe 2012" / "000.jpg").unlink()
+    with pytest.raises(SourceError, match="Audi S5 Coupe 2012 holds no image files"):
+        check_image_folder(tmp_path)
+
+
+def test_test_class_unknown_to_train_is_refused(tmp_path):
+    make_image_folder(tmp_path, num_classes=2, per_class={"train": 2, "test": 1})
+    extra = tmp_path / "test" / "Ghost Car 1999"
+    extra.mkdir()
+    class_image(0, 2, __import__("numpy").random.default_rng(0)).save(extra / "a.jpg")
+    with pytest.raises(SourceError, match="Ghost Car 1999 is not among the train classes"):
+        check_image_folder(tmp_path)
+
+
+def test_val_folder_becomes_validation_split(tmp_path):
+    make_image_folder(tmp_path, num_classes=2, per_class={"train": 3, "val": 2, "test": 2})
+    assert list(fetch(tmp_path)) == ["train", "validation", "test"]
+
+
+def test_unreachable_hub_fails_fast_with_the_fix(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(SourceError) as caught:
+        load_source(data_params("someone/no_such_dataset"))
+    assert time.perf_counter() - start < 60
+    message = str(caught.value)
+    assert "could not load hub dataset 'someone/no_such_dataset' in offline mode" in message
+    assert "HF_HUB_OFFLINE=1" in message and "local folder" in message
+
+
+def saved_dataset(path: Path, label_feature) -> Path:
+    rng = __import__("numpy").random.default_rng(0)
+    import io
+
+    def encoded(label):
+        out = io.BytesIO()
+        class_image(label, 2, rng).save(out, format="PNG")
+        return {"bytes": out.getvalue(), "path": None}
+
+    features = datasets.Features({"img": datasets.Image(), "fine_label": label_feature})
+    split = lambda n: datasets.Dataset.from_dict(  # noqa: E731
+        {"img": [encoded(i % 2) for i in range(n)], "fine_label": [i % 2 for i in range(n)]}, features=features)
+    datasets.DatasetDict({"train": split(4), "test": split(2), "extra": split(1)}).save_to_disk(str(path))
+    return path
+
+
+def test_saved_dataset_with_other_column_names(tmp_path, capsys):
+    source = saved_dataset(tmp_path / "saved", datasets.ClassLabel(names=["cat", "dog"]))
+    assert source_kind(str(source)) == "saved"
+    splits = fetch(source, image_column="img", label_column="fine_label")
+    assert list(splits) == ["train", "test"]
+    assert "ignoring split 'extra' (1 images)" in capsys.readouterr().out
+    assert splits["train"].features["label"].names == ["cat", "dog"]
+    assert splits["train"]["id"] == [f"train/{i:06d}" for i in range(4)]
+
+
+def test_integer_labels_get_padded_names(tmp_path, capsys):
+    source = saved_dataset(tmp_path / "saved", datasets.Value("int64"))
+    splits = fetch(source, image_column="img", label_column="fine_label")
+    assert splits["train"].features["label"].names == ["0", "1"]
+    assert "integer labels without names" in capsys.readouterr().out
+
+
+def test_wrong_column_param_is_named(tmp_path):
+    source = saved_dataset(tmp_path / "saved", datasets.ClassLabel(names=["cat", "dog"]))
+    with pytest.raises(SourceError, match="data.image_column 'image' is not a column"):
+        fetch(source)

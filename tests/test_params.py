@@ -1,0 +1,105 @@
+"""params.yaml is checked against one schema before any work; every message names the param and the fix."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from stages.params import ParamsError, load_params, parse_params
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def defaults() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def problems(raw: dict) -> str:
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw)
+    return str(caught.value)
+
+
+def with_change(defaults: dict, section: str, key: str, value) -> dict:
+    raw = copy.deepcopy(defaults)
+    raw[section][key] = value
+    return raw
+
+
+def test_shipped_params_are_the_seeds_recipe():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.source == "tanganke/stanford_cars" and params.data.val_fraction == 0
+    assert (params.model.arch, params.model.weights) == ("resnet50", "IMAGENET1K_V2")
+    t = params.train
+    assert (t.resolution, t.batch_size, t.epochs, t.lr, t.momentum, t.weight_decay) == (224, 128, 90, 0.1, 0.9, 1e-4)
+    assert (t.lr_step_epochs, t.lr_gamma) == (30, 0.1)
+
+
+def test_unknown_key_suggests_the_right_one(defaults):
+    message = problems(with_change(defaults, "train", "learning_rate", 0.1))
+    assert "train.learning_rate: unknown key (did you mean train.lr?)" in message
+
+
+def test_unknown_section_is_reported(defaults):
+    raw = copy.deepcopy(defaults)
+    raw["trian"] = {}
+    assert "trian: unknown key (did you mean train?)" in problems(raw)
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("train", "resolution", 16, "train.resolution: Input should be greater than or equal to 32 (got 16)"),
+    ("train", "batch_size", 0, "train.batch_size: Input should be greater than or equal to 1"),
+    ("train", "lr", 0, "train.lr: Input should be greater than 0"),
+    ("train", "lr", -0.1, "train.lr: Input should be greater than 0"),
+    ("train", "epochs", 0, "train.epochs: Input should be greater than or equal to 1"),
+    ("train", "batch_size", "64", "train.batch_size: Input should be a valid integer (got '64')"),
+    ("train", "amp", "fp8", "train.amp: Input should be 'bf16', 'fp16' or 'none'"),
+    ("data", "val_fraction", 1.0, "data.val_fraction: Input should be less than 1"),
+    ("evaluate", "tta", "yes", "evaluate.tta: Input should be a valid boolean"),
+])
+def test_impossible_values_name_param_and_limit(defaults, section, key, value, expected):
+    assert expected in problems(with_change(defaults, section, key, value))
+
+
+def test_unknown_arch_lists_close_names(defaults):
+    message = problems(with_change(defaults, "model", "arch", "resnet5"))
+    assert "model.arch: unknown torchvision classification model 'resnet5'. Did you mean resnet50" in message
+    assert "convnext_tiny" in message  # the allowed list
+
+
+def test_unknown_weights_name_lists_allowed(defaults):
+    message = problems(with_change(defaults, "model", "weights", "IMAGENET1K_V3"))
+    assert "model.weights 'IMAGENET1K_V3'" in message
+    assert "IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, none" in message and "path to a local state dict" in message
+
+
+def test_weights_accepts_none_and_an_existing_file(defaults, tmp_path):
+    parse_params(with_change(defaults, "model", "weights", "none"))
+    state = tmp_path / "weights.pt"
+    state.write_bytes(b"x")
+    parse_params(with_change(defaults, "model", "weights", str(state)))
+
+
+def test_every_problem_is_reported_at_once(defaults):
+    raw = with_change(defaults, "train", "resolution", 8)
+    raw["train"]["lr"] = 0
+    assert "2 problem(s)" in problems(raw)
+
+
+def test_missing_key_is_named(defaults):
+    raw = copy.deepcopy(defaults)
+    del raw["train"]["seed"]
+    assert "train.seed: missing" in problems(raw)
+
+
+def test_params_cli_exits_with_the_message(tmp_path, defaults):
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change(defaults, "train", "learning_rate", 1)))
+    result = subprocess.run([sys.executable, "-m", "stages.params"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert "did you mean train.lr?" in result.stderr and "Traceback" not in result.stderr

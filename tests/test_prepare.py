@@ -1,0 +1,142 @@
+"""prepare: every image decoded once, made RGB and small, re-encoded only when needed; nothing dropped silently."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from stages.prepare import prepare_image, scaled_size, stratified_validation, to_rgb
+from tests.conftest import REPO, tiny_params
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **save_args) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **save_args)
+    return out.getvalue()
+
+
+def decoded(result) -> Image.Image:
+    return Image.open(io.BytesIO(result.encoded))
+
+
+def test_scaled_size_brings_short_side_down_and_never_up():
+    assert scaled_size((608, 403), 512) is None
+    assert scaled_size((2405, 1600), 512) == (770, 512)
+    assert scaled_size((1600, 2405), 512) == (512, 770)
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "CMYK", "P", "RGBA", "LA", "I;16", "I", "F", "YCbCr"])
+def test_every_mode_becomes_rgb(mode):
+    grey = Image.fromarray(np.full((4, 6), 100, np.uint8), "L")
+    source = {"I;16": Image.fromarray(np.full((4, 6), 100 * 257, np.uint16)),
+              "I": grey.convert("I").point(lambda v: v * 257),
+              "F": grey.convert("F")}.get(mode) or grey.convert(mode)
+    rgb = to_rgb(source)
+    assert rgb.mode == "RGB" and rgb.size == (6, 4)
+    if mode in ("L", "I;16", "I", "F", "RGBA", "LA", "P"):
+        assert rgb.getpixel((0, 0)) == (100, 100, 100)
+
+
+def test_transparency_is_composited_on_white():
+    clear = Image.new("RGBA", (3, 3), (255, 0, 0, 0))
+    assert to_rgb(clear).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_small_rgb_jpeg_keeps_its_bytes():
+    original = encode(Image.new("RGB", (120, 80), (10, 200, 30)))
+    result = prepare_image(original, 512, 95)
+    assert result.encoded == original and not result.reencoded
+    assert (result.width, result.height, result.stored_short_side) == (120, 80, 80)
+
+
+def test_large_image_is_resized_and_reencoded():
+    big = encode(Image.new("RGB", (2400, 1600), (10, 200, 30)))
+    result = prepare_image(big, 512, 95)
+    assert result.reencoded and (result.width, result.height) == (2400, 1600)
+    assert decoded(result).size == (768, 512) and decoded(result).format == "JPEG"
+
+
+def test_png_and_odd_modes_are_reencoded_as_rgb_jpeg():
+    result = prepare_image(encode(Image.new("RGBA", (50, 40), (0, 0, 255, 255)), "PNG"), 512, 95)
+    assert result.mode == "RGBA" and result.reencoded
+    assert decoded(result).mode == "RGB" and decoded(result).format == "JPEG"
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (60, 30), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees to view
+    result = prepare_image(encode(image, exif=exif), 512, 95)
+    assert decoded(result).size == (30, 60)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file (0 bytes)"),
+    (b"not an image at all", "not an image format Pillow can read"),
+])
+def test_unreadable_bytes_give_a_reason(data, reason):
+    assert prepare_image(data, 512, 95).error == reason
+
+
+def test_truncated_jpeg_is_refused_not_padded():
+    full = encode(Image.effect_noise((200, 200), 50).convert("RGB"))
+    result = prepare_image(full[: len(full) // 2], 512, 95)
+    assert result.encoded is None and "truncated" in result.error
+
+
+def test_stratified_validation_takes_a_share_of_every_class():
+    labels = [0] * 40 + [1] * 10 + [2] * 2
+    chosen = stratified_validation(labels, 0.2, seed=3)
+    picked = np.bincount(np.asarray(labels)[chosen], minlength=3).tolist()
+    assert picked == [8, 2, 1]  # at least one per class, never a whole class
+    assert chosen.tolist() == stratified_validation(labels, 0.2, seed=3).tolist()
+    assert chosen.tolist() != stratified_validation(labels, 0.2, seed=4).tolist()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def fetched(tmp_path_factory, image_folder) -> Path:
+    work = tmp_path_factory.mktemp("work")
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(image_folder, **{"data.val_fraction": 0.25})))
+    run_stage("fetch", work)
+    return work
+
+
+def test_prepare_is_byte_identical_and_leaves_raw_untouched(fetched):
+    raw_before = tree_digest(fetched / "data/raw")
+    run_stage("prepare", fetched)
+    first = tree_digest(fetched / "data/prepared") | {"data.json": tree_digest(fetched / "metrics")["data.json"]}
+    run_stage("prepare", fetched)
+    second = tree_digest(fetched / "data/prepared") | {"data.json": tree_digest(fetched / "metrics")["data.json"]}
+    assert first == second
+    assert tree_digest(fetched / "data/raw") == raw_before  # no cache-*.arrow written into fetch's output
+    assert len([f for f in first if f.endswith(".arrow")]) == 3  # a few large files, not one per image
+
+
+def test_validation_split_is_carved_from_train(fetched):
+    run_stage("prepare", fetched)
+    data = json.loads((fetched / "metrics/data.json").read_text())["splits"]
+    assert list(data) == ["train", "validation", "test"]
+    assert data["validation"]["images_per_class"]["min"] >= 9
+    assert data["train"]["images"] + data["validation"]["images"] == 6 * 40 + 5
