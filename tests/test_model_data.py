@@ -1,0 +1,109 @@
+"""The one transform definition, the one model builder and the checkpoint format."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from stages import model as model_module
+from stages.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resolve_workers, to_model_input, train_transform
+from stages.model import (WeightsUnavailable, build_model, gradcam_target_layer, head_linear, load_checkpoint,
+                          save_checkpoint)
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 224])
+def test_transforms_give_uint8_squares_of_the_resolution(resolution):
+    image = Image.new("RGB", (97, 61), (10, 20, 30))
+    for transform in (train_transform(resolution), eval_transform(resolution)):
+        tensor = transform(image)
+        assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == (3, resolution, resolution)
+
+
+def test_eval_transform_is_deterministic_and_centred():
+    image = Image.effect_noise((120, 90), 40).convert("RGB")
+    assert torch.equal(eval_transform(64)(image), eval_transform(64)(image))
+
+
+def test_normalization_happens_on_the_device_side():
+    batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    inputs = to_model_input(batch, torch.device("cpu"), channels_last=True)
+    assert inputs.dtype == torch.float32 and inputs.is_contiguous(memory_format=torch.channels_last)
+    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(inputs[0, :, 0, 0], expected)
+
+
+def test_worker_count_follows_the_cpus():
+    assert resolve_workers(3) == 3 and resolve_workers(0) == 0
+    assert 1 <= resolve_workers(-1) <= 16
+
+
+@pytest.mark.parametrize("arch,head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
+                                       ("efficientnet_b0", "classifier.1"), ("vit_b_32", "heads.head")])
+def test_head_is_replaced_for_each_family(arch, head):
+    model = build_model(arch, 7, "none")
+    parent, attr, linear = head_linear(model)
+    assert linear.out_features == 7 and dict(model.named_modules())[head] is linear
+
+
+def test_model_without_linear_head_is_refused():
+    with pytest.raises(ValueError, match="no nn.Linear head"):
+        build_model("squeezenet1_0", 3, "none")
+
+
+def test_unreachable_weights_name_the_offline_options(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(model_module.torchvision.models, "get_model", offline)
+    with pytest.raises(WeightsUnavailable) as caught:
+        model_module.download_pretrained("resnet50", "IMAGENET1K_V2")
+    message = str(caught.value)
+    assert "resnet50/IMAGENET1K_V2" in message and "model.weights: none" in message
+    assert "path of a local state dict" in message
+
+
+def test_real_download_path_fails_offline_with_the_message():
+    with pytest.raises(WeightsUnavailable, match="model.weights: none"):
+        build_model("resnet18", 4, "IMAGENET1K_V1")
+
+
+def test_local_imagenet_state_dict_is_loaded_then_head_replaced(tmp_path):
+    source = build_model("resnet18", 1000, "none")
+    compiled_keys = {f"_orig_mod.{k}": v for k, v in source.state_dict().items()}  # as torch.compile saves them
+    torch.save(compiled_keys, tmp_path / "imagenet.pt")
+    model = build_model("resnet18", 5, str(tmp_path / "imagenet.pt"))
+    assert model.fc.out_features == 5
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+
+
+def test_local_checkpoint_with_matching_head_keeps_it(tmp_path):
+    trained = build_model("resnet18", 5, "none")
+    save_checkpoint(tmp_path / "model.pt", trained, arch="resnet18", class_names=list("abcde"))
+    model = build_model("resnet18", 5, str(tmp_path / "model.pt"))
+    assert torch.equal(model.fc.weight, trained.fc.weight)
+
+
+def test_checkpoint_round_trip_carries_names_and_weights(tmp_path):
+    model = build_model("resnet18", 3, "none").eval()
+    save_checkpoint(tmp_path / "m.pt", model, arch="resnet18", class_names=["a", "b", "c"], resolution=64,
+                    params={"train": {"lr": 0.1}})
+    loaded, meta = load_checkpoint(tmp_path / "m.pt")
+    assert meta["class_names"] == ["a", "b", "c"] and meta["resolution"] == 64 and meta["params"]["train"]["lr"] == 0.1
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x))
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
+
+
+def test_gradcam_layer_is_the_last_residual_block_or_a_path():
+    resnet = build_model("resnet18", 3, "none")
+    assert gradcam_target_layer(resnet, "auto") is resnet.layer4[-1]
+    assert gradcam_target_layer(resnet, "layer3[-1]") is resnet.layer3[-1]
+    assert gradcam_target_layer(resnet, "layer3.0.conv1") is resnet.layer3[0].conv1
+    mobilenet = build_model("mobilenet_v3_small", 3, "none")
+    assert gradcam_target_layer(mobilenet, "auto") is mobilenet.features[-1]
+    assert isinstance(gradcam_target_layer(build_model("googlenet", 3, "none"), "auto"), nn.Conv2d)
