@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -103,3 +104,28 @@ def test_experiment_reuses_data_stages_and_reports_the_change(reproduced):
     assert "top1" in diff["metrics/eval.json"]
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     assert "0.02" in json.dumps(shown)
+
+
+def test_validation_split_picks_the_kept_epoch(tmp_path, image_folder):
+    params = tiny_params(image_folder, **{"data.val_fraction": 0.25, "train.epochs": 4, "train.lr": 0.2})
+    project = make_project(tmp_path, params)
+    log = run(["dvc", "repro", "train"], project).stdout
+    assert "Running stage 'evaluate'" not in log
+    live = json.loads((project / "metrics/train/metrics.json").read_text())
+    assert "validation" in live and "test" not in live  # the test split is not read while training
+    rows = (project / "metrics/train/plots/metrics/validation/acc.tsv").read_text().splitlines()[1:]
+    accuracies = [float(row.split("\t")[-1]) for row in rows]
+    assert live["kept_epoch"] == accuracies.index(max(accuracies)) + 1
+    checkpoint = torch.load(project / "models/model.pt", weights_only=True)
+    assert checkpoint["epoch"] == live["kept_epoch"]
+    assert checkpoint["class_names"][0] == "Audi A5 Coupe 2012" and checkpoint["params"]["data"]["val_fraction"] == 0.25
+
+
+def test_params_typo_stops_repro_before_any_work(tmp_path, image_folder):
+    params = tiny_params(image_folder)
+    params["train"]["learning_rate"] = 0.1
+    project = make_project(tmp_path, params)
+    result = run(["dvc", "repro"], project, check=False)
+    assert result.returncode != 0
+    assert "train.learning_rate: unknown key (did you mean train.lr?)" in result.stdout + result.stderr
+    assert not (project / "data/raw").exists()
