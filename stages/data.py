@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-import random
+import signal
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -66,7 +65,11 @@ def eval_transform(resolution: int, crop_fraction: float = EVAL_CROP_FRACTION) -
 
 
 class ImageSplit(torch.utils.data.Dataset):
-    """(uint8 CHW image, label) pairs from a prepared split."""
+    """(uint8 CHW image, label) pairs from a prepared split.
+
+    A key is a row index, or (row index, seed) from SeededEpochSampler: then the random
+    augmentation of that image is drawn from that seed alone.
+    """
 
     def __init__(self, split: datasets.Dataset, transform):
         self.split = split
@@ -75,9 +78,38 @@ class ImageSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         row = self.split[index]
-        return self.transform(decode_rgb(row["image"]["bytes"])), row["label"]
+        image = decode_rgb(row["image"]["bytes"])
+        if seed is None:
+            return self.transform(image), row["label"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), row["label"]
+
+
+class SeededEpochSampler(torch.utils.data.Sampler):
+    """Yields (row, seed) pairs: the order of an epoch and every image's augmentation are a function of
+    (seed, epoch) alone. So a run gives the same weights whatever the number of loader workers, and a run
+    interrupted and resumed at an epoch boundary gives the same weights as one that was not."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
+        seeds = torch.randint(2**62, (self.size,), generator=generator)
+        return iter(zip(order.tolist(), seeds.tolist()))
 
 
 def resolve_workers(requested: int) -> int:
@@ -88,26 +120,24 @@ def resolve_workers(requested: int) -> int:
     return max(1, min(cores - 1, 16))
 
 
-def seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+def leave_interrupts_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the group: the main process stops the run and shuts workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0,
-                drop_last: bool = False) -> torch.utils.data.DataLoader:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int,
+                sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """In dataset order unless a sampler is given."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=seed_worker,
-        generator=generator,
+        worker_init_fn=leave_interrupts_to_the_main_process,
         drop_last=drop_last,
     )
 

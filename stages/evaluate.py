@@ -66,7 +66,7 @@ def tta_probs(model, split, resolution: int, batch_size: int, workers: int, devi
     """Softmax averaged over 3 scales x 2 horizontal flips."""
     total = None
     for fraction in TTA_CROP_FRACTIONS:
-        loader = make_loader(ImageSplit(split, eval_transform(resolution, fraction)), batch_size, False, workers)
+        loader = make_loader(ImageSplit(split, eval_transform(resolution, fraction)), batch_size, workers)
         for flip in (False, True):
             logits, _ = predict_logits(model, loader, device, precision, channels_last, flip=flip,
                                        desc=f"tta {fraction:.3f}{' flip' if flip else ''}")
@@ -108,7 +108,7 @@ def main() -> None:
     workers = resolve_workers(train_params["num_workers"])
     batch_size = params.evaluate.batch_size
 
-    loader = make_loader(ImageSplit(test, eval_transform(resolution)), batch_size, False, workers)
+    loader = make_loader(ImageSplit(test, eval_transform(resolution)), batch_size, workers)
     logits, labels = predict_logits(model, loader, device, precision, channels_last, desc="test")
     probs = logits.softmax(1)
     metrics = {"images": len(labels), **summarize(probs, labels)}

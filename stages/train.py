@@ -7,29 +7,52 @@ Per epoch DVCLive logs train loss/accuracy, learning rate, images/s and a held-o
 loss/accuracy: on the validation split when there is one (it then picks the kept
 epoch), else on the test split for the curve only (the kept model is the last epoch,
 so the test split never selects anything).
+
+Resume: after every epoch the whole training state (weights, optimizer, scheduler,
+loss scaler, every RNG, the logged history) is written atomically to
+checkpoints/train_state.pt, an output DVC keeps between runs (persist: true). A run
+that finds a state made with the same params and data continues after its last
+epoch and ends with the same weights as an uninterrupted run; any other state is
+ignored, and the stage says so.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
-from stages.data import (IMAGENET_MEAN, IMAGENET_STD, MODEL_PATH, ImageSplit, class_names, eval_transform,
-                         make_loader, open_split, resolve_workers, split_names, to_model_input, train_transform)
+from stages.data import (IMAGENET_MEAN, IMAGENET_STD, MODEL_PATH, PREPARED_DIR, ImageSplit, SeededEpochSampler,
+                         class_names, eval_transform, make_loader, open_split, resolve_workers, split_names,
+                         to_model_input, train_transform)
+from stages.files import atomic_path
 from stages.model import WeightsUnavailable, build_model, save_checkpoint
 from stages.params import Params, TrainParams, load_params_or_exit
 from stages.runtime import Precision, pick_device, predict_logits, seed_everything
 
 LIVE_DIR = Path("metrics/train")
-LOG_EVERY_STEPS = 20  # how often the progress bar shows the running loss (each costs a host sync)
+STATE_PATH = Path("checkpoints/train_state.pt")
+LOG_EVERY_STEPS = 20  # how often the running loss is shown and checked (each check costs a host sync)
+NOT_AFFECTING_RESULTS = ("num_workers",)  # train params a resumed run may change
+
+
+class Interrupted(Exception):
+    """SIGTERM (a stopped spot instance, `kill`), handled like Ctrl-C."""
+
+
+class LossNotFinite(Exception):
+    pass
 
 
 @dataclass
@@ -38,6 +61,17 @@ class EpochResult:
     accuracy: float
     images: int
     seconds: float
+
+
+@dataclass
+class Progress:
+    """Everything about the run so far that is not in the model/optimizer state."""
+
+    epochs_done: int = 0
+    history: list[dict] = field(default_factory=list)  # the metrics logged per epoch, replayed on resume
+    best_accuracy: float = -1.0
+    best_epoch: int = 0
+    best_state: dict | None = None
 
 
 class Trainer:
@@ -83,8 +117,13 @@ class Trainer:
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
             if step % LOG_EVERY_STEPS == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
+                running = loss_sum.item() / seen
+                if not math.isfinite(running):
+                    raise LossNotFinite(running)
+                bar.set_postfix(loss=f"{running:.3f}")
         loss_value = loss_sum.item() / max(seen, 1)  # the epoch's one host sync
+        if not math.isfinite(loss_value):
+            raise LossNotFinite(loss_value)
         self.scheduler.step()
         return EpochResult(loss_value, correct.item() / max(seen, 1), seen, time.perf_counter() - start)
 
@@ -94,16 +133,113 @@ class Trainer:
         return nn.functional.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def check_finite(loss: float, p: TrainParams, epoch: int) -> None:
-    if not math.isfinite(loss):
-        sys.exit(f"error: the training loss became {loss} in epoch {epoch + 1}. The learning rate is likely too "
-                 f"high for this batch size (train.lr={p.lr}, train.batch_size={p.batch_size}): scale it with the "
-                 f"batch size (the seeds' 0.1 is for batch 128) or lower it.")
+def run_fingerprint(params: Params) -> dict:
+    """What must match for a saved state to be resumed: the params that shape training, and the data."""
+    train = {k: v for k, v in params.train.model_dump().items() if k not in NOT_AFFECTING_RESULTS}
+    data = {split: json.loads((PREPARED_DIR / split / "state.json").read_text())["_fingerprint"]
+            for split in split_names()}
+    return {"model": params.model.model_dump(), "train": train, "data": data}
+
+
+def rng_states() -> dict:
+    """The data order and augmentation are seeded per epoch (SeededEpochSampler); these cover anything else."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+def save_state(trainer: Trainer, progress: Progress, fingerprint: dict) -> None:
+    state = {
+        "fingerprint": fingerprint,
+        "progress": progress.__dict__,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.precision.scaler.state_dict(),
+        "rng": rng_states(),
+    }
+    with atomic_path(STATE_PATH) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(trainer: Trainer, fingerprint: dict) -> Progress:
+    """The progress of a matching saved run (weights etc. restored into trainer), or a fresh one."""
+    if not STATE_PATH.is_file():
+        return Progress()
+    # Our own file, written by save_state: it holds numpy/python RNG states, which weights_only refuses.
+    state = torch.load(STATE_PATH, map_location=trainer.device, weights_only=False)
+    if state["fingerprint"] != fingerprint:
+        changed = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
+        print(f"train: ignoring {STATE_PATH}: it was made with other {' and '.join(changed)}; starting fresh")
+        return Progress()
+    progress = Progress(**state["progress"])
+    if progress.epochs_done >= trainer.p.epochs:
+        print(f"train: {STATE_PATH} is a finished run; starting fresh")
+        return Progress()
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.precision.scaler.load_state_dict(state["scaler"])
+    restore_rng_states(state["rng"])
+    print(f"train: resuming after epoch {progress.epochs_done}/{trainer.p.epochs} from {STATE_PATH}")
+    return progress
 
 
 def should_evaluate(epoch: int, p: TrainParams) -> bool:
     last = epoch == p.epochs - 1
     return last or (p.eval_every > 0 and (epoch + 1) % p.eval_every == 0)
+
+
+def log_epoch(live: Live, metrics: dict) -> None:
+    for name, value in metrics.items():
+        live.log_metric(name, value)
+    live.next_step()
+
+
+def run_epochs(trainer: Trainer, progress: Progress, train_loader, held_out_loader, held_out_name: str,
+               fingerprint: dict) -> None:
+    p = trainer.p
+    # A fresh DVCLive dir each run; a resumed run replays the logged epochs first, so the curves have
+    # every epoch exactly once whether or not the run was interrupted.
+    with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for metrics in progress.history:
+            log_epoch(live, metrics)
+        for epoch in range(progress.epochs_done, p.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            lr = trainer.lr
+            result = trainer.train_epoch(train_loader, epoch)
+            metrics = {"epoch": epoch + 1, "lr": lr, "train/loss": result.loss, "train/acc": result.accuracy,
+                       "train/images_per_s": result.images / result.seconds}
+            line = f"epoch {epoch + 1}/{p.epochs}: lr {lr:.4g}, train loss {result.loss:.4f} acc {result.accuracy:.4f}"
+            if should_evaluate(epoch, p):
+                loss, accuracy = trainer.held_out(held_out_loader)
+                metrics |= {f"{held_out_name}/loss": loss, f"{held_out_name}/acc": accuracy}
+                line += f", {held_out_name} loss {loss:.4f} acc {accuracy:.4f}"
+                if held_out_name == "validation" and accuracy > progress.best_accuracy:
+                    progress.best_accuracy, progress.best_epoch = accuracy, epoch + 1
+                    progress.best_state = {k: v.detach().to("cpu", copy=True)
+                                           for k, v in trainer.model.state_dict().items()}
+            print(f"{line}, {result.images / result.seconds:.0f} images/s")
+            progress.epochs_done = epoch + 1
+            progress.history.append(metrics)
+            save_state(trainer, progress, fingerprint)
+            log_epoch(live, metrics)
+        live.summary["kept_epoch"] = progress.best_epoch or p.epochs
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted()
 
 
 def main() -> None:
@@ -123,10 +259,12 @@ def main() -> None:
     workers = resolve_workers(p.num_workers)
     # drop_last: every step sees a full batch (no 1-image batch for BatchNorm, no recompile for torch.compile);
     # the reshuffle each epoch still shows every image.
-    train_loader = make_loader(ImageSplit(train_split, train_transform(p.resolution)), p.batch_size, shuffle=True,
-                               workers=workers, seed=p.seed, drop_last=len(train_split) > p.batch_size)
-    held_out_loader = make_loader(ImageSplit(held_out_split, eval_transform(p.resolution)), p.batch_size * 2,
-                                  shuffle=False, workers=workers)
+    train_loader = make_loader(ImageSplit(train_split, train_transform(p.resolution)), p.batch_size, workers,
+                               sampler=SeededEpochSampler(len(train_split), p.seed),
+                               drop_last=len(train_split) > p.batch_size)
+    held_out_loader = make_loader(ImageSplit(held_out_split, eval_transform(p.resolution)), p.batch_size * 2, workers)
+    fingerprint = run_fingerprint(params)
+    progress = load_state(trainer, fingerprint)
     print(f"train: {params.model.arch} ({params.model.weights}) on {device} ({trainer.precision.name}), "
           f"{len(train_split)} train / {len(held_out_split)} {held_out_name} images, {len(names)} classes, "
           f"{p.resolution}px, batch {p.batch_size}, {workers} loader workers")
@@ -134,36 +272,34 @@ def main() -> None:
         print("train: no validation split (data.val_fraction: 0): the test curve is logged for monitoring only; "
               "the last epoch is kept")
 
-    best_accuracy, best_state, kept_epoch = -1.0, None, p.epochs - 1
-    with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        for epoch in range(p.epochs):
-            lr = trainer.lr
-            result = trainer.train_epoch(train_loader, epoch)
-            check_finite(result.loss, p, epoch)
-            live.log_metric("epoch", epoch + 1)
-            live.log_metric("lr", lr)
-            live.log_metric("train/loss", result.loss)
-            live.log_metric("train/acc", result.accuracy)
-            live.log_metric("train/images_per_s", result.images / result.seconds)
-            line = f"epoch {epoch + 1}/{p.epochs}: lr {lr:.4g}, train loss {result.loss:.4f} acc {result.accuracy:.4f}"
-            if should_evaluate(epoch, p):
-                loss, accuracy = trainer.held_out(held_out_loader)
-                live.log_metric(f"{held_out_name}/loss", loss)
-                live.log_metric(f"{held_out_name}/acc", accuracy)
-                line += f", {held_out_name} loss {loss:.4f} acc {accuracy:.4f}"
-                if held_out_name == "validation" and accuracy > best_accuracy:
-                    best_accuracy, kept_epoch = accuracy, epoch
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
-            print(f"{line}, {result.images / result.seconds:.0f} images/s")
-            live.next_step()
-        if best_state is not None:
-            trainer.model.load_state_dict(best_state)
-        live.summary["kept_epoch"] = kept_epoch + 1
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    interrupted = False
+    try:
+        run_epochs(trainer, progress, train_loader, held_out_loader, held_out_name, fingerprint)
+    except (KeyboardInterrupt, Interrupted):
+        interrupted = True
+    except LossNotFinite as error:
+        sys.exit(f"error: the training loss became {error} in epoch {progress.epochs_done + 1}. The learning rate is "
+                 f"likely too high for this batch size (train.lr={p.lr}, train.batch_size={p.batch_size}): scale it "
+                 f"with the batch size (the seeds' 0.1 is for batch 128) or lower it. The last good epoch "
+                 f"({progress.epochs_done}) is kept in {STATE_PATH}.")
+    except torch.OutOfMemoryError:
+        sys.exit(f"error: CUDA out of memory at train.batch_size={p.batch_size}, train.resolution={p.resolution}. "
+                 f"Lower train.batch_size (and scale train.lr with it: lr 0.1 per 128 images), keep train.amp: bf16, "
+                 f"or lower the resolution.")
 
+    if interrupted:
+        del train_loader, held_out_loader  # shuts the loader workers down now, not during interpreter exit
+        sys.exit(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished epoch(s) "
+                 f"are saved in {STATE_PATH}: run `dvc repro` again to resume")
+
+    if progress.best_state is not None:
+        trainer.model.load_state_dict(progress.best_state)
+    kept_epoch = progress.best_epoch or p.epochs
     save_checkpoint(MODEL_PATH, trainer.model, arch=params.model.arch, class_names=names,
-                    resolution=p.resolution, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=kept_epoch + 1,
+                    resolution=p.resolution, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=kept_epoch,
                     params=params.model_dump())
-    print(f"train: saved epoch {kept_epoch + 1} to {MODEL_PATH}")
+    print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""Interrupted training resumes where it stopped, with the same result as a run that was not interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages.files import atomic_path
+from tests.conftest import REPO, tiny_params
+
+EPOCHS = 4
+STATE = Path("checkpoints/train_state.pt")
+
+
+def stage(name: str, cwd: Path, **popen) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    out, _ = process.communicate(timeout=300)
+    return process.returncode, out
+
+
+def run_ok(name: str, cwd: Path) -> str:
+    code, out = finish(stage(name, cwd))
+    assert code == 0, out
+    return out
+
+
+def interrupt_after_first_epoch(cwd: Path, sig: int, whole_group: bool = False) -> tuple[int, str]:
+    """`whole_group`: as Ctrl-C in a terminal, the signal reaches the loader workers too."""
+    process = stage("train", cwd, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (cwd / STATE).exists():
+        assert process.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
+        time.sleep(0.05)
+    if whole_group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
+    return finish(process)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, image_folder) -> Path:
+    work = tmp_path_factory.mktemp("prepared")
+    params = tiny_params(image_folder, **{"train.epochs": EPOCHS, "train.lr_step_epochs": 2})
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    run_ok("fetch", work)
+    run_ok("prepare", work)
+    return work
+
+
+@pytest.fixture
+def workdir(prepared, tmp_path) -> Path:
+    shutil.copytree(prepared, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("uninterrupted") / "run"
+    shutil.copytree(prepared, work)
+    run_ok("train", work)
+    return work
+
+
+def weights(workdir: Path) -> dict:
+    return torch.load(workdir / "models/model.pt", weights_only=True)["state_dict"]
+
+
+def curve(workdir: Path, name: str) -> list[tuple[str, str]]:
+    rows = (workdir / "metrics/train/plots/metrics" / name).read_text().splitlines()[1:]
+    return [tuple(row.split("\t")) for row in rows]  # (step, value)
+
+
+def test_killed_run_resumes_to_the_same_weights_and_curves(workdir, uninterrupted):
+    code, out = interrupt_after_first_epoch(workdir, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not (workdir / "models/model.pt").exists()
+    resumed = run_ok("train", workdir)
+    assert "train: resuming after epoch" in resumed
+    expected, got = weights(uninterrupted), weights(workdir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    for name in ("train/loss.tsv", "train/acc.tsv", "test/acc.tsv", "lr.tsv"):
+        assert curve(workdir, name) == curve(uninterrupted, name)
+    assert [step for step, _ in curve(workdir, "train/loss.tsv")] == [str(s) for s in range(EPOCHS)]
+
+
+@pytest.mark.parametrize("sig,whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "ctrl-c"])
+def test_interrupt_stops_cleanly_with_one_line(workdir, sig, whole_group):
+    code, out = interrupt_after_first_epoch(workdir, sig, whole_group)
+    assert code == 1
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("train: interrupted in epoch") and "run `dvc repro` again to resume" in last
+    assert "Traceback" not in out
+    assert (workdir / STATE).exists()
+
+
+def test_state_from_other_params_is_not_resumed(workdir):
+    interrupt_after_first_epoch(workdir, signal.SIGKILL)
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train"]["lr"] = 0.02
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_ok("train", workdir)
+    assert "ignoring checkpoints/train_state.pt: it was made with other train; starting fresh" in out
+    assert "resuming" not in out
+    assert len(curve(workdir, "train/loss.tsv")) == EPOCHS
+
+
+def test_worker_count_does_not_change_the_result(workdir, uninterrupted):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train"]["num_workers"] = 0
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    run_ok("train", workdir)
+    expected, got = weights(uninterrupted), weights(workdir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_diverging_loss_stops_with_the_likely_cause(workdir):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train"]["lr"] = 1.0e8
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    code, out = finish(stage("train", workdir))
+    assert code == 1
+    assert "the training loss became nan" in out.lower() or "the training loss became inf" in out.lower()
+    assert "learning rate is likely too high" in out and "train.lr=100000000.0" in out
+    assert not (workdir / "models/model.pt").exists()
+
+
+def test_crash_mid_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text(json.dumps({"top1": 0.5}))
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"top1": 0.')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"top1": 0.5}
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_dvc_repro_resumes_after_the_whole_run_is_killed(tmp_path, image_folder):
+    from tests.conftest import make_project, run
+
+    project = make_project(tmp_path, tiny_params(image_folder, **{"train.epochs": EPOCHS}))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (project / STATE).exists():
+        assert repro.poll() is None and time.monotonic() < deadline, "dvc repro ended before train's first epoch"
+        time.sleep(0.05)
+    os.killpg(repro.pid, signal.SIGKILL)  # a lost machine: no handler runs
+    repro.wait()
+    log = run(["dvc", "repro"], project).stdout
+    assert "Running stage 'fetch'" not in log and "Running stage 'prepare'" not in log
+    assert "train: resuming after epoch" in log
+    assert [step for step, _ in curve(project, "train/loss.tsv")] == [str(s) for s in range(EPOCHS)]
+    assert run(["dvc", "status", "--json"], project).stdout.strip() == "{}"
