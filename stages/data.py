@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 RAW_DIR = Path("data/raw")
+IGNORED_FILES = "ignored_files.json"  # in RAW_DIR: source files fetch left out (no image suffix)
 PREPARED_DIR = Path("data/prepared")
 MODEL_PATH = Path("models/model.pt")
 

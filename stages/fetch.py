@@ -8,6 +8,7 @@ columns id, image (encoded bytes) and label (a ClassLabel holding the class name
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import datasets
 
-from stages.data import RAW_DIR
+from stages.data import IGNORED_FILES, RAW_DIR
 from stages.params import DataParams, load_params_or_exit
 
 REQUIRED_SPLITS = ("train", "test")
@@ -45,7 +46,7 @@ def source_kind(source: str) -> str:
 
 
 def check_image_folder(root: Path) -> list[str]:
-    """The class names of a split/class/image folder; refuses layouts that cannot train."""
+    """Files in class folders that are not images (by suffix); refuses layouts that cannot train."""
     splits = {SPLIT_ALIASES.get(p.name): p for p in sorted(root.iterdir()) if p.is_dir()}
     missing = [s for s in REQUIRED_SPLITS if s not in splits]
     if missing:
@@ -68,10 +69,11 @@ def check_image_folder(root: Path) -> list[str]:
             if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in files):
                 raise SourceError(f"class folder {class_dir} holds no image files; add images or remove the folder")
             ignored += [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
-    if ignored:
-        shown = ", ".join(str(f.relative_to(root)) for f in ignored[:5])
-        print(f"fetch: ignored {len(ignored)} file(s) without an image suffix: {shown}{' ...' if len(ignored) > 5 else ''}")
-    return classes
+    names = [str(f.relative_to(root)) for f in ignored]
+    if names:
+        print(f"fetch: ignored {len(names)} file(s) without an image suffix: {', '.join(names[:5])}"
+              f"{' ...' if len(names) > 5 else ''}")
+    return names
 
 
 def load_source(data: DataParams) -> datasets.DatasetDict:
@@ -79,7 +81,6 @@ def load_source(data: DataParams) -> datasets.DatasetDict:
     if kind == "saved":
         return datasets.load_from_disk(data.source)
     if kind == "folder":
-        check_image_folder(Path(data.source).expanduser())
         return datasets.load_dataset("imagefolder", data_dir=str(Path(data.source).expanduser()))
     try:
         return datasets.load_dataset(data.source, revision=data.revision)
@@ -150,11 +151,13 @@ def image_ids(split: datasets.Dataset, image_column: str, split_name: str, kind:
     return [f"{split_name}/{i:06d}" for i in range(len(split))]
 
 
-def save(splits: datasets.DatasetDict, out: Path) -> None:
-    """Written beside the output and renamed into place, so a crash leaves no half-written dataset."""
+def save(splits: datasets.DatasetDict, out: Path, ignored_files: list[str] = ()) -> None:
+    """Written beside the output and renamed into place, so a crash leaves no half-written dataset.
+    The ignored files are listed beside the splits for prepare to count and report."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     splits.save_to_disk(str(tmp), max_shard_size="500MB")
+    (tmp / IGNORED_FILES).write_text(json.dumps(list(ignored_files), indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
@@ -163,10 +166,11 @@ def main() -> None:
     params = load_params_or_exit()
     try:
         kind = source_kind(params.data.source)
+        ignored = check_image_folder(Path(params.data.source).expanduser()) if kind == "folder" else []
         splits = standardize(load_source(params.data), params.data, kind)
     except SourceError as error:
         sys.exit(f"error: {error}")
-    save(splits, RAW_DIR)
+    save(splits, RAW_DIR, ignored)
     names = splits["train"].features["label"].names
     sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
     print(f"fetch: {params.data.source} ({kind}) -> {RAW_DIR}: {len(names)} classes; {sizes} images")

@@ -10,6 +10,7 @@ listed by id in metrics/dropped_images.csv. The same input gives byte-identical 
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import os
 import shutil
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.data import PREPARED_DIR, RAW_DIR
+from stages.data import IGNORED_FILES, PREPARED_DIR, RAW_DIR
 from stages.files import write_csv, write_json
 from stages.params import PrepareParams, load_params_or_exit
 
@@ -222,15 +223,21 @@ def main() -> None:
     ordered = {s: columns_by_split[s] for s in ("train", "validation", "test") if s in columns_by_split}
     save_prepared(ordered, features, PREPARED_DIR)
 
+    ignored_path = RAW_DIR / IGNORED_FILES
+    ignored = json.loads(ignored_path.read_text()) if ignored_path.is_file() else []
     dropped = [row for report in reports.values() for row in report.dropped]
+    dropped += [{"split": name.split("/")[0], "id": name, "reason": "no image file suffix: left out by fetch"}
+                for name in ignored]
     write_csv(DROPPED_LIST, dropped, ["split", "id", "reason"])
     write_json(DATA_METRICS, {
         "classes": len(names),
-        "dropped": len(dropped),
+        "dropped": len(dropped) - len(ignored),
+        "ignored_files": len(ignored),
         "splits": {s: split_metrics(c, reports.get(s), len(names)) for s, c in ordered.items()},
     })
     sizes = ", ".join(f"{s} {len(c['label'])}" for s, c in ordered.items())
-    print(f"prepare: {sizes} images kept; {len(dropped)} unreadable dropped (listed in {DROPPED_LIST})")
+    print(f"prepare: {sizes} images kept; {len(dropped) - len(ignored)} unreadable dropped, {len(ignored)} "
+          f"non-image files left out (all listed in {DROPPED_LIST})")
     for row in dropped[:10]:
         print(f"  dropped {row['id']}: {row['reason']}")
 

@@ -38,12 +38,14 @@ def test_data_metrics_count_what_was_dropped(reproduced):
     train = data["splits"]["train"]
     assert train["images_in_source"] == 6 * 40 + 8  # 8 odd files, 3 of them unreadable
     assert train["dropped"] == 3 and train["images"] == 6 * 40 + 5
+    assert data["dropped"] == 3 and data["ignored_files"] == 1
     assert data["splits"]["test"]["images"] == 6 * 15
     assert train["stored_short_side"]["max"] <= 80
     assert train["converted_to_rgb"] == {"CMYK": 1, "I;16": 1, "L": 1, "P": 1, "RGBA": 1}
     dropped = (project / "metrics/dropped_images.csv").read_text()
     for name in ("truncated.jpg", "empty.jpg", "not_an_image.jpg"):
         assert name in dropped
+    assert "train/Audi A5 Coupe 2012/notes.txt,no image file suffix" in dropped
 
 
 def test_model_learns_well_above_chance(reproduced):

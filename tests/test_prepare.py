@@ -140,3 +140,20 @@ def test_validation_split_is_carved_from_train(fetched):
     assert list(data) == ["train", "validation", "test"]
     assert data["validation"]["images_per_class"]["min"] >= 9
     assert data["train"]["images"] + data["validation"]["images"] == 6 * 40 + 5
+
+
+def test_label_outside_the_classes_is_dropped_and_listed():
+    import datasets
+
+    from stages.params import PrepareParams
+    from stages.prepare import prepare_split
+
+    image = {"bytes": encode(Image.new("RGB", (40, 30), (1, 2, 3))), "path": None}
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(decode=False),
+                                  "label": datasets.ClassLabel(names=["a", "b"])})
+    split = datasets.Dataset.from_dict({"id": ["x", "y"], "image": [image, image], "label": [1, -1]},
+                                       features=features)
+    kept, report = prepare_split("test", split, PrepareParams(max_short_side=64, jpeg_quality=90, num_workers=1),
+                                 pool=None)
+    assert kept["id"] == ["x"]
+    assert report.dropped == [{"split": "test", "id": "y", "reason": "label -1 outside the 2 classes"}]

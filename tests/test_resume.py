@@ -169,3 +169,18 @@ def test_dvc_repro_resumes_after_the_whole_run_is_killed(tmp_path, image_folder)
     assert "train: resuming after epoch" in log
     assert [step for step, _ in curve(project, "train/loss.tsv")] == [str(s) for s in range(EPOCHS)]
     assert run(["dvc", "status", "--json"], project).stdout.strip() == "{}"
+
+
+def test_cuda_out_of_memory_names_the_batch_size_and_the_fix(workdir, monkeypatch):
+    from stages import train
+
+    def out_of_memory(self, loader, epoch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(train.Trainer, "train_epoch", out_of_memory)
+    with pytest.raises(SystemExit) as stopped:
+        train.main()
+    message = str(stopped.value)
+    assert "CUDA out of memory at train.batch_size=32, train.resolution=64" in message
+    assert "Lower train.batch_size" in message and "scale train.lr" in message
