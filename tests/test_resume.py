@@ -184,3 +184,13 @@ def test_cuda_out_of_memory_names_the_batch_size_and_the_fix(workdir, monkeypatc
     message = str(stopped.value)
     assert "CUDA out of memory at train.batch_size=32, train.resolution=64" in message
     assert "Lower train.batch_size" in message and "scale train.lr" in message
+
+
+def test_state_from_other_data_is_not_resumed(workdir):
+    interrupt_after_first_epoch(workdir, signal.SIGKILL)
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["prepare"]["jpeg_quality"] = 70  # other prepared images, same training params
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    run_ok("prepare", workdir)
+    out = run_ok("train", workdir)
+    assert "ignoring checkpoints/train_state.pt: it was made with other data; starting fresh" in out
