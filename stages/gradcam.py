@@ -113,8 +113,8 @@ def main() -> None:
     draw_grid(cam_tiles(model, layer, test, [row_of_id[i] for i in worst_ids], resolution, device), names,
               f"GradCAM on misclassified images from the {len(worst_ids)} worst classes",
               OUT_DIR / "worst.png")
-    print(f"gradcam: wrote {OUT_DIR}/samples.png ({len(sample_rows)} images) and "
-          f"{OUT_DIR}/worst.png ({len(worst_ids)} images)")
+    print(f"gradcam: wrote {OUT_DIR}/samples.png ({len(sample_rows)} test images) and "
+          f"{OUT_DIR}/worst.png ({len(worst_ids)} misclassified)")
 
 
 if __name__ == "__main__":

@@ -281,8 +281,9 @@ def main() -> None:
     except LossNotFinite as error:
         sys.exit(f"error: the training loss became {error} in epoch {progress.epochs_done + 1}. The learning rate is "
                  f"likely too high for this batch size (train.lr={p.lr}, train.batch_size={p.batch_size}): scale it "
-                 f"with the batch size (the seeds' 0.1 is for batch 128) or lower it. The last good epoch "
-                 f"({progress.epochs_done}) is kept in {STATE_PATH}.")
+                 f"with the batch size (the seeds' 0.1 is for batch 128) or lower it."
+                 + (f" The last good epoch ({progress.epochs_done}) is kept in {STATE_PATH}."
+                    if progress.epochs_done else ""))
     except torch.OutOfMemoryError:
         sys.exit(f"error: CUDA out of memory at train.batch_size={p.batch_size}, train.resolution={p.resolution}. "
                  f"Lower train.batch_size (and scale train.lr with it: lr 0.1 per 128 images), keep train.amp: bf16, "
