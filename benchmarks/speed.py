@@ -1,0 +1,207 @@
+"""Speed benchmark: loader per core, train/eval throughput, projected run time.
+
+    python -m benchmarks.speed                      # quick: 2% of a Stanford-Cars-shaped dataset
+    python -m benchmarks.speed --fraction 1 --steps 20
+
+It generates JPEGs sized like Stanford Cars (mean ~608x403, 85x62 to 2405x1600), runs them
+through this pipeline's `prepare`, and measures side by side, in one process on one core:
+  naive    full-size JPEG -> PIL decode -> RandomResizedCrop -> ToTensor -> Normalize (float32)
+  pipeline prepared JPEG  -> PIL decode -> RandomResizedCrop -> uint8 tensor (normalized on the device)
+then train-step and eval throughput of the arch on the device present, with synthetic tensors
+(the model-only ceiling) and with the real loader, and projects one epoch and the full default run.
+Writes benchmarks/results.json (--out) and prints a table. Figures are what this machine measured, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as v1
+
+from stages.data import (IMAGENET_MEAN, IMAGENET_STD, ImageSplit, SeededEpochSampler, make_loader,
+                         resolve_workers, to_model_input, train_transform)
+from stages.model import build_model
+from stages.params import load_params
+from stages.prepare import prepare_image
+from stages.runtime import Precision, pick_device
+
+CARS_TRAIN, CARS_TEST, CARS_CLASSES = 8144, 8041, 196
+RESULTS = Path("benchmarks/results.json")
+
+
+def cars_like_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """Photo-like JPEGs (smooth shapes + sensor noise) with Stanford Cars' spread of sizes."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        width = int(np.clip(rng.lognormal(np.log(560), 0.38), 85, 2405))
+        height = int(np.clip(width / rng.uniform(1.3, 1.7), 62, 1600))
+        small = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+        noisy = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(noisy).save(out, format="JPEG", quality=90)
+        images.append(out.getvalue())
+    return images
+
+
+def naive_transform(resolution: int) -> v1.Compose:
+    return v1.Compose([v1.RandomResizedCrop(resolution), v1.RandomHorizontalFlip(), v1.ToTensor(),
+                       v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def images_per_second(encoded: list[bytes], transform, seconds: float = 3.0) -> float:
+    """One process, one core: decode + transform, repeated over the list for about `seconds`."""
+    torch.set_num_threads(1)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for data in encoded:
+            transform(Image.open(io.BytesIO(data)).convert("RGB"))
+            done += 1
+    return done / (time.perf_counter() - start)
+
+
+def as_split(encoded: list[bytes], num_classes: int) -> datasets.Dataset:
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(decode=False),
+                                  "label": datasets.ClassLabel(num_classes=num_classes)})
+    return datasets.Dataset.from_dict({
+        "id": [str(i) for i in range(len(encoded))],
+        "image": [{"bytes": b, "path": None} for b in encoded],
+        "label": [i % num_classes for i in range(len(encoded))],
+    }, features=features)
+
+
+def time_steps(step, batches, warmup: int) -> float:
+    """Seconds per step after `warmup` steps; synchronizes the device so queued work is counted."""
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        step(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (i + 1 - warmup)
+
+
+def model_throughput(arch: str, resolution: int, batch_size: int, steps: int, split: datasets.Dataset,
+                     workers: int, amp: str) -> dict:
+    device = pick_device()
+    torch.set_num_threads(os.cpu_count() or 1)
+    on_cuda = device.type == "cuda"
+    model = build_model(arch, CARS_CLASSES, "none").to(device)
+    if on_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    precision = Precision(amp, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def train_step(batch):
+        images, labels = batch
+        with precision.autocast():
+            loss = criterion(model(to_model_input(images, device, on_cuda)), labels.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+
+    @torch.inference_mode()
+    def eval_step(batch):
+        with precision.autocast():
+            model(to_model_input(batch[0], device, on_cuda))
+
+    warmup = 2
+    synthetic = (torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8),
+                 torch.randint(0, CARS_CLASSES, (batch_size,)))
+    model.train()
+    synthetic_train = batch_size / time_steps(train_step, [synthetic] * (steps + warmup), warmup)
+    loader = make_loader(ImageSplit(split, train_transform(resolution)), batch_size, workers,
+                         sampler=SeededEpochSampler(len(split), 0), drop_last=True)
+    real_train = batch_size / time_steps(train_step, (b for _, b in zip(range(steps + warmup), loader)), warmup)
+    model.eval()
+    eval_batch = (synthetic[0].repeat(2, 1, 1, 1), synthetic[1].repeat(2))
+    synthetic_eval = 2 * batch_size / time_steps(eval_step, [eval_batch] * (steps + warmup), warmup)
+    return {"device": torch.cuda.get_device_name() if on_cuda else f"CPU ({os.cpu_count()} cores)",
+            "precision": precision.name, "batch_size": batch_size, "loader_workers": workers,
+            "train_synthetic_images_per_s": round(synthetic_train, 1),
+            "train_real_loader_images_per_s": round(real_train, 1),
+            "real_over_synthetic": round(real_train / synthetic_train, 3),
+            "eval_synthetic_images_per_s": round(synthetic_eval, 1)}
+
+
+def projection(throughput: dict, epochs: int) -> dict:
+    train_s = CARS_TRAIN / throughput["train_real_loader_images_per_s"]
+    eval_s = CARS_TEST / throughput["eval_synthetic_images_per_s"]
+    return {"epoch_train_s": round(train_s, 1), "epoch_eval_s": round(eval_s, 1),
+            "full_run_h": round(epochs * (train_s + eval_s) / 3600, 2), "epochs": epochs}
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['machine']} | {report['date']} | {report['images']} images | arch {report['arch']}")
+    for res, r in report["resolutions"].items():
+        loader, model, proj = r["loader_per_core"], r["model"], r["projection"]
+        print(f"\n{res} px")
+        print(f"  loader per core   naive {loader['naive_images_per_s']:8.1f} img/s   pipeline "
+              f"{loader['pipeline_images_per_s']:8.1f} img/s   ratio {loader['ratio']:.2f}x")
+        print(f"  train ({model['device']}, {model['precision']}, batch {model['batch_size']})   synthetic "
+              f"{model['train_synthetic_images_per_s']:.1f} img/s   real loader "
+              f"{model['train_real_loader_images_per_s']:.1f} img/s   ({model['real_over_synthetic']:.0%})")
+        print(f"  eval synthetic    {model['eval_synthetic_images_per_s']:.1f} img/s")
+        print(f"  projected: epoch {proj['epoch_train_s']:.0f} s train + {proj['epoch_eval_s']:.0f} s eval; "
+              f"{proj['epochs']} epochs {proj['full_run_h']:.2f} h")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fraction", type=float, default=0.02, help="share of Stanford Cars' 8,144 train images")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 448])
+    parser.add_argument("--arch", default=None, help="default: model.arch of params.yaml")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
+    parser.add_argument("--steps", type=int, default=3, help="timed train/eval steps after 2 warm-up steps")
+    parser.add_argument("--workers", type=int, default=-1, help="loader workers; -1: as train.num_workers: -1")
+    parser.add_argument("--seconds", type=float, default=3.0, help="time spent on each loader measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON report is written")
+    args = parser.parse_args()
+
+    params = load_params()
+    arch = args.arch or params.model.arch
+    batch_size = args.batch_size or (params.train.batch_size if torch.cuda.is_available() else 8)
+    count = max(16, round(CARS_TRAIN * args.fraction))
+    print(f"generating {count} Stanford-Cars-sized JPEGs and preparing them (max_short_side "
+          f"{params.prepare.max_short_side}) ...")
+    full = cars_like_jpegs(count)
+    prepared = [prepare_image(b, params.prepare.max_short_side, params.prepare.jpeg_quality).encoded for b in full]
+    split = as_split(prepared, CARS_CLASSES)
+    workers = resolve_workers(args.workers)
+
+    report = {"date": date.today().isoformat(), "machine": f"{platform.node()} {platform.processor() or ''}".strip(),
+              "torch": torch.__version__, "images": count, "arch": arch, "resolutions": {}}
+    for resolution in args.resolutions:
+        naive = images_per_second(full, naive_transform(resolution), args.seconds)
+        ours = images_per_second(prepared, train_transform(resolution), args.seconds)
+        model = model_throughput(arch, resolution, batch_size, args.steps, split, workers, params.train.amp)
+        report["resolutions"][resolution] = {
+            "loader_per_core": {"naive_images_per_s": round(naive, 1), "pipeline_images_per_s": round(ours, 1),
+                                "ratio": round(ours / naive, 2)},
+            "model": model,
+            "projection": projection(model, params.train.epochs),
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

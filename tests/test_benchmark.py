@@ -1,0 +1,35 @@
+"""The speed benchmark runs end to end and reports every figure it promises (not how fast: that is its job)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.speed import cars_like_jpegs
+from tests.conftest import REPO
+
+
+def test_generated_jpegs_have_stanford_cars_sizes():
+    sizes = np.array([Image.open(io.BytesIO(b)).size for b in cars_like_jpegs(300)])
+    mean_width, mean_height = sizes.mean(axis=0)
+    assert 540 < mean_width < 680 and 360 < mean_height < 450  # Stanford Cars: 608 x 403
+    assert sizes.min() >= 62 and sizes[:, 0].max() <= 2405
+
+
+def test_benchmark_writes_the_report(tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--fraction", "0.003", "--resolutions", "32", "--arch",
+           "resnet18", "--batch-size", "4", "--steps", "1", "--seconds", "0.2", "--workers", "0", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())["resolutions"]["32"]
+    assert report["loader_per_core"]["naive_images_per_s"] > 0 and report["loader_per_core"]["ratio"] > 0
+    assert report["model"]["train_synthetic_images_per_s"] > 0 and report["model"]["real_over_synthetic"] > 0
+    assert report["projection"]["full_run_h"] > 0
+    assert "loader per core" in result.stdout and "projected" in result.stdout
