@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
 import datasets
 
 from stages.data import IGNORED_FILES, RAW_DIR
+from stages.files import atomic_dir
 from stages.params import DataParams, load_params_or_exit
 
 REQUIRED_SPLITS = ("train", "test")
@@ -152,14 +152,10 @@ def image_ids(split: datasets.Dataset, image_column: str, split_name: str, kind:
 
 
 def save(splits: datasets.DatasetDict, out: Path, ignored_files: list[str] = ()) -> None:
-    """Written beside the output and renamed into place, so a crash leaves no half-written dataset.
-    The ignored files are listed beside the splits for prepare to count and report."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    splits.save_to_disk(str(tmp), max_shard_size="500MB")
-    (tmp / IGNORED_FILES).write_text(json.dumps(list(ignored_files), indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    """The splits, and beside them the ignored files for prepare to count and report."""
+    with atomic_dir(out) as tmp:
+        splits.save_to_disk(str(tmp), max_shard_size="500MB")
+        (tmp / IGNORED_FILES).write_text(json.dumps(list(ignored_files), indent=1) + "\n")
 
 
 def main() -> None:

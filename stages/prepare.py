@@ -13,7 +13,6 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from stages.data import IGNORED_FILES, PREPARED_DIR, RAW_DIR
-from stages.files import write_csv, write_json
+from stages.files import atomic_dir, write_csv, write_json
 from stages.params import PrepareParams, load_params_or_exit
 
 DATA_METRICS = Path("metrics/data.json")
@@ -191,11 +190,8 @@ def save_prepared(columns_by_split: dict, features: datasets.Features, out: Path
     splits = datasets.DatasetDict({
         name: datasets.Dataset.from_dict(columns, features=features) for name, columns in columns_by_split.items()
     })
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    splits.save_to_disk(str(tmp), max_shard_size="500MB")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        splits.save_to_disk(str(tmp), max_shard_size="500MB")
 
 
 def main() -> None:

@@ -194,3 +194,22 @@ def test_state_from_other_data_is_not_resumed(workdir):
     run_ok("prepare", workdir)
     out = run_ok("train", workdir)
     assert "ignoring checkpoints/train_state.pt: it was made with other data; starting fresh" in out
+
+
+def test_crash_while_saving_a_dataset_leaves_the_old_one(tmp_path):
+    from stages.files import atomic_dir
+
+    old = tmp_path / "prepared"
+    old.mkdir()
+    (old / "data-00000-of-00001.arrow").write_text("complete")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(old) as tmp:
+            tmp.mkdir()
+            (tmp / "data-00000-of-00001.arrow").write_text("half")
+            raise RuntimeError("killed mid-save")
+    assert (old / "data-00000-of-00001.arrow").read_text() == "complete"
+    assert list(tmp_path.iterdir()) == [old]
+    with atomic_dir(old) as tmp:
+        tmp.mkdir()
+        (tmp / "new.arrow").write_text("new")
+    assert [p.name for p in old.iterdir()] == ["new.arrow"] and list(tmp_path.iterdir()) == [old]
