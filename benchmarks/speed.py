@@ -31,10 +31,10 @@ from torchvision import transforms as v1
 
 from stages.data import (IMAGENET_MEAN, IMAGENET_STD, ImageSplit, SeededEpochSampler, make_loader,
                          resolve_workers, to_model_input, train_transform)
-from stages.model import build_model
-from stages.params import load_params
+from stages.params import Params, load_params
 from stages.prepare import prepare_image
-from stages.runtime import Precision, pick_device
+from stages.runtime import pick_device
+from stages.train import Trainer
 
 CARS_TRAIN, CARS_TEST, CARS_CLASSES = 8144, 8041, 196
 RESULTS = Path("benchmarks/results.json")
@@ -95,45 +95,34 @@ def time_steps(step, batches, warmup: int) -> float:
     return (time.perf_counter() - start) / (i + 1 - warmup)
 
 
-def model_throughput(arch: str, resolution: int, batch_size: int, steps: int, split: datasets.Dataset,
-                     workers: int, amp: str) -> dict:
+def model_throughput(params: Params, steps: int, split: datasets.Dataset, workers: int) -> dict:
+    """The train step is `train`'s own (Trainer.step): same precision, channels_last and torch.compile."""
+    resolution, batch_size = params.train.resolution, params.train.batch_size
     device = pick_device()
     torch.set_num_threads(os.cpu_count() or 1)
-    on_cuda = device.type == "cuda"
-    model = build_model(arch, CARS_CLASSES, "none").to(device)
-    if on_cuda:
-        model = model.to(memory_format=torch.channels_last)
-    precision = Precision(amp, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = torch.nn.CrossEntropyLoss()
+    trainer = Trainer(params, CARS_CLASSES, device)
 
     def train_step(batch):
-        images, labels = batch
-        with precision.autocast():
-            loss = criterion(model(to_model_input(images, device, on_cuda)), labels.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
+        trainer.step(*batch)
 
     @torch.inference_mode()
     def eval_step(batch):
-        with precision.autocast():
-            model(to_model_input(batch[0], device, on_cuda))
+        with trainer.precision.autocast():
+            trainer.step_model(to_model_input(batch[0], device, trainer.channels_last))
 
     warmup = 2
     synthetic = (torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8),
                  torch.randint(0, CARS_CLASSES, (batch_size,)))
-    model.train()
+    trainer.step_model.train()
     synthetic_train = batch_size / time_steps(train_step, [synthetic] * (steps + warmup), warmup)
     loader = make_loader(ImageSplit(split, train_transform(resolution)), batch_size, workers,
                          sampler=SeededEpochSampler(len(split), 0), drop_last=True)
     real_train = batch_size / time_steps(train_step, (b for _, b in zip(range(steps + warmup), loader)), warmup)
-    model.eval()
+    trainer.step_model.eval()
     eval_batch = (synthetic[0].repeat(2, 1, 1, 1), synthetic[1].repeat(2))
     synthetic_eval = 2 * batch_size / time_steps(eval_step, [eval_batch] * (steps + warmup), warmup)
-    return {"device": torch.cuda.get_device_name() if on_cuda else f"CPU ({os.cpu_count()} cores)",
-            "precision": precision.name, "batch_size": batch_size, "loader_workers": workers,
+    return {"device": torch.cuda.get_device_name() if trainer.on_cuda else f"CPU ({os.cpu_count()} cores)",
+            "precision": trainer.precision.name, "batch_size": batch_size, "loader_workers": workers,
             "train_synthetic_images_per_s": round(synthetic_train, 1),
             "train_real_loader_images_per_s": round(real_train, 1),
             "real_over_synthetic": round(real_train / synthetic_train, 3),
@@ -177,6 +166,8 @@ def main() -> None:
     params = load_params()
     arch = args.arch or params.model.arch
     batch_size = args.batch_size or (params.train.batch_size if torch.cuda.is_available() else 8)
+    # random init: the speed of a step does not depend on the weights, and nothing is downloaded
+    model_params = params.model.model_copy(update={"arch": arch, "weights": "none"})
     count = max(16, round(CARS_TRAIN * args.fraction))
     print(f"generating {count} Stanford-Cars-sized JPEGs and preparing them (max_short_side "
           f"{params.prepare.max_short_side}) ...")
@@ -190,7 +181,9 @@ def main() -> None:
     for resolution in args.resolutions:
         naive = images_per_second(full, naive_transform(resolution), args.seconds)
         ours = images_per_second(prepared, train_transform(resolution), args.seconds)
-        model = model_throughput(arch, resolution, batch_size, args.steps, split, workers, params.train.amp)
+        train_params = params.train.model_copy(update={"resolution": resolution, "batch_size": batch_size})
+        run_params = params.model_copy(update={"model": model_params, "train": train_params})
+        model = model_throughput(run_params, args.steps, split, workers)
         report["resolutions"][resolution] = {
             "loader_per_core": {"naive_images_per_s": round(naive, 1), "pipeline_images_per_s": round(ours, 1),
                                 "ratio": round(ours / naive, 2)},

@@ -96,6 +96,19 @@ class Trainer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a uint8 batch; returns (loss, logits) without a host sync."""
+        inputs = to_model_input(images, self.device, self.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        with self.precision.autocast():
+            logits = self.step_model(inputs)
+            loss = self.criterion(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.scaler.scale(loss).backward()
+        self.precision.scaler.step(self.optimizer)
+        self.precision.scaler.update()
+        return loss, logits
+
     def train_epoch(self, loader, epoch: int) -> EpochResult:
         self.step_model.train()
         loss_sum = torch.zeros((), device=self.device)
@@ -104,15 +117,8 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="batch", leave=False)
         for step, (images, labels) in enumerate(bar):
-            inputs = to_model_input(images, self.device, self.channels_last)
             labels = labels.to(self.device, non_blocking=True)
-            with self.precision.autocast():
-                logits = self.step_model(inputs)
-                loss = self.criterion(logits, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.precision.scaler.scale(loss).backward()
-            self.precision.scaler.step(self.optimizer)
-            self.precision.scaler.update()
+            loss, logits = self.step(images, labels)
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
