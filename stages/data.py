@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sys
 from pathlib import Path
 
 import datasets
@@ -122,9 +123,21 @@ def resolve_workers(requested: int) -> int:
 
 
 def leave_interrupts_to_the_main_process(worker_id: int) -> None:
-    """Ctrl-C reaches every process of the group: the main process stops the run and shuts workers down."""
+    """Ctrl-C reaches every process of the group: the main process stops the run and shuts workers down.
+
+    A worker still handing a batch's shared memory to a main process that has just stopped gets a broken
+    pipe in multiprocessing's fd-sharing thread; that only means the receiver is gone, so it is not printed.
+    Errors of the worker's own work reach the main process through the loader, not through this hook.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    default_hook = sys.excepthook
+
+    def quiet_when_main_process_is_gone(kind, value, traceback):
+        if not issubclass(kind, (BrokenPipeError, ConnectionResetError)):
+            default_hook(kind, value, traceback)
+
+    sys.excepthook = quiet_when_main_process_is_gone
 
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int,

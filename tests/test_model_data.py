@@ -107,3 +107,19 @@ def test_gradcam_layer_is_the_last_residual_block_or_a_path():
     mobilenet = build_model("mobilenet_v3_small", 3, "none")
     assert gradcam_target_layer(mobilenet, "auto") is mobilenet.features[-1]
     assert isinstance(gradcam_target_layer(build_model("googlenet", 3, "none"), "auto"), nn.Conv2d)
+
+
+def test_workers_stay_quiet_only_about_a_vanished_main_process(monkeypatch, capsys):
+    import signal
+    import sys
+
+    from stages.data import leave_interrupts_to_the_main_process
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *info: seen.append(info[0]))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep this test process's handlers
+    leave_interrupts_to_the_main_process(0)
+    sys.excepthook(BrokenPipeError, BrokenPipeError(), None)
+    sys.excepthook(ConnectionResetError, ConnectionResetError(), None)
+    sys.excepthook(ValueError, ValueError("a real worker error"), None)
+    assert seen == [ValueError]
