@@ -54,16 +54,44 @@ def decode_rgb(encoded: bytes) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def train_transform(resolution: int) -> v2.Compose:
-    return v2.Compose([v2.RandomResizedCrop(resolution, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+COLOR_JITTER = 0.4  # brightness, contrast and saturation range of train.augment: color_jitter (torchvision's usual)
 
 
-def eval_transform(resolution: int, crop_fraction: float = EVAL_CROP_FRACTION) -> v2.Compose:
+def square_side(resolution: int, crop_fraction: float = EVAL_CROP_FRACTION) -> int:
+    """resize_then_crop's square (512 for 448: the published 94% recipe), also eval's shorter side."""
+    return round(resolution / crop_fraction)
+
+
+def train_transform(resolution: int, crop: str = "random_resized", crop_scale=(0.08, 1.0), crop_padding: int = 0,
+                    augment: str = "none") -> v2.Compose:
+    """The random crop of train.crop, a horizontal flip, then train.augment; uint8 CHW out."""
+    if crop == "resize_then_crop":
+        side = square_side(resolution)
+        cropping = [v2.Resize((side, side), antialias=True), v2.RandomCrop(resolution, padding=crop_padding)]
+    else:
+        cropping = [v2.RandomResizedCrop(resolution, scale=tuple(crop_scale), antialias=True)]
+    augmenting = {
+        "none": [],
+        "trivial_augment": [v2.TrivialAugmentWide()],
+        "color_jitter": [v2.ColorJitter(brightness=COLOR_JITTER, contrast=COLOR_JITTER, saturation=COLOR_JITTER)],
+    }[augment]
+    return v2.Compose([*cropping, v2.RandomHorizontalFlip(), *augmenting, v2.PILToTensor()])
+
+
+def eval_transform(resolution: int, crop: str = "random_resized", crop_fraction: float = EVAL_CROP_FRACTION
+                   ) -> v2.Compose:
+    """Resize (the shorter side, or to a square when training resized to a square), then centre-crop."""
+    side = square_side(resolution, crop_fraction)
     return v2.Compose([
-        v2.Resize(round(resolution / crop_fraction), antialias=True),
+        v2.Resize((side, side) if crop == "resize_then_crop" else side, antialias=True),
         v2.CenterCrop(resolution),
         v2.PILToTensor(),
     ])
+
+
+def model_eval_transform(meta: dict, crop_fraction: float = EVAL_CROP_FRACTION) -> v2.Compose:
+    """The eval transform a saved model was trained for (its checkpoint's resolution and crop policy)."""
+    return eval_transform(meta["resolution"], meta.get("crop", "random_resized"), crop_fraction)
 
 
 class ImageSplit(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from stages.data import (MODEL_PATH, TTA_CROP_FRACTIONS, ImageSplit, class_names, eval_transform, make_loader,
+from stages.data import (MODEL_PATH, TTA_CROP_FRACTIONS, ImageSplit, class_names, make_loader, model_eval_transform,
                          open_split, resolve_workers)
 from stages.files import write_csv, write_json
 from stages.model import load_checkpoint
@@ -61,12 +61,12 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-def tta_probs(model, split, resolution: int, batch_size: int, workers: int, device, precision,
+def tta_probs(model, split, meta: dict, batch_size: int, workers: int, device, precision,
               channels_last: bool) -> torch.Tensor:
     """Softmax averaged over 3 scales x 2 horizontal flips."""
     total = None
     for fraction in TTA_CROP_FRACTIONS:
-        loader = make_loader(ImageSplit(split, eval_transform(resolution, fraction)), batch_size, workers)
+        loader = make_loader(ImageSplit(split, model_eval_transform(meta, fraction)), batch_size, workers)
         for flip in (False, True):
             logits, _ = predict_logits(model, loader, device, precision, channels_last, flip=flip,
                                        desc=f"tta {fraction:.3f}{' flip' if flip else ''}")
@@ -99,7 +99,6 @@ def main() -> None:
     names = meta["class_names"]
     if class_names(test) != names:
         raise SystemExit("error: the test split's classes differ from the model's; re-run `dvc repro` from prepare")
-    resolution = meta["resolution"]
     train_params = meta["params"]["train"]
     channels_last = train_params["channels_last"] and device.type == "cuda"
     if channels_last:
@@ -108,12 +107,12 @@ def main() -> None:
     workers = resolve_workers(train_params["num_workers"])
     batch_size = params.evaluate.batch_size
 
-    loader = make_loader(ImageSplit(test, eval_transform(resolution)), batch_size, workers)
+    loader = make_loader(ImageSplit(test, model_eval_transform(meta)), batch_size, workers)
     logits, labels = predict_logits(model, loader, device, precision, channels_last, desc="test")
     probs = logits.softmax(1)
     metrics = {"images": len(labels), **summarize(probs, labels)}
     if params.evaluate.tta:
-        metrics["tta"] = summarize(tta_probs(model, test, resolution, batch_size, workers, device, precision,
+        metrics["tta"] = summarize(tta_probs(model, test, meta, batch_size, workers, device, precision,
                                              channels_last), labels)
 
     predicted = probs.argmax(1)

@@ -20,7 +20,7 @@ from stages.data import IGNORED_FILES, RAW_DIR
 from stages.files import atomic_dir
 from stages.params import DataParams, load_params_or_exit
 
-REQUIRED_SPLITS = ("train", "test")
+REQUIRED_SPLITS = ("train",)  # no test split: prepare carves one out of train (data.test_fraction)
 SPLIT_ALIASES = {"train": "train", "test": "test", "validation": "validation", "valid": "validation", "val": "validation"}
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -52,8 +52,8 @@ def check_image_folder(root: Path) -> list[str]:
     if missing:
         found = ", ".join(p.name for p in root.iterdir() if p.is_dir()) or "no folders"
         raise SourceError(
-            f"data.source folder {root} needs split folders {' and '.join(REQUIRED_SPLITS)} "
-            f"(optionally validation), each holding one folder per class; found {found}"
+            f"data.source folder {root} needs a train split folder (and test, or data.test_fraction > 0 to carve "
+            f"one out of train; optionally validation), each holding one folder per class; found {found}"
         )
     classes = sorted(p.name for p in splits["train"].iterdir() if p.is_dir())
     if len(classes) < 2:
@@ -106,7 +106,7 @@ def standardize(splits: datasets.DatasetDict, data: DataParams, kind: str) -> da
         renamed[standard] = standardize_columns(split, data, name, kind)
     missing = [s for s in REQUIRED_SPLITS if s not in renamed]
     if missing:
-        raise SourceError(f"data.source '{data.source}' has splits {list(splits)}; it needs {' and '.join(REQUIRED_SPLITS)}")
+        raise SourceError(f"data.source '{data.source}' has splits {list(splits)}; it needs a train split")
     names = renamed["train"].features["label"].names
     for name, split in renamed.items():
         if split.features["label"].names != names:

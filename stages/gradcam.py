@@ -23,10 +23,10 @@ from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-from stages.data import MODEL_PATH, decode_rgb, eval_transform, open_split, to_model_input  # noqa: E402
+from stages.data import MODEL_PATH, decode_rgb, model_eval_transform, open_split, to_model_input  # noqa: E402
 from stages.evaluate import PER_CLASS_CSV, PREDICTIONS_CSV  # noqa: E402
 from stages.files import atomic_path, read_csv  # noqa: E402
-from stages.model import gradcam_target_layer, load_checkpoint  # noqa: E402
+from stages.model import gradcam_target, load_checkpoint  # noqa: E402
 from stages.params import load_params_or_exit  # noqa: E402
 from stages.runtime import pick_device  # noqa: E402
 
@@ -51,11 +51,11 @@ def worst_misclassified(per_class: list[dict], predictions: list[dict], count: i
     return chosen
 
 
-def cam_tiles(model, layer, split, rows: list[int], resolution: int, device) -> list[tuple[np.ndarray, int, int]]:
-    """(overlay RGB float image, true label, predicted label) per row of the split."""
-    transform = eval_transform(resolution)
+def cam_tiles(model, target, split, rows: list[int], transform, device) -> list[tuple[np.ndarray, int, int]]:
+    """(overlay RGB float image, true label, predicted label) per row of the split; target: (layer, reshape)."""
+    layer, reshape = target
     tiles = []
-    with GradCAM(model=model, target_layers=[layer]) as cam:
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         for start in range(0, len(rows), BATCH):
             batch = [split[i] for i in rows[start:start + BATCH]]
             images = torch.stack([transform(decode_rgb(r["image"]["bytes"])) for r in batch])
@@ -95,7 +95,7 @@ def main() -> None:
     device = pick_device()
     model, meta = load_checkpoint(MODEL_PATH, device)  # the plain module: grad-cam's hooks miss compiled ones
     try:
-        layer = gradcam_target_layer(model, g.target_layer)
+        target = gradcam_target(model, g.target_layer)
     except (AttributeError, IndexError, ValueError) as error:
         sys.exit(f"error: gradcam.target_layer '{g.target_layer}' is not a module of {meta['arch']}: {error}")
     test = open_split("test")
@@ -106,11 +106,11 @@ def main() -> None:
     worst_ids = worst_misclassified(read_csv(PER_CLASS_CSV), read_csv(PREDICTIONS_CSV), g.num_misclassified, rng)
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    resolution = meta["resolution"]
-    draw_grid(cam_tiles(model, layer, test, sample_rows, resolution, device), names,
+    resolution, transform = meta["resolution"], model_eval_transform(meta)
+    draw_grid(cam_tiles(model, target, test, sample_rows, transform, device), names,
               f"GradCAM on {len(sample_rows)} random test images ({meta['arch']}, {resolution}px)",
               OUT_DIR / "samples.png")
-    draw_grid(cam_tiles(model, layer, test, [row_of_id[i] for i in worst_ids], resolution, device), names,
+    draw_grid(cam_tiles(model, target, test, [row_of_id[i] for i in worst_ids], transform, device), names,
               f"GradCAM on misclassified images from the {len(worst_ids)} worst classes",
               OUT_DIR / "worst.png")
     print(f"gradcam: wrote {OUT_DIR}/samples.png ({len(sample_rows)} test images) and "

@@ -16,27 +16,33 @@ class WeightsUnavailable(RuntimeError):
     pass
 
 
-def build_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
-    """A torchvision classifier with its ImageNet head replaced by a fresh `num_classes` one.
+IMAGENET_CLASSES = 1000  # every torchvision classifier's head (and auxiliary heads) outputs these
+AUX_LOSS_WEIGHT = 0.4  # torchvision's Inception/GoogLeNet recipe: loss = main + 0.4 * each auxiliary head
 
-    weights: a torchvision weights name (downloaded by torchvision into the torch hub
-    cache, or taken from it), "none" for random init, or a path to a state dict.
+
+def build_model(arch: str, num_classes: int, weights: str = "none", head: str = "linear", head_hidden: int = 1024,
+                head_dropout: float = 0.0, **constructor) -> nn.Module:
+    """A torchvision classifier whose ImageNet head(s) are replaced by fresh `num_classes` ones.
+
+    weights: a torchvision weights name (downloaded by torchvision into the torch hub cache, or taken from
+    it), "none" for random init, or a path to a state dict (ImageNet-headed, or one of this pipeline's).
+    constructor: torchvision model kwargs such as aux_logits=False (see constructor_kwargs).
+    The names of the new head modules are kept in `model.head_paths` (they get head_lr_multiplier and
+    stay trainable while the backbone is frozen).
     """
+    new_heads = lambda model: replace_heads(model, num_classes, head, head_hidden, head_dropout)  # noqa: E731
     if weights == "none":
-        model = torchvision.models.get_model(arch, weights=None)
-        replace_head(model, num_classes)
+        model = new_heads(torchvision.models.get_model(arch, weights=None, **constructor))
     elif Path(weights).is_file():
-        model = torchvision.models.get_model(arch, weights=None)
-        load_local_weights(model, Path(weights), num_classes)
+        model = load_local_weights(arch, Path(weights), new_heads, constructor)
     else:
-        model = download_pretrained(arch, weights)
-        replace_head(model, num_classes)
+        model = new_heads(download_pretrained(arch, weights, constructor))
     return model
 
 
-def download_pretrained(arch: str, weights: str) -> nn.Module:
+def download_pretrained(arch: str, weights: str, constructor: dict) -> nn.Module:
     try:
-        return torchvision.models.get_model(arch, weights=weights)
+        return torchvision.models.get_model(arch, weights=weights, **constructor)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise WeightsUnavailable(
@@ -47,22 +53,37 @@ def download_pretrained(arch: str, weights: str) -> nn.Module:
         ) from None
 
 
-def head_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
-    """The final classification layer: the last nn.Linear in definition order (fc, classifier[-1], heads.head...)."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = name, module
-    if last is None:
+def constructor_kwargs(model: nn.Module) -> dict:
+    """The torchvision kwargs a checkpoint must be rebuilt with: pretrained Inception/GoogLeNet weights switch
+    on transform_input, and train may switch off aux_logits."""
+    return {key: getattr(model, key) for key in ("aux_logits", "transform_input") if hasattr(model, key)}
+
+
+def classifier_paths(model: nn.Module) -> tuple[str, list[str]]:
+    """(main head, auxiliary heads): the last nn.Linear in definition order (fc, classifier[-1], heads.head...)
+    and any other Linear that outputs the ImageNet classes (Inception's AuxLogits.fc, GoogLeNet's aux*.fc2)."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear head to replace; pick another model.arch")
-    name, linear = last
-    parent_name, _, attr = name.rpartition(".")
-    return model.get_submodule(parent_name), attr, linear
+    main = linears[-1][0]
+    aux = [name for name, m in linears[:-1] if m.out_features == IMAGENET_CLASSES]
+    return main, aux
 
 
-def replace_head(model: nn.Module, num_classes: int) -> None:
-    parent, attr, old = head_linear(model)
-    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+def replace_heads(model: nn.Module, num_classes: int, head: str = "linear", hidden: int = 1024,
+                  dropout: float = 0.0) -> nn.Module:
+    main, aux = classifier_paths(model)
+    in_features = model.get_submodule(main).in_features
+    if head == "mlp":
+        new_head = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                 nn.Linear(hidden, num_classes))
+    else:
+        new_head = nn.Linear(in_features, num_classes)
+    model.set_submodule(main, new_head)
+    for path in aux:  # auxiliary heads only shape the training loss; a plain linear layer each
+        model.set_submodule(path, nn.Linear(model.get_submodule(path).in_features, num_classes))
+    model.head_paths = (main, *aux)
+    return model
 
 
 def strip_wrapper_prefixes(state_dict: dict) -> dict:
@@ -75,18 +96,36 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
     return clean
 
 
-def load_local_weights(model: nn.Module, path: Path, num_classes: int) -> None:
-    """A state dict for either the ImageNet head (replaced after loading) or a `num_classes` head (kept)."""
+def load_local_weights(arch: str, path: Path, new_heads, constructor: dict) -> nn.Module:
+    """A state dict with the ImageNet head(s) (replaced after loading), or with this run's heads (kept)."""
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     state = strip_wrapper_prefixes(loaded.get("state_dict", loaded))
-    _, attr, old = head_linear(model)
-    head_key = next((k for k in state if k.endswith(f"{attr}.weight") and state[k].shape[1] == old.in_features), None)
-    if head_key is not None and state[head_key].shape[0] == num_classes:
-        replace_head(model, num_classes)
+    imagenet_headed = torchvision.models.get_model(arch, weights=None, **constructor)
+    try:
+        imagenet_headed.load_state_dict(state)
+        return new_heads(imagenet_headed)
+    except RuntimeError:
+        pass  # not ImageNet-headed: one of this pipeline's models
+    model = new_heads(torchvision.models.get_model(arch, weights=None, **constructor))
+    try:
         model.load_state_dict(state)
-    else:
-        model.load_state_dict(state)
-        replace_head(model, num_classes)
+    except RuntimeError as error:
+        raise WeightsUnavailable(f"{path} does not fit {arch} (with either the ImageNet head or this run's "
+                                 f"head): {str(error).splitlines()[0]}") from None
+    return model
+
+
+def input_size_problem(arch: str, resolution: int, training: bool, **constructor) -> str | None:
+    """Why `arch` cannot take resolution x resolution inputs (None if it can), found by a forward pass on the
+    meta device: shapes only, no memory, no compute. Inception's auxiliary head, for one, needs 299 px."""
+    with torch.device("meta"):
+        model = torchvision.models.get_model(arch, weights=None, **constructor)
+        model.train(training)
+        try:
+            model(torch.empty(2, 3, resolution, resolution))
+        except (RuntimeError, ValueError, AssertionError) as error:
+            return str(error).splitlines()[0]
+    return None
 
 
 def save_checkpoint(path: Path | str, model: nn.Module, **meta) -> None:
@@ -100,24 +139,50 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} not found: run `dvc repro train` first")
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = torchvision.models.get_model(payload["arch"], weights=None)
-    replace_head(model, len(payload["class_names"]))
+    spec = payload["params"]["model"]
+    model = build_model(payload["arch"], len(payload["class_names"]), "none", spec["head"], spec["head_hidden"],
+                        spec["head_dropout"], **payload["constructor"])
     model.load_state_dict(payload.pop("state_dict"))
     return model.to(device).eval(), payload
 
 
-def gradcam_target_layer(model: nn.Module, spec: str) -> nn.Module:
-    """`auto`: the last residual block for ResNets (as the seeds' eval.py), else the last feature block or conv."""
+def vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """ViT activations (N, 1 + h*w, C), class token first, as a (N, C, h, w) map for GradCAM."""
+    patches = tokens[:, 1:, :]
+    side = int(patches.shape[1] ** 0.5)
+    return patches.reshape(len(patches), side, side, -1).permute(0, 3, 1, 2)
+
+
+def channels_last_to_first(activations: torch.Tensor) -> torch.Tensor:
+    """Swin's stages output (N, h, w, C)."""
+    return activations.permute(0, 3, 1, 2)
+
+
+def gradcam_target(model: nn.Module, spec: str):
+    """(layer, reshape_transform or None) for GradCAM: the last spatial block of each model family (the last
+    residual block for ResNets, as the seeds' eval.py), or the module path given in gradcam.target_layer."""
     if spec != "auto":
         module = model
         for part in spec.replace("[", ".").replace("]", "").split("."):
             module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
-        return module
-    if hasattr(model, "layer4"):
-        return model.layer4[-1]
-    if isinstance(getattr(model, "features", None), nn.Sequential):
-        return model.features[-1]
+        return module, None
+    family = type(model).__name__
+    by_family = {
+        "ResNet": lambda: model.layer4[-1],  # also ResNeXt, Wide ResNet
+        "Inception3": lambda: model.Mixed_7c,
+        "GoogLeNet": lambda: model.inception5b,
+        "RegNet": lambda: model.trunk_output,
+        "ShuffleNetV2": lambda: model.conv5,
+        "MNASNet": lambda: model.layers[-1],
+        "VisionTransformer": lambda: model.encoder.layers[-1].ln_1,
+        "SwinTransformer": lambda: model.features[-1],
+    }
+    reshape = {"VisionTransformer": vit_tokens_to_grid, "SwinTransformer": channels_last_to_first}.get(family)
+    if family in by_family:
+        return by_family[family](), reshape
+    if isinstance(getattr(model, "features", None), nn.Sequential):  # VGG, DenseNet, MobileNet, EfficientNet...
+        return model.features[-1], None
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError(f"no convolution in {type(model).__name__}; set gradcam.target_layer to a module path")
-    return convs[-1]
+        raise ValueError(f"no convolution in {family}; set gradcam.target_layer to a module path")
+    return convs[-1], None

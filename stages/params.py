@@ -22,13 +22,51 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+# What `data.preset` fills in for data.source / val_fraction / test_fraction left at null. Fractions are of
+# the source's train split, per class (stratified, seeded by data.split_seed).
+PRESETS = {
+    # The seeds' setup: all 8,144 train images train, the 8,041 test images test, no validation split.
+    "stanford_cars": {"source": "tanganke/stanford_cars", "val_fraction": 0.0, "test_fraction": 0.0},
+    # One split on the hub; the seed's Caltech-101 study split it 7:2:1 into train/validation/test.
+    "caltech101": {"source": "flwrlabs/caltech101", "val_fraction": 0.2, "test_fraction": 0.1},
+    # The official train / validation / test splits (10 / 10 / ≥20 images per class).
+    "flowers102": {"source": "dpdl-benchmark/oxford_flowers102", "val_fraction": 0.0, "test_fraction": 0.0},
+    "none": {},
+}
+
+
 class DataParams(Section):
+    preset: Literal[tuple(PRESETS)]
     source: str = Field(min_length=1)
     revision: str | None = None
     image_column: str = "image"
     label_column: str = "label"
     val_fraction: float = Field(ge=0.0, lt=1.0)
+    test_fraction: float = Field(ge=0.0, lt=1.0)
     split_seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def fill_from_preset(cls, raw: dict) -> dict:
+        """null source/fractions take the preset's values; anything set explicitly wins (e.g. a local copy)."""
+        if not isinstance(raw, dict) or raw.get("preset") not in PRESETS:
+            return raw
+        preset = PRESETS[raw["preset"]]
+        filled = dict(raw)
+        for key in ("source", "val_fraction", "test_fraction"):
+            if filled.get(key) is None:
+                if key not in preset:
+                    raise ValueError(f"data.{key} is null and data.preset is none: set data.{key} "
+                                     f"(or a preset: {', '.join(p for p in PRESETS if p != 'none')})")
+                filled[key] = preset[key]
+        return filled
+
+    @model_validator(mode="after")
+    def leaves_images_to_train(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} "
+                             f"leaves too little to train on; keep the sum below 0.9")
+        return self
 
 
 class PrepareParams(Section):
@@ -40,6 +78,9 @@ class PrepareParams(Section):
 class ModelParams(Section):
     arch: str
     weights: str
+    head: Literal["linear", "mlp"]  # mlp: Linear(features, head_hidden) + ReLU + Dropout(head_dropout) + Linear
+    head_hidden: int = Field(ge=1)
+    head_dropout: float = Field(ge=0.0, lt=1.0)
 
     @field_validator("arch")
     @classmethod
@@ -61,22 +102,55 @@ class ModelParams(Section):
             f"Allowed: {', '.join(allowed)}, none (random init), or a path to a local state dict"
         )
 
+    @model_validator(mode="after")
+    def dropout_needs_mlp(self) -> ModelParams:
+        if self.head == "linear" and self.head_dropout > 0:
+            raise ValueError("model.head_dropout only applies to model.head: mlp (a linear head has no hidden layer)")
+        return self
+
 
 class TrainParams(Section):
     resolution: int = Field(ge=32)
     batch_size: int = Field(ge=1)
     epochs: int = Field(ge=1)
-    lr: float = Field(gt=0)
-    momentum: float = Field(ge=0, lt=1)
+    optimizer: Literal["sgd", "adamw"]
+    lr: float = Field(gt=0)  # the backbone's lr; the new head's is lr * head_lr_multiplier
+    head_lr_multiplier: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)  # sgd only; adamw uses its default betas
+    nesterov: bool  # sgd only
     weight_decay: float = Field(ge=0)
-    lr_step_epochs: int = Field(ge=1)
-    lr_gamma: float = Field(gt=0, le=1)
+    no_weight_decay_on_norm_and_bias: bool
+    lr_schedule: Literal["step", "cosine", "exponential", "constant"]
+    lr_step_epochs: int = Field(ge=1)  # step: lr * lr_gamma every lr_step_epochs epochs
+    lr_gamma: float = Field(gt=0, le=1)  # step and exponential (exponential: lr * lr_gamma every epoch)
+    warmup_epochs: int = Field(ge=0)  # linear warmup before the schedule starts
+    label_smoothing: float = Field(ge=0, lt=1)
+    freeze_epochs: int = Field(ge=0)  # epochs training only the new head
+    unfreeze_from: str | None  # after freeze_epochs: train layers from this module on (null: all layers)
+    crop: Literal["random_resized", "resize_then_crop"]
+    crop_scale: list[float]  # random_resized: the area range [min, max] of the crop
+    crop_padding: int = Field(ge=0)  # resize_then_crop: zero padding around the random crop
+    augment: Literal["none", "trivial_augment", "color_jitter"]
     seed: int
     amp: Literal["bf16", "fp16", "none"]
     channels_last: bool
     compile: bool
     num_workers: int = Field(ge=-1)  # -1: chosen from the CPUs present
-    eval_every: int = Field(ge=0)  # held-out evaluation every N epochs; 0: only after the last
+    eval_every: int = Field(ge=0)  # validation every N epochs; 0: only after the last
+
+    @field_validator("crop_scale")
+    @classmethod
+    def area_range(cls, scale: list[float]) -> list[float]:
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"train.crop_scale must be [min, max] with 0 < min <= max <= 1 (got {scale})")
+        return scale
+
+    @model_validator(mode="after")
+    def phases_fit(self) -> TrainParams:
+        for name in ("warmup_epochs", "freeze_epochs"):
+            if getattr(self, name) > self.epochs:
+                raise ValueError(f"train.{name}={getattr(self, name)} is more than train.epochs={self.epochs}")
+        return self
 
 
 class EvaluateParams(Section):

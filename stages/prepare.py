@@ -141,23 +141,39 @@ def prepare_split(name: str, split: datasets.Dataset, params: PrepareParams, poo
     return kept, report
 
 
-def stratified_validation(labels: list[int], fraction: float, seed: int) -> np.ndarray:
-    """Row indices for validation: `fraction` of each class (at least one, never all), chosen by `seed`."""
+def stratified_assignment(labels: list[int], fractions: dict[str, float], seed: int) -> np.ndarray:
+    """The split name of each row: per class, round(n * fraction) rows (at least one) go to each split of
+    `fractions`, chosen by `seed`; the rest, at least one, stay in train."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
-    chosen = []
+    assignment = np.full(len(labels), "train", dtype=object)
     for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        count = min(max(1, round(len(rows) * fraction)), len(rows) - 1)
-        chosen.extend(rng.choice(rows, size=count, replace=False).tolist())
-    return np.sort(np.asarray(chosen, dtype=np.int64))
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        start = 0
+        for split, fraction in fractions.items():
+            count = min(max(1, round(len(rows) * fraction)), len(rows) - start - 1)
+            assignment[rows[start:start + count]] = split
+            start += max(count, 0)
+    return assignment
 
 
-def carve_validation(train: dict, fraction: float, seed: int) -> tuple[dict, dict]:
-    in_val = np.zeros(len(train["label"]), dtype=bool)
-    in_val[stratified_validation(train["label"], fraction, seed)] = True
-    pick = lambda mask: {key: [v for v, m in zip(values, mask) if m] for key, values in train.items()}  # noqa: E731
-    return pick(~in_val), pick(in_val)
+def carve_splits(train: dict, fractions: dict[str, float], seed: int) -> dict[str, dict]:
+    """train's columns divided into train and the splits of `fractions` (those > 0), stratified by label."""
+    fractions = {split: fraction for split, fraction in fractions.items() if fraction > 0}
+    assignment = stratified_assignment(train["label"], fractions, seed)
+    return {split: {key: [v for v, s in zip(values, assignment) if s == split] for key, values in train.items()}
+            for split in ("train", *fractions)}
+
+
+def check_split_layout(splits: list[str], data) -> None:
+    """Each of validation and test comes from the source or is carved from train, never both or neither (test)."""
+    for split, key in (("validation", "val_fraction"), ("test", "test_fraction")):
+        if split in splits and getattr(data, key) > 0:
+            sys.exit(f"error: data.source already has a {split} split; set data.{key}: 0 to use it, "
+                     f"or remove that split from the source to carve one out of train")
+    if "test" not in splits and data.test_fraction == 0:
+        sys.exit("error: data.source has no test split: set data.test_fraction (e.g. 0.1, or a data.preset that "
+                 "does) to carve a stratified test split out of train")
 
 
 def stats(values: list[int | float]) -> dict:
@@ -197,9 +213,7 @@ def save_prepared(columns_by_split: dict, features: datasets.Features, out: Path
 def main() -> None:
     params = load_params_or_exit()
     raw = datasets.load_from_disk(str(RAW_DIR))
-    if "validation" in raw and params.data.val_fraction > 0:
-        sys.exit("error: data.source already has a validation split; set data.val_fraction: 0 to use it, "
-                 "or remove that split from the source to carve one out of train")
+    check_split_layout(list(raw), params.data)
     names = raw["train"].features["label"].names
     workers = params.prepare.num_workers or os.cpu_count() or 1
     columns_by_split, reports = {}, {}
@@ -211,9 +225,9 @@ def main() -> None:
     finally:
         if pool:
             pool.close()
-    if params.data.val_fraction > 0:
-        columns_by_split["train"], columns_by_split["validation"] = carve_validation(
-            columns_by_split["train"], params.data.val_fraction, params.data.split_seed)
+    columns_by_split |= carve_splits(columns_by_split["train"], {"test": params.data.test_fraction,
+                                                                 "validation": params.data.val_fraction},
+                                     params.data.split_seed)
     features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=names)})
     ordered = {s: columns_by_split[s] for s in ("train", "validation", "test") if s in columns_by_split}

@@ -2,11 +2,13 @@
 
 Default recipe (the seeds' run 7): full fine-tune, one lr for every layer, SGD lr 0.1
 momentum 0.9 wd 1e-4, batch 128, 90 epochs, lr /10 every 30, RandomResizedCrop + flip.
+The other recipes (AdamW, head lr multiplier, cosine/exponential schedules, warmup,
+freezing, label smoothing, crop and augment policies) are params: stages/recipe.py.
 
-Per epoch DVCLive logs train loss/accuracy, learning rate, images/s and a held-out
-loss/accuracy: on the validation split when there is one (it then picks the kept
-epoch), else on the test split for the curve only (the kept model is the last epoch,
-so the test split never selects anything).
+Per epoch DVCLive logs train loss/accuracy, learning rate(s) and images/s, and, when
+the prepared data has a validation split, validation loss/accuracy: the best
+validation epoch is the one kept. Without one the last epoch is kept. The test split
+is never read here; it belongs to `evaluate`.
 
 Resume: after every epoch the whole training state (weights, optimizer, scheduler,
 loss scaler, every RNG, the logged history) is written atomically to
@@ -37,8 +39,10 @@ from stages.data import (IMAGENET_MEAN, IMAGENET_STD, MODEL_PATH, PREPARED_DIR, 
                          class_names, eval_transform, make_loader, open_split, resolve_workers, split_names,
                          to_model_input, train_transform)
 from stages.files import atomic_path
-from stages.model import WeightsUnavailable, build_model, save_checkpoint
+from stages.model import (AUX_LOSS_WEIGHT, WeightsUnavailable, build_model, constructor_kwargs, input_size_problem,
+                          save_checkpoint)
 from stages.params import Params, TrainParams, load_params_or_exit
+from stages.recipe import Freezer, build_optimizer, build_scheduler
 from stages.runtime import Precision, pick_device, predict_logits, seed_everything
 
 LIVE_DIR = Path("metrics/train")
@@ -53,6 +57,10 @@ class Interrupted(Exception):
 
 class LossNotFinite(Exception):
     pass
+
+
+class RecipeError(ValueError):
+    """The params ask for something this model cannot do (a resolution, a module to unfreeze)."""
 
 
 @dataclass
@@ -81,36 +89,70 @@ class Trainer:
         self.device = device
         self.on_cuda = device.type == "cuda"
         self.channels_last = p.channels_last and self.on_cuda
-        self.model = build_model(params.model.arch, num_classes, params.model.weights).to(device)
+        m = params.model
+        constructor = fit_to_resolution(m.arch, p.resolution)
+        self.model = build_model(m.arch, num_classes, m.weights, m.head, m.head_hidden, m.head_dropout,
+                                 **constructor).to(device)
+        try:
+            self.freezer = Freezer(self.model, p)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Compiled module for the steps; self.model (same parameters) is what gets saved and GradCAM'd.
         self.step_model = torch.compile(self.model) if p.compile and self.on_cuda else self.model
         self.precision = Precision(p.amp, device)
-        self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=p.lr, momentum=p.momentum,
-                                         weight_decay=p.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.lr_step_epochs, gamma=p.lr_gamma)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+        self.optimizer = build_optimizer(self.model, p)
+        self.scheduler = build_scheduler(self.optimizer, p)
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+    def learning_rates(self) -> dict[str, float]:
+        """The lr of this epoch: `lr` (the backbone's) and, when it differs, `lr_head`."""
+        rates = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+        lrs = {"lr": rates["backbone"]}
+        if self.p.head_lr_multiplier != 1:
+            lrs["lr_head"] = rates["head"]
+        return lrs
+
+    def loss(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, main logits). Inception/GoogLeNet in training mode also return auxiliary logits."""
+        if isinstance(outputs, tuple):
+            logits, aux = outputs[0], [extra for extra in outputs[1:] if extra is not None]
+        else:
+            logits, aux = outputs, []
+        loss = self.criterion(logits, labels)
+        for extra in aux:
+            loss = loss + AUX_LOSS_WEIGHT * self.criterion(extra, labels)
+        return loss, logits
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a uint8 batch; returns (loss, logits) without a host sync."""
         inputs = to_model_input(images, self.device, self.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         with self.precision.autocast():
-            logits = self.step_model(inputs)
-            loss = self.criterion(logits, labels)
+            loss, logits = self.loss(self.step_model(inputs), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.scaler.scale(loss).backward()
         self.precision.scaler.step(self.optimizer)
         self.precision.scaler.update()
         return loss, logits
 
+    def set_trainable(self, epoch: int) -> None:
+        trainable, total = self.freezer.apply(epoch)
+        starts_phase = epoch == 0 or epoch == self.p.freeze_epochs
+        if starts_phase and (trainable < total or epoch > 0):
+            if epoch < self.p.freeze_epochs:
+                what = "the new head only"
+            elif self.p.unfreeze_from:
+                what = f"from {self.p.unfreeze_from} on, and the head"
+            else:
+                what = "every layer"
+            print(f"train: from epoch {epoch + 1}, {trainable} of {total} parameter tensors train ({what})")
+
     def train_epoch(self, loader, epoch: int) -> EpochResult:
+        self.set_trainable(epoch)
         self.step_model.train()
+        self.freezer.keep_frozen_norm_statistics()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
@@ -133,10 +175,31 @@ class Trainer:
         self.scheduler.step()
         return EpochResult(loss_value, correct.item() / max(seen, 1), seen, time.perf_counter() - start)
 
-    def held_out(self, loader) -> tuple[float, float]:
+    def validate(self, loader) -> tuple[float, float]:
         logits, labels = predict_logits(self.step_model, loader, self.device, self.precision, self.channels_last,
-                                        desc="held-out")
+                                        desc="validation")
         return nn.functional.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def fit_to_resolution(arch: str, resolution: int) -> dict:
+    """Constructor kwargs for `arch` at `resolution`, checked before anything heavy: an input the model cannot
+    take is an error; Inception's auxiliary classifier (which needs 299 px) is switched off below its size."""
+    problem = input_size_problem(arch, resolution, training=False)
+    if problem:
+        raise RecipeError(f"model.arch {arch} cannot take train.resolution={resolution}: {problem}. "
+                          f"Pick a resolution the model accepts (inception_v3: >= 75, its auxiliary head: 299; "
+                          f"ViT/Swin: the size their weights were trained at)")
+    if input_size_problem(arch, resolution, training=True) is None:
+        return {}
+    try:
+        if input_size_problem(arch, resolution, training=True, aux_logits=False) is None:
+            print(f"train: {arch}'s auxiliary classifier needs larger inputs than {resolution} px: training "
+                  f"without it (299 px keeps it)")
+            return {"aux_logits": False}
+    except TypeError:  # no aux_logits switch: the failure is elsewhere
+        pass
+    raise RecipeError(f"model.arch {arch} cannot train at train.resolution={resolution}: "
+                      f"{input_size_problem(arch, resolution, training=True)}")
 
 
 def run_fingerprint(params: Params) -> dict:
@@ -202,7 +265,7 @@ def load_state(trainer: Trainer, fingerprint: dict) -> Progress:
     return progress
 
 
-def should_evaluate(epoch: int, p: TrainParams) -> bool:
+def should_validate(epoch: int, p: TrainParams) -> bool:
     last = epoch == p.epochs - 1
     return last or (p.eval_every > 0 and (epoch + 1) % p.eval_every == 0)
 
@@ -213,8 +276,7 @@ def log_epoch(live: Live, metrics: dict) -> None:
     live.next_step()
 
 
-def run_epochs(trainer: Trainer, progress: Progress, train_loader, held_out_loader, held_out_name: str,
-               fingerprint: dict) -> None:
+def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_loader, fingerprint: dict) -> None:
     p = trainer.p
     # A fresh DVCLive dir each run; a resumed run replays the logged epochs first, so the curves have
     # every epoch exactly once whether or not the run was interrupted.
@@ -223,16 +285,17 @@ def run_epochs(trainer: Trainer, progress: Progress, train_loader, held_out_load
             log_epoch(live, metrics)
         for epoch in range(progress.epochs_done, p.epochs):
             train_loader.sampler.set_epoch(epoch)
-            lr = trainer.lr
+            lrs = trainer.learning_rates()
             result = trainer.train_epoch(train_loader, epoch)
-            metrics = {"epoch": epoch + 1, "lr": lr, "train/loss": result.loss, "train/acc": result.accuracy,
+            metrics = {"epoch": epoch + 1, **lrs, "train/loss": result.loss, "train/acc": result.accuracy,
                        "train/images_per_s": result.images / result.seconds}
-            line = f"epoch {epoch + 1}/{p.epochs}: lr {lr:.4g}, train loss {result.loss:.4f} acc {result.accuracy:.4f}"
-            if should_evaluate(epoch, p):
-                loss, accuracy = trainer.held_out(held_out_loader)
-                metrics |= {f"{held_out_name}/loss": loss, f"{held_out_name}/acc": accuracy}
-                line += f", {held_out_name} loss {loss:.4f} acc {accuracy:.4f}"
-                if held_out_name == "validation" and accuracy > progress.best_accuracy:
+            line = (f"epoch {epoch + 1}/{p.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in lrs.items())
+                    + f", train loss {result.loss:.4f} acc {result.accuracy:.4f}")
+            if validation_loader is not None and should_validate(epoch, p):
+                loss, accuracy = trainer.validate(validation_loader)
+                metrics |= {"validation/loss": loss, "validation/acc": accuracy}
+                line += f", validation loss {loss:.4f} acc {accuracy:.4f}"
+                if accuracy > progress.best_accuracy:
                     progress.best_accuracy, progress.best_epoch = accuracy, epoch + 1
                     progress.best_state = {k: v.detach().to("cpu", copy=True)
                                            for k, v in trainer.model.state_dict().items()}
@@ -255,33 +318,37 @@ def main() -> None:
     device = pick_device()
     train_split = open_split("train")
     names = class_names(train_split)
-    held_out_name = "validation" if "validation" in split_names() else "test"
-    held_out_split = open_split(held_out_name)
+    validation_split = open_split("validation") if "validation" in split_names() else None
     try:
         trainer = Trainer(params, len(names), device)
-    except WeightsUnavailable as error:
+    except (WeightsUnavailable, RecipeError) as error:
         sys.exit(f"error: {error}")
 
     workers = resolve_workers(p.num_workers)
     # drop_last: every step sees a full batch (no 1-image batch for BatchNorm, no recompile for torch.compile);
     # the reshuffle each epoch still shows every image.
-    train_loader = make_loader(ImageSplit(train_split, train_transform(p.resolution)), p.batch_size, workers,
+    transform = train_transform(p.resolution, p.crop, p.crop_scale, p.crop_padding, p.augment)
+    train_loader = make_loader(ImageSplit(train_split, transform), p.batch_size, workers,
                                sampler=SeededEpochSampler(len(train_split), p.seed),
                                drop_last=len(train_split) > p.batch_size)
-    held_out_loader = make_loader(ImageSplit(held_out_split, eval_transform(p.resolution)), p.batch_size * 2, workers)
+    validation_loader = None
+    if validation_split is not None:
+        validation_loader = make_loader(ImageSplit(validation_split, eval_transform(p.resolution, p.crop)),
+                                        p.batch_size * 2, workers)
     fingerprint = run_fingerprint(params)
     progress = load_state(trainer, fingerprint)
+    validation_count = f"{len(validation_split)} validation" if validation_split is not None else "no validation"
     print(f"train: {params.model.arch} ({params.model.weights}) on {device} ({trainer.precision.name}), "
-          f"{len(train_split)} train / {len(held_out_split)} {held_out_name} images, {len(names)} classes, "
+          f"{len(train_split)} train / {validation_count} images, {len(names)} classes, "
           f"{p.resolution}px, batch {p.batch_size}, {workers} loader workers")
-    if held_out_name == "test":
-        print("train: no validation split (data.val_fraction: 0): the test curve is logged for monitoring only; "
-              "the last epoch is kept")
+    if validation_split is None:
+        print("train: no validation split (data.val_fraction: 0): the last epoch is kept; the test split is only "
+              "read by evaluate")
 
     signal.signal(signal.SIGTERM, raise_interrupted)
     interrupted = False
     try:
-        run_epochs(trainer, progress, train_loader, held_out_loader, held_out_name, fingerprint)
+        run_epochs(trainer, progress, train_loader, validation_loader, fingerprint)
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
     except LossNotFinite as error:
@@ -296,7 +363,7 @@ def main() -> None:
                  f"or lower the resolution.")
 
     if interrupted:
-        del train_loader, held_out_loader  # shuts the loader workers down now, not during interpreter exit
+        del train_loader, validation_loader  # shuts the loader workers down now, not during interpreter exit
         sys.exit(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished epoch(s) "
                  f"are saved in {STATE_PATH}: run `dvc repro` again to resume")
 
@@ -304,8 +371,8 @@ def main() -> None:
         trainer.model.load_state_dict(progress.best_state)
     kept_epoch = progress.best_epoch or p.epochs
     save_checkpoint(MODEL_PATH, trainer.model, arch=params.model.arch, class_names=names,
-                    resolution=p.resolution, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=kept_epoch,
-                    params=params.model_dump())
+                    resolution=p.resolution, crop=p.crop, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=kept_epoch,
+                    constructor=constructor_kwargs(trainer.model), params=params.model_dump())
     print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
 
 

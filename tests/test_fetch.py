@@ -14,7 +14,8 @@ from tests.synthetic import class_image, make_image_folder
 
 
 def data_params(source, **overrides) -> DataParams:
-    return DataParams(**{"source": str(source), "val_fraction": 0.0, **overrides})
+    return DataParams(**{"preset": "none", "source": str(source), "val_fraction": 0.0, "test_fraction": 0.0,
+                         **overrides})
 
 
 def fetch(source, **overrides) -> datasets.DatasetDict:
@@ -52,10 +53,15 @@ def test_folder_with_one_class_is_refused(tmp_path):
         check_image_folder(tmp_path)
 
 
-def test_folder_without_test_split_is_refused(tmp_path):
-    make_image_folder(tmp_path, num_classes=2, per_class={"train": 2})
-    with pytest.raises(SourceError, match="needs split folders train and test"):
+def test_folder_without_train_split_is_refused(tmp_path):
+    make_image_folder(tmp_path, num_classes=2, per_class={"test": 2})
+    with pytest.raises(SourceError, match="needs a train split folder"):
         check_image_folder(tmp_path)
+
+
+def test_folder_without_test_split_is_fetched_for_prepare_to_carve(tmp_path):
+    make_image_folder(tmp_path, num_classes=2, per_class={"train": 2})
+    assert check_image_folder(tmp_path) == []
 
 
 def test_empty_class_folder_is_refused(tmp_path):

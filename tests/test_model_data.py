@@ -11,8 +11,10 @@ from torch import nn
 
 from stages import model as model_module
 from stages.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resolve_workers, to_model_input, train_transform
-from stages.model import (WeightsUnavailable, build_model, gradcam_target_layer, head_linear, load_checkpoint,
-                          save_checkpoint)
+from stages.model import (WeightsUnavailable, build_model, channels_last_to_first, constructor_kwargs, gradcam_target,
+                          input_size_problem, load_checkpoint, save_checkpoint, vit_tokens_to_grid)
+
+LINEAR_HEAD = {"head": "linear", "head_hidden": 1024, "head_dropout": 0.0}
 
 
 @pytest.mark.parametrize("resolution", [32, 64, 224])
@@ -45,8 +47,34 @@ def test_worker_count_follows_the_cpus():
                                        ("efficientnet_b0", "classifier.1"), ("vit_b_32", "heads.head")])
 def test_head_is_replaced_for_each_family(arch, head):
     model = build_model(arch, 7, "none")
-    parent, attr, linear = head_linear(model)
-    assert linear.out_features == 7 and dict(model.named_modules())[head] is linear
+    linear = model.get_submodule(head)
+    assert isinstance(linear, nn.Linear) and linear.out_features == 7 and model.head_paths == (head,)
+
+
+def test_mlp_head_has_a_hidden_layer_relu_and_dropout():
+    model = build_model("resnet18", 7, "none", head="mlp", head_hidden=32, head_dropout=0.6)
+    kinds = [type(m) for m in model.fc]
+    assert kinds == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert model.fc[0].out_features == 32 and model.fc[2].p == 0.6 and model.fc[3].out_features == 7
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_auxiliary_heads_are_replaced_too():
+    inception = build_model("inception_v3", 5, "none")
+    assert inception.head_paths == ("fc", "AuxLogits.fc") and inception.AuxLogits.fc.out_features == 5
+    googlenet = build_model("googlenet", 5, "none")
+    assert googlenet.head_paths == ("fc", "aux1.fc2", "aux2.fc2")
+    without_aux = build_model("inception_v3", 5, "none", aux_logits=False)
+    assert without_aux.head_paths == ("fc",) and constructor_kwargs(without_aux)["aux_logits"] is False
+
+
+def test_input_sizes_are_checked_without_computing():
+    assert input_size_problem("resnet18", 32, training=True) is None
+    assert input_size_problem("inception_v3", 64, training=False)  # below its 75-px minimum
+    assert input_size_problem("inception_v3", 224, training=False) is None
+    assert input_size_problem("inception_v3", 224, training=True)  # the auxiliary head needs 299
+    assert input_size_problem("inception_v3", 299, training=True) is None
+    assert "Expected 224" in input_size_problem("vit_b_16", 256, training=False)
 
 
 def test_model_without_linear_head_is_refused():
@@ -60,7 +88,7 @@ def test_unreachable_weights_name_the_offline_options(monkeypatch):
 
     monkeypatch.setattr(model_module.torchvision.models, "get_model", offline)
     with pytest.raises(WeightsUnavailable) as caught:
-        model_module.download_pretrained("resnet50", "IMAGENET1K_V2")
+        model_module.download_pretrained("resnet50", "IMAGENET1K_V2", {})
     message = str(caught.value)
     assert "resnet50/IMAGENET1K_V2" in message and "model.weights: none" in message
     assert "path of a local state dict" in message
@@ -81,16 +109,22 @@ def test_local_imagenet_state_dict_is_loaded_then_head_replaced(tmp_path):
 
 
 def test_local_checkpoint_with_matching_head_keeps_it(tmp_path):
-    trained = build_model("resnet18", 5, "none")
+    trained = build_model("resnet18", 5, "none", head="mlp", head_hidden=16)
     save_checkpoint(tmp_path / "model.pt", trained, arch="resnet18", class_names=list("abcde"))
-    model = build_model("resnet18", 5, str(tmp_path / "model.pt"))
-    assert torch.equal(model.fc.weight, trained.fc.weight)
+    model = build_model("resnet18", 5, str(tmp_path / "model.pt"), head="mlp", head_hidden=16)
+    assert torch.equal(model.fc[3].weight, trained.fc[3].weight)
+
+
+def test_local_state_dict_of_another_model_is_refused_by_name(tmp_path):
+    torch.save(build_model("resnet34", 5, "none").state_dict(), tmp_path / "other.pt")
+    with pytest.raises(WeightsUnavailable, match="does not fit resnet18"):
+        build_model("resnet18", 5, str(tmp_path / "other.pt"))
 
 
 def test_checkpoint_round_trip_carries_names_and_weights(tmp_path):
     model = build_model("resnet18", 3, "none").eval()
     save_checkpoint(tmp_path / "m.pt", model, arch="resnet18", class_names=["a", "b", "c"], resolution=64,
-                    params={"train": {"lr": 0.1}})
+                    constructor=constructor_kwargs(model), params={"model": LINEAR_HEAD, "train": {"lr": 0.1}})
     loaded, meta = load_checkpoint(tmp_path / "m.pt")
     assert meta["class_names"] == ["a", "b", "c"] and meta["resolution"] == 64 and meta["params"]["train"]["lr"] == 0.1
     x = torch.randn(2, 3, 64, 64)
@@ -99,14 +133,27 @@ def test_checkpoint_round_trip_carries_names_and_weights(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
 
 
-def test_gradcam_layer_is_the_last_residual_block_or_a_path():
+def test_gradcam_layer_is_chosen_per_family_or_by_path():
     resnet = build_model("resnet18", 3, "none")
-    assert gradcam_target_layer(resnet, "auto") is resnet.layer4[-1]
-    assert gradcam_target_layer(resnet, "layer3[-1]") is resnet.layer3[-1]
-    assert gradcam_target_layer(resnet, "layer3.0.conv1") is resnet.layer3[0].conv1
+    assert gradcam_target(resnet, "auto") == (resnet.layer4[-1], None)
+    assert gradcam_target(resnet, "layer3[-1]")[0] is resnet.layer3[-1]
+    assert gradcam_target(resnet, "layer3.0.conv1")[0] is resnet.layer3[0].conv1
     mobilenet = build_model("mobilenet_v3_small", 3, "none")
-    assert gradcam_target_layer(mobilenet, "auto") is mobilenet.features[-1]
-    assert isinstance(gradcam_target_layer(build_model("googlenet", 3, "none"), "auto"), nn.Conv2d)
+    assert gradcam_target(mobilenet, "auto")[0] is mobilenet.features[-1]
+    inception = build_model("inception_v3", 3, "none", aux_logits=False)
+    assert gradcam_target(inception, "auto")[0] is inception.Mixed_7c
+    googlenet = build_model("googlenet", 3, "none")
+    assert gradcam_target(googlenet, "auto")[0] is googlenet.inception5b
+    vit = build_model("vit_b_32", 3, "none")
+    layer, reshape = gradcam_target(vit, "auto")
+    assert layer is vit.encoder.layers[-1].ln_1 and reshape is vit_tokens_to_grid
+
+
+def test_transformer_activations_become_spatial_maps():
+    tokens = torch.randn(2, 1 + 7 * 7, 768)  # ViT: class token + 7x7 patches
+    assert vit_tokens_to_grid(tokens).shape == (2, 768, 7, 7)
+    assert torch.equal(vit_tokens_to_grid(tokens)[:, :, 0, 1], tokens[:, 2, :])
+    assert channels_last_to_first(torch.randn(2, 7, 7, 96)).shape == (2, 96, 7, 7)  # Swin
 
 
 def test_workers_stay_quiet_only_about_a_vanished_main_process(monkeypatch, capsys):

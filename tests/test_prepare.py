@@ -9,13 +9,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from stages.prepare import prepare_image, scaled_size, stratified_validation, to_rgb
+from stages.prepare import (carve_splits, check_split_layout, prepare_image, scaled_size, stratified_assignment,
+                            to_rgb)
 from tests.conftest import REPO, tiny_params
 
 
@@ -96,11 +98,36 @@ def test_truncated_jpeg_is_refused_not_padded():
 
 def test_stratified_validation_takes_a_share_of_every_class():
     labels = [0] * 40 + [1] * 10 + [2] * 2
-    chosen = stratified_validation(labels, 0.2, seed=3)
+    chosen = np.flatnonzero(stratified_assignment(labels, {"validation": 0.2}, seed=3) == "validation")
     picked = np.bincount(np.asarray(labels)[chosen], minlength=3).tolist()
     assert picked == [8, 2, 1]  # at least one per class, never a whole class
-    assert chosen.tolist() == stratified_validation(labels, 0.2, seed=3).tolist()
-    assert chosen.tolist() != stratified_validation(labels, 0.2, seed=4).tolist()
+    same = stratified_assignment(labels, {"validation": 0.2}, seed=3)
+    assert np.flatnonzero(same == "validation").tolist() == chosen.tolist()
+    assert (stratified_assignment(labels, {"validation": 0.2}, seed=4) != same).any()
+
+
+@pytest.mark.parametrize("splits,fractions,message", [
+    (["train"], {}, "no test split: set data.test_fraction"),
+    (["train", "test"], {"test_fraction": 0.1}, "already has a test split"),
+    (["train", "validation", "test"], {"val_fraction": 0.1}, "already has a validation split"),
+])
+def test_split_layout_conflicts_are_refused_with_the_fix(splits, fractions, message):
+    data = SimpleNamespace(**({"val_fraction": 0.0, "test_fraction": 0.0} | fractions))
+    with pytest.raises(SystemExit, match=message):
+        check_split_layout(splits, data)
+    check_split_layout(["train"], SimpleNamespace(val_fraction=0.2, test_fraction=0.1))  # the Caltech-101 layout
+
+
+def test_caltech_style_7_2_1_split_is_stratified_and_disjoint():
+    labels = [0] * 50 + [1] * 100 + [2] * 30
+    columns = {"id": [f"img{i}" for i in range(len(labels))], "label": labels}
+    splits = carve_splits(columns, {"test": 0.1, "validation": 0.2}, seed=0)
+    assert list(splits) == ["train", "test", "validation"]
+    counts = {name: np.bincount(split["label"], minlength=3).tolist() for name, split in splits.items()}
+    assert counts == {"train": [35, 70, 21], "test": [5, 10, 3], "validation": [10, 20, 6]}
+    ids = [set(split["id"]) for split in splits.values()]
+    assert set.union(*ids) == set(columns["id"]) and sum(map(len, ids)) == len(labels)
+    assert carve_splits(columns, {"test": 0.0, "validation": 0.0}, seed=0) == {"train": columns}
 
 
 def tree_digest(root: Path) -> dict[str, str]:

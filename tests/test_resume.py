@@ -56,7 +56,7 @@ def interrupt_after_first_epoch(cwd: Path, sig: int, whole_group: bool = False) 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, image_folder) -> Path:
     work = tmp_path_factory.mktemp("prepared")
-    params = tiny_params(image_folder, **{"train.epochs": EPOCHS, "train.lr_step_epochs": 2})
+    params = tiny_params(image_folder, **{"train.epochs": EPOCHS, "train.lr_step_epochs": 2, "data.val_fraction": 0.2})
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     run_ok("fetch", work)
     run_ok("prepare", work)
@@ -94,7 +94,7 @@ def test_killed_run_resumes_to_the_same_weights_and_curves(workdir, uninterrupte
     assert "train: resuming after epoch" in resumed
     expected, got = weights(uninterrupted), weights(workdir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    for name in ("train/loss.tsv", "train/acc.tsv", "test/acc.tsv", "lr.tsv"):
+    for name in ("train/loss.tsv", "train/acc.tsv", "validation/acc.tsv", "lr.tsv"):
         assert curve(workdir, name) == curve(uninterrupted, name)
     assert [step for step, _ in curve(workdir, "train/loss.tsv")] == [str(s) for s in range(EPOCHS)]
 
