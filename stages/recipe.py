@@ -85,7 +85,7 @@ class Freezer:
         for index, name in enumerate(names):
             if name.startswith(prefix):
                 return index
-        top_level = [name for name, child in self.model.named_children() if any(child.parameters())]
+        top_level = [name for name, child in self.model.named_children() if next(child.parameters(), None) is not None]
         raise ValueError(f"train.unfreeze_from: {type(self.model).__name__} has no module '{module_path}' with "
                          f"parameters. Its top-level modules, in order: {', '.join(top_level)}")
 
