@@ -7,6 +7,7 @@ second, not an epoch. Errors name the param, what was given and what is allowed.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: `dvc exp run -S train.lr=1e-5` writes `lr: 1e-05`, which YAML 1.1 (PyYAML's default)
+    reads as a string."""
+
+
+ParamsLoader.yaml_implicit_resolvers = {key: [(tag, regexp) for tag, regexp in resolvers
+                                              if tag != "tag:yaml.org,2002:float"]
+                                        for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)
+                  |[-+]?(?:[0-9][0-9_]*)\.[0-9_]*
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 
 class Section(BaseModel):
@@ -194,7 +213,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root, where params.yaml lives")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = yaml.load(path.read_text(), Loader=ParamsLoader) or {}
     return parse_params(raw, source=str(path))
 
 
