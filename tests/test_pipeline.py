@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from PIL import Image
 
 from tests.conftest import make_project, run, tiny_params
 
-STAGES = ["fetch", "prepare", "train", "evaluate", "gradcam"]
+STAGES = ["fetch", "prepare", "train", "evaluate", "gradcam", "export"]
 CHANCE = 1 / 6
 
 
@@ -79,6 +81,49 @@ def test_gradcam_pngs_are_real_images(reproduced):
         with Image.open(project / "plots/gradcam" / name) as image:
             image.verify()
             assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+
+def test_export_loads_back_and_matches_the_model(reproduced):
+    project, log = reproduced
+    check = json.loads((project / "metrics/export.json").read_text())
+    assert check["images"] == 32 and check["max_abs_logit_difference"] <= 1e-4 and check["top1_agreement"] == 1
+    info = json.loads((project / "models/export/model.json").read_text())
+    assert info["class_names"][0] == "Audi A5 Coupe 2012" and info["input"]["size"] == 64
+    scripted = torch.jit.load(str(project / "models/export" / info["file"]))
+    assert scripted(torch.randn(3, 3, 64, 64)).shape == (3, 6)  # any batch size, not only the traced one
+
+
+def test_predict_names_classes_and_reports_broken_files(reproduced, image_folder, tmp_path):
+    project, _ = reproduced
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    true_classes = {}
+    for class_dir in sorted((image_folder / "test").iterdir())[:3]:
+        source = sorted(class_dir.glob("*.jpg"))[0]
+        (photos / f"{class_dir.name}.jpg").write_bytes(source.read_bytes())
+        true_classes[str(photos / f"{class_dir.name}.jpg")] = class_dir.name
+    Image.open(source).convert("RGBA").save(photos / "transparent.png")
+    Image.open(source).convert("L").resize((300, 500)).save(photos / "grey_tall.jpg")
+    (photos / "broken.jpg").write_bytes(b"not really a jpeg")
+    out = tmp_path / "preds"
+    result = run([sys.executable, "-m", "stages.predict", str(photos), "--top-k", "3", "--out", str(out),
+                  "--gradcam", str(tmp_path / "cams")], project)
+    assert "5 image(s) classified, 1 unreadable" in result.stdout
+    rows = {Path(row["file"]).name: row for row in json.loads(out.with_suffix(".json").read_text())["images"]}
+    assert "error" in rows["broken.jpg"] and len(rows) == 6
+    for name, row in rows.items():
+        if name != "broken.jpg":
+            probabilities = [top["probability"] for top in row["top"]]
+            assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+            assert 0 < sum(probabilities) <= 1.0001
+    correct = sum(rows[Path(f).name]["top"][0]["class_name"] == name for f, name in true_classes.items())
+    assert correct >= 2  # a model at ~99% test accuracy names the class of held-out test photos
+    csv_lines = out.with_suffix(".csv").read_text().splitlines()
+    assert csv_lines[0] == "file,rank,class_name,probability,error" and len(csv_lines) == 1 + 5 * 3 + 1
+    cams = sorted((tmp_path / "cams").glob("*.png"))
+    assert len(cams) == 5
+    with Image.open(cams[0]) as cam:
+        assert cam.format == "PNG" and cam.size == (64, 64)
 
 
 def test_dvc_plots_and_metrics_read_the_outputs(reproduced):
