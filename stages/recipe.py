@@ -74,11 +74,11 @@ class Freezer:
     def __init__(self, model: nn.Module, p: TrainParams):
         self.model = model
         self.p = p
-        names = [name for name, _ in model.named_parameters()]
-        self.head = {name for name in names if is_head_param(name, model.head_paths)}
+        self.names = [name for name, _ in model.named_parameters()]
+        self.head = {name for name in self.names if is_head_param(name, model.head_paths)}
         self.first_unfrozen = 0
         if p.unfreeze_from is not None:
-            self.first_unfrozen = self.first_param_index(names, p.unfreeze_from)
+            self.first_unfrozen = self.first_param_index(self.names, p.unfreeze_from)
 
     def first_param_index(self, names: list[str], module_path: str) -> int:
         prefix = f"{module_path}."
@@ -90,10 +90,9 @@ class Freezer:
                          f"parameters. Its top-level modules, in order: {', '.join(top_level)}")
 
     def trainable(self, epoch: int) -> set[str]:
-        names = [name for name, _ in self.model.named_parameters()]
         if epoch < self.p.freeze_epochs:
             return set(self.head)
-        return set(names[self.first_unfrozen:]) | self.head
+        return set(self.names[self.first_unfrozen:]) | self.head
 
     def apply(self, epoch: int) -> tuple[int, int]:
         """Sets requires_grad for `epoch`; returns (trainable, total) param tensor counts."""

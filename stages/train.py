@@ -189,7 +189,8 @@ def fit_to_resolution(arch: str, resolution: int) -> dict:
         raise RecipeError(f"model.arch {arch} cannot take train.resolution={resolution}: {problem}. "
                           f"Pick a resolution the model accepts (inception_v3: >= 75, its auxiliary head: 299; "
                           f"ViT/Swin: the size their weights were trained at)")
-    if input_size_problem(arch, resolution, training=True) is None:
+    training_problem = input_size_problem(arch, resolution, training=True)
+    if training_problem is None:
         return {}
     try:
         if input_size_problem(arch, resolution, training=True, aux_logits=False) is None:
@@ -198,8 +199,7 @@ def fit_to_resolution(arch: str, resolution: int) -> dict:
             return {"aux_logits": False}
     except TypeError:  # no aux_logits switch: the failure is elsewhere
         pass
-    raise RecipeError(f"model.arch {arch} cannot train at train.resolution={resolution}: "
-                      f"{input_size_problem(arch, resolution, training=True)}")
+    raise RecipeError(f"model.arch {arch} cannot train at train.resolution={resolution}: {training_problem}")
 
 
 def run_fingerprint(params: Params) -> dict:

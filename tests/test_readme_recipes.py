@@ -83,8 +83,9 @@ def sources(tmp_path_factory):
 
 def shrunk(command: str, sources) -> list[str]:
     """The command's first experiment, with the SHRUNK params set for a 2-core CPU."""
-    overrides = [o for o in expanded(command)[0] if o.split("=")[0] not in SHRUNK]
-    values = dict(o.split("=", 1) for o in expanded(command)[0])
+    first = expanded(command)[0]
+    overrides = [o for o in first if o.split("=")[0] not in SHRUNK]
+    values = dict(o.split("=", 1) for o in first)
     preset = values.get("data.preset", "stanford_cars")
     inception = values.get("model.arch") == "inception_v3"
     return overrides + [
