@@ -153,12 +153,13 @@ def resolve_workers(requested: int) -> int:
 def leave_interrupts_to_the_main_process(worker_id: int) -> None:
     """Ctrl-C reaches every process of the group: the main process stops the run and shuts workers down.
 
+    SIGTERM is left to kill a worker: it is how multiprocessing ends daemonic workers still alive at
+    interpreter exit (a worker ignoring it leaves the main process waiting for it forever).
     A worker still handing a batch's shared memory to a main process that has just stopped gets a broken
     pipe in multiprocessing's fd-sharing thread; that only means the receiver is gone, so it is not printed.
     Errors of the worker's own work reach the main process through the loader, not through this hook.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     default_hook = sys.excepthook
 
     def quiet_when_main_process_is_gone(kind, value, traceback):
@@ -182,6 +183,17 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int
         worker_init_fn=leave_interrupts_to_the_main_process,
         drop_last=drop_last,
     )
+
+
+def stop_workers(*loaders: torch.utils.data.DataLoader | None) -> None:
+    """Shuts persistent loader workers down now rather than when the loader is garbage-collected, which a
+    kept frame can put off until interpreter exit (DVCLive keeps one under `dvc exp run`), where the main
+    process would wait for the still-idle workers. PyTorch does this itself at exit only with pinned memory."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
 
 
 def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

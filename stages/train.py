@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from stages.data import (IMAGENET_MEAN, IMAGENET_STD, MODEL_PATH, PREPARED_DIR, ImageSplit, SeededEpochSampler,
                          class_names, eval_transform, make_loader, open_split, resolve_workers, split_names,
-                         to_model_input, train_transform)
+                         stop_workers, to_model_input, train_transform)
 from stages.files import atomic_path
 from stages.model import (AUX_LOSS_WEIGHT, WeightsUnavailable, build_model, constructor_kwargs, input_size_problem,
                           save_checkpoint)
@@ -361,9 +361,10 @@ def main() -> None:
         sys.exit(f"error: CUDA out of memory at train.batch_size={p.batch_size}, train.resolution={p.resolution}. "
                  f"Lower train.batch_size (and scale train.lr with it: lr 0.1 per 128 images), keep train.amp: bf16, "
                  f"or lower the resolution.")
+    finally:
+        stop_workers(train_loader, validation_loader)
 
     if interrupted:
-        del train_loader, validation_loader  # shuts the loader workers down now, not during interpreter exit
         sys.exit(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished epoch(s) "
                  f"are saved in {STATE_PATH}: run `dvc repro` again to resume")
 

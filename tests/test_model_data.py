@@ -170,3 +170,35 @@ def test_workers_stay_quiet_only_about_a_vanished_main_process(monkeypatch, caps
     sys.excepthook(ConnectionResetError, ConnectionResetError(), None)
     sys.excepthook(ValueError, ValueError("a real worker error"), None)
     assert seen == [ValueError]
+
+
+LOADER_OUTLIVING_MAIN = """
+import sys, torch
+from stages.data import make_loader
+loader = make_loader(torch.utils.data.TensorDataset(torch.arange(64)), batch_size=8, workers=2)
+assert sum(1 for _ in loader) == 8
+if sys.argv[1] == "stop":
+    from stages.data import stop_workers
+    stop_workers(loader)
+    assert loader._iterator is None
+    assert sum(1 for _ in loader) == 8  # a stopped loader starts fresh workers when iterated again
+    stop_workers(loader, None)
+KEPT = loader  # as a frame kept by a library would: the loader, its persistent workers alive, at exit
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["stop", "left_to_exit"])
+def test_persistent_workers_never_hold_the_process_at_exit(how, tmp_path):
+    """Regression: workers ignored SIGTERM, so a loader alive at exit kept `train` waiting forever."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "script.py"
+    script.write_text(LOADER_OUTLIVING_MAIN)
+    result = subprocess.run([sys.executable, str(script), how], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done" and "Error" not in result.stderr

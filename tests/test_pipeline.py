@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import make_project, run, tiny_params
 
-STAGES = ["fetch", "prepare", "train", "evaluate", "gradcam", "export"]
+STAGES = ["fetch", "prepare", "train", "evaluate", "gradcam", "report", "export"]
 CHANCE = 1 / 6
 
 
@@ -81,6 +82,24 @@ def test_gradcam_pngs_are_real_images(reproduced):
         with Image.open(project / "plots/gradcam" / name) as image:
             image.verify()
             assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+
+def test_report_embeds_real_figures_and_names_the_mistakes(reproduced):
+    project, _ = reproduced
+    report_dir = project / "plots/report"
+    markdown = (report_dir / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert {"curves.png", "per_class_accuracy.png", "confusion.png", "confusion_zoom.png",
+            "../gradcam/samples.png", "../gradcam/worst.png"} == set(linked)
+    for link in linked:
+        with Image.open(report_dir / link) as image:
+            image.verify()
+            assert image.format == "PNG" and image.width >= 300 and image.height >= 200
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    assert f"| test top-1 | {metrics['top1']:.1%} |" in markdown
+    assert "| kept epoch | 6 of 6 (the last; no validation split) |" in markdown
+    for pair in json.loads((project / "metrics/eval_report.json").read_text())["most_confused"]:
+        assert f"| {pair['true']} | {pair['predicted']} | {pair['count']} |" in markdown
 
 
 def test_export_loads_back_and_matches_the_model(reproduced):

@@ -1,0 +1,263 @@
+"""Stage `report`: the run at a glance, with no browser and no internet.
+
+plots/report/report.md               headline metrics, worst classes, most-confused pairs, the figures below
+plots/report/curves.png              loss, accuracy and learning rate per epoch (DVCLive's metrics/train)
+plots/report/per_class_accuracy.png  every class, sorted, one readable row each (196 rows for Stanford Cars)
+plots/report/confusion.png           the row-normalised confusion matrix, the most-confused block outlined
+plots/report/confusion_zoom.png      that block with counts and full class names
+`dvc plots show/diff` still reads the CSV/TSV data through dvc.yaml's `plots:`, to overlay experiments.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import PowerNorm  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from stages.evaluate import (EVAL_METRICS, EVAL_REPORT, PER_CLASS_CSV, PREDICTIONS_CSV,  # noqa: E402
+                             confusion_matrix)
+from stages.files import atomic_dir, read_csv  # noqa: E402
+from stages.params import Params, load_params_or_exit  # noqa: E402
+from stages.prepare import DATA_METRICS  # noqa: E402
+from stages.train import LIVE_DIR  # noqa: E402
+
+REPORT_DIR = Path("plots/report")
+GRADCAM_DIR = Path("plots/gradcam")
+CURVES = LIVE_DIR / "plots" / "metrics"
+ZOOM_SIZE = 16  # classes in the zoomed block: counts and names stay legible
+DPI = 100
+
+
+def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, values) of one DVCLive TSV; its step counts epochs from 0."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    name = [c for c in rows[0] if c not in ("step", "timestamp")][0] if rows else None
+    return (np.array([int(r["step"]) + 1 for r in rows]), np.array([float(r[name]) for r in rows]))
+
+
+def read_curves(curves_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every logged metric by its DVCLive name (train/loss, validation/acc, lr, ...)."""
+    return {str(p.relative_to(curves_dir).with_suffix("")): read_curve(p) for p in sorted(curves_dir.rglob("*.tsv"))}
+
+
+def plot_curves(curves: dict, kept_epoch: int | None, path: Path) -> None:
+    panels = [("loss", ["train/loss", "validation/loss"]), ("accuracy", ["train/acc", "validation/acc"]),
+              ("learning rate", ["lr", "lr_head"])]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            if name in curves:
+                epochs, values = curves[name]
+                ax.plot(epochs, values, marker="o" if len(epochs) <= 30 else None, markersize=3,
+                        label=name.replace("lr_head", "lr (head)").replace("lr", "lr (backbone)", 1)
+                        if title == "learning rate" else name.split("/")[0])
+        if wide_positive_range([curves[n][1] for n in names if n in curves]):
+            ax.set_yscale("log")  # step schedules and early validation losses span decades
+        if kept_epoch:
+            ax.axvline(kept_epoch, color="grey", linestyle=":", label=f"kept (epoch {kept_epoch})")
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def wide_positive_range(series: list[np.ndarray]) -> bool:
+    values = np.concatenate(series) if series else np.array([])
+    return values.size > 0 and values.min() > 0 and values.max() / values.min() > 20
+
+
+def plot_per_class(rows: list[dict], path: Path) -> None:
+    """Horizontal bars, worst class at the top; tall enough for one legible label per class."""
+    rows = sorted(rows, key=lambda r: (float(r["accuracy"]), int(r["class_id"])))
+    accuracy = np.array([float(r["accuracy"]) for r in rows])
+    labels = [f"{r['class_name']}  ({r['images']})" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.16 * len(rows)), layout="constrained")
+    y = np.arange(len(rows))
+    ax.barh(y, accuracy, color=plt.cm.RdYlGn(accuracy), height=0.8)
+    ax.axvline(accuracy.mean(), color="black", linestyle="--", linewidth=1,
+               label=f"mean per-class accuracy {accuracy.mean():.1%}")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_ticks_position("both")
+    ax.tick_params(axis="x", labeltop=True)
+    ax.set_xlabel("test accuracy (images of the class classified as it)")
+    ax.set_title(f"Per-class test accuracy, {len(rows)} classes, worst first (test images in brackets)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    save(fig, path)
+
+
+def confusion_from_predictions(predictions: list[dict], names: list[str]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(names)}
+    actual = torch.tensor([index[r["actual"]] for r in predictions], dtype=torch.long)
+    predicted = torch.tensor([index[r["predicted"]] for r in predictions], dtype=torch.long)
+    return confusion_matrix(predicted, actual, len(names)).numpy()
+
+
+def most_confused_block(confusion: np.ndarray, size: int) -> int:
+    """Start of the `size` consecutive classes whose mutual mistakes are most numerous (first on ties).
+
+    Consecutive in class order, so the block is a square on the diagonal of the full heatmap; sorted
+    class names (Stanford Cars) put a make's models side by side, where most mistakes are."""
+    n = len(confusion)
+    size = min(size, n)
+    off = confusion - np.diag(np.diag(confusion))
+    scores = [off[s:s + size, s:s + size].sum() for s in range(n - size + 1)]
+    return int(np.argmax(scores))
+
+
+def row_normalised(confusion: np.ndarray) -> np.ndarray:
+    totals = confusion.sum(axis=1, keepdims=True)
+    return np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
+
+
+def plot_confusion(confusion: np.ndarray, names: list[str], block: tuple[int, int], path: Path) -> None:
+    n = len(names)
+    side = min(24, max(6, 0.11 * n + 3))
+    fig, ax = plt.subplots(figsize=(side + 1.5, side), layout="constrained")
+    # gamma < 1 lifts the rare off-diagonal mistakes out of the background next to the bright diagonal.
+    image = ax.imshow(row_normalised(confusion), cmap="viridis", norm=PowerNorm(0.4, 0, 1), interpolation="nearest")
+    row_points = side * 72 * 0.8 / max(n, 1)  # the matrix takes ~80% of the figure's height
+    fontsize = max(3.0, min(9.0, 0.8 * row_points))
+    ticks = np.arange(n)
+    ax.set_xticks(ticks, [short(name) for name in names], rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, [short(name) for name in names], fontsize=fontsize)
+    start, size = block
+    ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="red", linewidth=1.5))
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(f"Confusion matrix (test), rows normalised; red: the {size}-class block zoomed in "
+                 f"confusion_zoom.png", fontsize=11)
+    fig.colorbar(image, ax=ax, shrink=0.6, label="share of the true class's test images")
+    save(fig, path)
+
+
+def plot_confusion_zoom(confusion: np.ndarray, names: list[str], block: tuple[int, int], path: Path) -> None:
+    start, size = block
+    counts = confusion[start:start + size, start:start + size]
+    fig, ax = plt.subplots(figsize=(4 + 0.6 * size, 3 + 0.55 * size), layout="constrained")
+    ax.imshow(row_normalised(confusion)[start:start + size, start:start + size], cmap="viridis",
+              norm=PowerNorm(0.4, 0, 1))
+    for (i, j), count in np.ndenumerate(counts):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="black" if i == j else "white", fontweight="normal" if i == j else "bold")
+    labels = ["\n".join(textwrap.wrap(name, 28)) for name in names[start:start + size]]
+    ax.set_xticks(range(size), labels, rotation=90, fontsize=8)
+    ax.set_yticks(range(size), labels, fontsize=8)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(f"Most-confused block: classes {start}-{start + size - 1} (test image counts)", fontsize=11)
+    save(fig, path)
+
+
+def short(name: str, width: int = 32) -> str:
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, format="png")
+    plt.close(fig)
+
+
+def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
+    """columns: row key -> header."""
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(row[key]) for key in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.1%}"
+    return str(value).replace("|", "\\|")
+
+
+def headline(params: Params, eval_metrics: dict, train_summary: dict, data: dict) -> list[dict]:
+    splits = data["splits"]
+    rows = [
+        {"what": "test top-1", "value": eval_metrics["top1"]},
+        {"what": "test top-5", "value": eval_metrics["top5"]},
+        {"what": "test mean per-class accuracy", "value": eval_metrics["mean_class_accuracy"]},
+    ]
+    if "tta" in eval_metrics:
+        rows.append({"what": "test top-1 with TTA (3 scales x 2 flips)", "value": eval_metrics["tta"]["top1"]})
+    kept = train_summary.get("kept_epoch")
+    rows += [
+        {"what": "kept epoch", "value": f"{kept} of {params.train.epochs}"
+         + (" (best validation accuracy)" if "validation" in splits else " (the last; no validation split)")},
+        {"what": "images (train / validation / test)",
+         "value": " / ".join(str(splits[s]["images"]) if s in splits else "-" for s in ("train", "validation", "test"))},
+        {"what": "classes", "value": data["classes"]},
+        {"what": "images dropped by prepare (unreadable)", "value": data["dropped"]},
+    ]
+    return rows
+
+
+def write_markdown(path: Path, params: Params, eval_metrics: dict, eval_report: dict, train_summary: dict,
+                   data: dict, block: tuple[int, int], names: list[str], gradcam: list[str]) -> None:
+    m, t = params.model, params.train
+    start, size = block
+    sections = [
+        f"# Run report: {m.arch} ({m.weights}) on {params.data.source}, {t.resolution} px, {t.epochs} epochs",
+        "Written by `dvc repro` (stage `report`) from this run's metrics; `dvc metrics show` / "
+        "`dvc exp show` hold the same numbers, `dvc plots diff` overlays runs.",
+        markdown_table(headline(params, eval_metrics, train_summary, data), {"what": "metric", "value": "value"}),
+        "## Training curves\n\n![loss, accuracy and learning rate per epoch](curves.png)",
+        "## Per-class accuracy\n\nWorst classes:\n\n"
+        + markdown_table(eval_report["worst_classes"], {"class_name": "class", "accuracy": "accuracy",
+                                                        "images": "test images"})
+        + "\n\n![per-class test accuracy, all classes, worst first](per_class_accuracy.png)",
+        "## Confusion\n\nMost-confused pairs:\n\n"
+        + markdown_table(eval_report["most_confused"], {"true": "true class", "predicted": "predicted as",
+                                                        "count": "test images"})
+        + f"\n\n![confusion matrix](confusion.png)\n\nThe outlined block, classes {start}-{start + size - 1} "
+        f"({names[start]} … {names[start + size - 1]}):\n\n![most-confused block](confusion_zoom.png)",
+    ]
+    if gradcam:
+        sections.append("## GradCAM\n\n" + "\n\n".join(f"![{name}](../gradcam/{name})" for name in gradcam))
+    path.write_text("\n\n".join(sections) + "\n")
+
+
+def class_names_in_order(per_class: list[dict], predictions: list[dict]) -> list[str]:
+    """The model's classes by id; a class only ever predicted (no test image) goes after, by name."""
+    known = {r["class_name"]: int(r["class_id"]) for r in per_class}
+    extra = sorted({r["predicted"] for r in predictions} - set(known))
+    return sorted(known, key=known.get) + extra
+
+
+def main() -> None:
+    params = load_params_or_exit()
+    per_class, predictions = read_csv(PER_CLASS_CSV), read_csv(PREDICTIONS_CSV)
+    eval_metrics, eval_report = json.loads(EVAL_METRICS.read_text()), json.loads(EVAL_REPORT.read_text())
+    train_summary = json.loads((LIVE_DIR / "metrics.json").read_text())
+    data = json.loads(DATA_METRICS.read_text())
+    names = class_names_in_order(per_class, predictions)
+    confusion = confusion_from_predictions(predictions, names)
+    block = (most_confused_block(confusion, ZOOM_SIZE), min(ZOOM_SIZE, len(names)))
+    gradcam = sorted(p.name for p in GRADCAM_DIR.glob("*.png"))
+
+    with atomic_dir(REPORT_DIR) as out:
+        out.mkdir(parents=True)
+        plot_curves(read_curves(CURVES), train_summary.get("kept_epoch"), out / "curves.png")
+        plot_per_class(per_class, out / "per_class_accuracy.png")
+        plot_confusion(confusion, names, block, out / "confusion.png")
+        plot_confusion_zoom(confusion, names, block, out / "confusion_zoom.png")
+        write_markdown(out / "report.md", params, eval_metrics, eval_report, train_summary, data, block, names,
+                       gradcam)
+    print(f"report: wrote {REPORT_DIR}/report.md with curves.png, per_class_accuracy.png, confusion.png, "
+          f"confusion_zoom.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The report's figures and tables at Stanford Cars scale (196 classes), on made-up predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dvclive import Live
+from PIL import Image
+
+from stages import report
+
+CLASSES = 196
+
+
+@pytest.fixture(scope="module")
+def cars_like():
+    """196 long class names; every class loses ~10% of its images to a neighbour, classes 40-47 lose 60%."""
+    rng = np.random.default_rng(0)
+    names = [f"Make {i // 8:02d} Model {i:03d} Extended Cab Pickup 2012" for i in range(CLASSES)]
+    per_class, predictions = [], []
+    for c in range(CLASSES):
+        images = int(rng.integers(24, 45))
+        wrong_share = 0.6 if 40 <= c < 48 else 0.1
+        hits = 0
+        for k in range(images):
+            neighbour = 40 + (c - 40 + 1) % 8 if 40 <= c < 48 else min(c + 1, CLASSES - 1)
+            predicted = neighbour if rng.random() < wrong_share else c
+            hits += predicted == c
+            predictions.append({"id": f"{c}-{k}", "actual": names[c], "predicted": names[predicted]})
+        per_class.append({"class_id": str(c), "class_name": names[c], "accuracy": str(hits / images),
+                          "images": str(images)})
+    return names, per_class, predictions
+
+
+def png_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.verify()
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_confusion_counts_every_prediction(cars_like):
+    names, per_class, predictions = cars_like
+    confusion = report.confusion_from_predictions(predictions, names)
+    assert confusion.shape == (CLASSES, CLASSES) and confusion.sum() == len(predictions)
+    assert [int(r["images"]) for r in per_class] == confusion.sum(axis=1).tolist()
+
+
+def test_block_is_where_the_mistakes_are(cars_like):
+    names, _, predictions = cars_like
+    confusion = report.confusion_from_predictions(predictions, names)
+    start = report.most_confused_block(confusion, 8)
+    assert start == 40
+    assert report.most_confused_block(confusion[:5, :5], 16) == 0  # fewer classes than the block
+
+
+def test_a_class_only_predicted_still_gets_a_row_and_column():
+    per_class = [{"class_id": "1", "class_name": "b"}, {"class_id": "0", "class_name": "a"}]
+    predictions = [{"actual": "a", "predicted": "c"}, {"actual": "b", "predicted": "b"}]
+    names = report.class_names_in_order(per_class, predictions)
+    assert names == ["a", "b", "c"]
+    assert report.confusion_from_predictions(predictions, names).tolist() == [[0, 0, 1], [0, 1, 0], [0, 0, 0]]
+
+
+def test_per_class_chart_gives_every_class_a_legible_row(cars_like, tmp_path):
+    _, per_class, _ = cars_like
+    report.plot_per_class(per_class, tmp_path / "per_class.png")
+    width, height = png_size(tmp_path / "per_class.png")
+    assert height >= CLASSES * 15  # ~16 px a row at 100 dpi: a 7-pt label fits each
+    assert width >= 800
+
+
+def test_confusion_figures_are_large_enough_to_read(cars_like, tmp_path):
+    names, _, predictions = cars_like
+    confusion = report.confusion_from_predictions(predictions, names)
+    block = (report.most_confused_block(confusion, report.ZOOM_SIZE), report.ZOOM_SIZE)
+    report.plot_confusion(confusion, names, block, tmp_path / "confusion.png")
+    report.plot_confusion_zoom(confusion, names, block, tmp_path / "zoom.png")
+    assert min(png_size(tmp_path / "confusion.png")) >= 2000  # >= ~10 px per class at 196 classes
+    assert min(png_size(tmp_path / "zoom.png")) >= 900
+
+
+def test_curves_come_from_dvclive_files(tmp_path):
+    with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for epoch in range(4):
+            live.log_metric("lr", 0.1 * 0.1 ** (epoch // 2))
+            live.log_metric("train/loss", 2.0 - epoch * 0.3)
+            if epoch % 2:
+                live.log_metric("validation/acc", 0.2 * epoch)
+            live.next_step()
+    curves = report.read_curves(tmp_path / "live" / "plots" / "metrics")
+    assert set(curves) == {"lr", "train/loss", "validation/acc"}
+    epochs, values = curves["validation/acc"]
+    assert epochs.tolist() == [2, 4] and values.tolist() == pytest.approx([0.2, 0.6])
+    report.plot_curves(curves, 4, tmp_path / "curves.png")
+    assert png_size(tmp_path / "curves.png")[0] >= 1200
+
+
+def test_log_scale_only_for_positive_series_spanning_decades():
+    assert report.wide_positive_range([np.array([0.1, 0.001])])
+    assert not report.wide_positive_range([np.array([0.1, 0.05])])
+    assert not report.wide_positive_range([np.array([0.1, 0.0])])
+    assert not report.wide_positive_range([])
