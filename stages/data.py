@@ -122,32 +122,52 @@ class ImageSplit(torch.utils.data.Dataset):
 class SeededEpochSampler(torch.utils.data.Sampler):
     """Yields (row, seed) pairs: the order of an epoch and every image's augmentation are a function of
     (seed, epoch) alone. So a run gives the same weights whatever the number of loader workers, and a run
-    interrupted and resumed at an epoch boundary gives the same weights as one that was not."""
+    interrupted and resumed at an epoch boundary gives the same weights as one that was not.
 
-    def __init__(self, size: int, seed: int):
+
+    With several processes, each global batch of `batch_size` consecutive pairs is split into equal
+    contiguous parts, part `rank` for this process: the processes together see exactly the batches one
+    process would (the last partial batch is dropped, so every process takes the same number of steps).
+    """
+
+    def __init__(self, size: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1):
+        if world_size > 1 and size < batch_size:
+            raise ValueError(f"the train split has {size} images, fewer than one global batch ({batch_size}) "
+                             f"to split over {world_size} processes: lower train.batch_size")
         self.size = size
         self.seed = seed
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        if self.world_size == 1:
+            return self.size
+        return self.size // self.batch_size * (self.batch_size // self.world_size)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
         seeds = torch.randint(2**62, (self.size,), generator=generator)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        pairs = list(zip(order.tolist(), seeds.tolist()))
+        if self.world_size == 1:
+            return iter(pairs)
+        part = self.batch_size // self.world_size
+        starts = range(self.rank * part, self.size // self.batch_size * self.batch_size, self.batch_size)
+        return iter([pair for start in starts for pair in pairs[start:start + part]])
 
 
-def resolve_workers(requested: int) -> int:
-    """-1 picks one loader process per CPU core, leaving one for the training process."""
+def resolve_workers(requested: int, processes: int = 1) -> int:
+    """-1 picks one loader process per CPU core, leaving one for each training process, shared between
+    the training processes."""
     if requested >= 0:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores - 1, 16))
+    return max(1, min((cores - processes) // processes, 16))
 
 
 def leave_interrupts_to_the_main_process(worker_id: int) -> None:

@@ -156,6 +156,8 @@ class TrainParams(Section):
     compile: bool
     num_workers: int = Field(ge=-1)  # -1: chosen from the CPUs present
     eval_every: int = Field(ge=0)  # validation every N epochs; 0: only after the last
+    devices: int = Field(ge=1)  # processes (one per GPU) under torchrun; batch_size and lr stay global
+    sync_batchnorm: bool  # devices > 1 on CUDA: BatchNorm statistics over the global batch
 
     @field_validator("crop_scale")
     @classmethod
@@ -169,6 +171,9 @@ class TrainParams(Section):
         for name in ("warmup_epochs", "freeze_epochs"):
             if getattr(self, name) > self.epochs:
                 raise ValueError(f"train.{name}={getattr(self, name)} is more than train.epochs={self.epochs}")
+        if self.batch_size % self.devices:
+            raise ValueError(f"train.batch_size={self.batch_size} does not split evenly over train.devices="
+                             f"{self.devices}: the batch size is the global one; pick a multiple of {self.devices}")
         return self
 
 

@@ -1,9 +1,13 @@
-"""Device, precision, seeding and the inference loop shared by train, evaluate and gradcam."""
+"""Device, processes, precision, seeding and the inference loop shared by train, evaluate and gradcam."""
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -13,8 +17,69 @@ from tqdm import tqdm
 from stages.data import to_model_input
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(local_rank: int = 0) -> torch.device:
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the training processes torchrun started (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, logs and writes files."""
+        return self.rank == 0
+
+    def sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Each value summed over every process (one collective); unchanged on one process."""
+        if not self.distributed:
+            return list(values)
+        device = f"cuda:{self.local_rank}" if torch.distributed.get_backend() == "nccl" else "cpu"
+        packed = torch.stack([v.detach().to(device, torch.float64) for v in values])
+        torch.distributed.all_reduce(packed)
+        return list(packed.unbind())
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch_under_torchrun(module: str, devices: int) -> None:
+    """Replaces this process by torchrun running `module` in `devices` processes on this machine."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < devices:
+        sys.exit(f"error: train.devices={devices} but this machine has {torch.cuda.device_count()} GPU(s): set "
+                 f"train.devices to at most that (CUDA_VISIBLE_DEVICES limits which are used)")
+    if not torch.cuda.is_available():
+        print(f"train: no GPU: {devices} CPU processes (gloo) share this machine's cores; this checks the "
+              f"distributed path, it is not faster than one process", flush=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
+               "-m", module]
+    os.execv(sys.executable, command)
+
+
+def start_processes(timeout_minutes: int = 30) -> Processes:
+    """Joins the process group torchrun set up (NCCL on GPUs, gloo on the CPU), or one plain process."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return Processes()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                         timeout=timedelta(minutes=timeout_minutes))
+    return Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
+
+
+def stop_processes(processes: Processes) -> None:
+    if processes.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

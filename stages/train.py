@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +45,8 @@ from stages.model import (AUX_LOSS_WEIGHT, WeightsUnavailable, build_model, cons
                           save_checkpoint)
 from stages.params import Params, TrainParams, load_params_or_exit
 from stages.recipe import Freezer, build_optimizer, build_scheduler
-from stages.runtime import Precision, pick_device, predict_logits, seed_everything
+from stages.runtime import (Processes, Precision, pick_device, predict_logits, relaunch_under_torchrun, seed_everything,
+                            start_processes, stop_processes, under_torchrun)
 
 LIVE_DIR = Path("metrics/train")
 STATE_PATH = Path("checkpoints/train_state.pt")
@@ -83,24 +86,34 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, params: Params, num_classes: int, device: torch.device):
+    def __init__(self, params: Params, num_classes: int, device: torch.device, processes: Processes = Processes()):
         p = params.train
         self.p = p
         self.device = device
+        self.processes = processes
         self.on_cuda = device.type == "cuda"
         self.channels_last = p.channels_last and self.on_cuda
         m = params.model
         constructor = fit_to_resolution(m.arch, p.resolution)
         self.model = build_model(m.arch, num_classes, m.weights, m.head, m.head_hidden, m.head_dropout,
-                                 **constructor).to(device)
+                                 **constructor)
+        if p.sync_batchnorm and processes.distributed:
+            if not self.on_cuda:
+                raise RecipeError("train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): "
+                                  "set it to false for CPU processes")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self.model.to(device)
         try:
             self.freezer = Freezer(self.model, p)
         except ValueError as error:
             raise RecipeError(str(error)) from None
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # Compiled module for the steps; self.model (same parameters) is what gets saved and GradCAM'd.
-        self.step_model = torch.compile(self.model) if p.compile and self.on_cuda else self.model
+        # self.model is what gets saved and GradCAM'd; the steps run step_model (the same parameters, wrapped
+        # for several processes and compiled), evaluation runs eval_model (compiled, never wrapped: a DDP
+        # forward broadcasts buffers, a collective that validation shards of unequal size would deadlock).
+        self.eval_model = torch.compile(self.model) if p.compile and self.on_cuda else self.model
+        self.step_model, self.wrapped_for = self.eval_model, None
         self.precision = Precision(p.amp, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
         self.optimizer = build_optimizer(self.model, p)
@@ -137,8 +150,18 @@ class Trainer:
         self.precision.scaler.update()
         return loss, logits
 
+    def wrap_for_steps(self) -> None:
+        """DDP registers its gradient hooks on the params trainable when it is built: rebuilt when they change."""
+        trainable = frozenset(name for name, param in self.model.named_parameters() if param.requires_grad)
+        if not self.processes.distributed or trainable == self.wrapped_for:
+            return
+        ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.on_cuda else None)
+        self.step_model = torch.compile(ddp) if self.p.compile and self.on_cuda else ddp
+        self.wrapped_for = trainable
+
     def set_trainable(self, epoch: int) -> None:
         trainable, total = self.freezer.apply(epoch)
+        self.wrap_for_steps()
         starts_phase = epoch == 0 or epoch == self.p.freeze_epochs
         if starts_phase and (trainable < total or epoch > 0):
             if epoch < self.p.freeze_epochs:
@@ -165,20 +188,29 @@ class Trainer:
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
             if step % LOG_EVERY_STEPS == 0:
-                running = loss_sum.item() / seen
+                # Summed over the processes, so every one of them sees the same value and stops together.
+                total_loss, total_seen = self.processes.sum(loss_sum, torch.tensor(seen, device=self.device))
+                running = (total_loss / total_seen).item()
                 if not math.isfinite(running):
                     raise LossNotFinite(running)
                 bar.set_postfix(loss=f"{running:.3f}")
-        loss_value = loss_sum.item() / max(seen, 1)  # the epoch's one host sync
+        # The epoch's one host sync (and, with several processes, one collective).
+        total_loss, total_correct, total_seen = self.processes.sum(loss_sum, correct,
+                                                                   torch.tensor(seen, device=self.device))
+        loss_value, seen = (total_loss / total_seen.clamp(min=1)).item(), int(total_seen.item())
         if not math.isfinite(loss_value):
             raise LossNotFinite(loss_value)
         self.scheduler.step()
-        return EpochResult(loss_value, correct.item() / max(seen, 1), seen, time.perf_counter() - start)
+        return EpochResult(loss_value, total_correct.item() / max(seen, 1), seen, time.perf_counter() - start)
 
     def validate(self, loader) -> tuple[float, float]:
-        logits, labels = predict_logits(self.step_model, loader, self.device, self.precision, self.channels_last,
+        """Loss and accuracy over the whole validation split (each process predicts its share)."""
+        logits, labels = predict_logits(self.eval_model, loader, self.device, self.precision, self.channels_last,
                                         desc="validation")
-        return nn.functional.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+        loss_sum, correct, count = self.processes.sum(
+            nn.functional.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(),
+            torch.tensor(len(labels)))
+        return (loss_sum / count).item(), (correct / count).item()
 
 
 def fit_to_resolution(arch: str, resolution: int) -> dict:
@@ -270,7 +302,9 @@ def should_validate(epoch: int, p: TrainParams) -> bool:
     return last or (p.eval_every > 0 and (epoch + 1) % p.eval_every == 0)
 
 
-def log_epoch(live: Live, metrics: dict) -> None:
+def log_epoch(live: Live | None, metrics: dict) -> None:
+    if live is None:  # not rank 0
+        return
     for name, value in metrics.items():
         live.log_metric(name, value)
     live.next_step()
@@ -278,9 +312,10 @@ def log_epoch(live: Live, metrics: dict) -> None:
 
 def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_loader, fingerprint: dict) -> None:
     p = trainer.p
+    is_main = trainer.processes.is_main
     # A fresh DVCLive dir each run; a resumed run replays the logged epochs first, so the curves have
     # every epoch exactly once whether or not the run was interrupted.
-    with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+    with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) if is_main else nullcontext() as live:
         for metrics in progress.history:
             log_epoch(live, metrics)
         for epoch in range(progress.epochs_done, p.epochs):
@@ -297,14 +332,17 @@ def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_lo
                 line += f", validation loss {loss:.4f} acc {accuracy:.4f}"
                 if accuracy > progress.best_accuracy:
                     progress.best_accuracy, progress.best_epoch = accuracy, epoch + 1
-                    progress.best_state = {k: v.detach().to("cpu", copy=True)
-                                           for k, v in trainer.model.state_dict().items()}
+                    if is_main:
+                        progress.best_state = {k: v.detach().to("cpu", copy=True)
+                                               for k, v in trainer.model.state_dict().items()}
             print(f"{line}, {result.images / result.seconds:.0f} images/s")
             progress.epochs_done = epoch + 1
             progress.history.append(metrics)
-            save_state(trainer, progress, fingerprint)
+            if is_main:
+                save_state(trainer, progress, fingerprint)
             log_epoch(live, metrics)
-        live.summary["kept_epoch"] = progress.best_epoch or p.epochs
+        if is_main:
+            live.summary["kept_epoch"] = progress.best_epoch or p.epochs
 
 
 def raise_interrupted(signum, frame):
@@ -313,34 +351,45 @@ def raise_interrupted(signum, frame):
 
 def main() -> None:
     params = load_params_or_exit()
+    devices = params.train.devices
+    if devices > 1 and not under_torchrun():
+        relaunch_under_torchrun("stages.train", devices)  # does not return
+    processes = start_processes()
+    try:
+        if processes.world_size != devices:
+            sys.exit(f"error: started as {processes.world_size} process(es) but train.devices={devices}: set "
+                     f"train.devices to the number of processes (it is part of the recipe and the resume check)")
+        if not processes.is_main:  # rank 0 alone prints; errors still reach stderr from every rank
+            sys.stdout = open(os.devnull, "w")
+            os.environ["TQDM_DISABLE"] = "1"
+        train(params, processes)
+    finally:
+        stop_processes(processes)
+
+
+def train(params: Params, processes: Processes) -> None:
     p = params.train
     seed_everything(p.seed)
-    device = pick_device()
+    device = pick_device(processes.local_rank)
     train_split = open_split("train")
     names = class_names(train_split)
     validation_split = open_split("validation") if "validation" in split_names() else None
     try:
-        trainer = Trainer(params, len(names), device)
+        trainer = Trainer(params, len(names), device, processes)
     except (WeightsUnavailable, RecipeError) as error:
         sys.exit(f"error: {error}")
 
-    workers = resolve_workers(p.num_workers)
-    # drop_last: every step sees a full batch (no 1-image batch for BatchNorm, no recompile for torch.compile);
-    # the reshuffle each epoch still shows every image.
-    transform = train_transform(p.resolution, p.crop, p.crop_scale, p.crop_padding, p.augment)
-    train_loader = make_loader(ImageSplit(train_split, transform), p.batch_size, workers,
-                               sampler=SeededEpochSampler(len(train_split), p.seed),
-                               drop_last=len(train_split) > p.batch_size)
-    validation_loader = None
-    if validation_split is not None:
-        validation_loader = make_loader(ImageSplit(validation_split, eval_transform(p.resolution, p.crop)),
-                                        p.batch_size * 2, workers)
+    workers = resolve_workers(p.num_workers, processes.world_size)
+    train_loader, validation_loader = make_loaders(p, train_split, validation_split, workers, processes)
     fingerprint = run_fingerprint(params)
     progress = load_state(trainer, fingerprint)
     validation_count = f"{len(validation_split)} validation" if validation_split is not None else "no validation"
-    print(f"train: {params.model.arch} ({params.model.weights}) on {device} ({trainer.precision.name}), "
+    where = f"{processes.world_size} processes x {device.type}" if processes.distributed else str(device)
+    print(f"train: {params.model.arch} ({params.model.weights}) on {where} ({trainer.precision.name}), "
           f"{len(train_split)} train / {validation_count} images, {len(names)} classes, "
-          f"{p.resolution}px, batch {p.batch_size}, {workers} loader workers")
+          f"{p.resolution}px, batch {p.batch_size}"
+          + (f" ({p.batch_size // processes.world_size} per process)" if processes.distributed else "")
+          + f", {workers} loader workers" + (" per process" if processes.distributed else ""))
     if validation_split is None:
         print("train: no validation split (data.val_fraction: 0): the last epoch is kept; the test split is only "
               "read by evaluate")
@@ -367,7 +416,8 @@ def main() -> None:
     if interrupted:
         sys.exit(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished epoch(s) "
                  f"are saved in {STATE_PATH}: run `dvc repro` again to resume")
-
+    if not processes.is_main:
+        return
     if progress.best_state is not None:
         trainer.model.load_state_dict(progress.best_state)
     kept_epoch = progress.best_epoch or p.epochs
@@ -375,6 +425,28 @@ def main() -> None:
                     resolution=p.resolution, crop=p.crop, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=kept_epoch,
                     constructor=constructor_kwargs(trainer.model), params=params.model_dump())
     print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
+
+
+def make_loaders(p: TrainParams, train_split, validation_split, workers: int, processes: Processes):
+    """(train loader, validation loader or None) for this process.
+
+    One process: drop_last, so every step sees a full batch (no 1-image batch for BatchNorm, no recompile for
+    torch.compile); the reshuffle each epoch still shows every image. Several: the sampler hands each process
+    its part of every full global batch, and each process validates every world_size-th image."""
+    transform = train_transform(p.resolution, p.crop, p.crop_scale, p.crop_padding, p.augment)
+    try:
+        sampler = SeededEpochSampler(len(train_split), p.seed, p.batch_size, processes.rank, processes.world_size)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    train_loader = make_loader(ImageSplit(train_split, transform), p.batch_size // processes.world_size, workers,
+                               sampler=sampler,
+                               drop_last=not processes.distributed and len(train_split) > p.batch_size)
+    if validation_split is None:
+        return train_loader, None
+    shard = range(processes.rank, len(validation_split), processes.world_size) if processes.distributed else None
+    validation_loader = make_loader(ImageSplit(validation_split, eval_transform(p.resolution, p.crop)),
+                                    p.batch_size * 2 // processes.world_size, workers, sampler=shard)
+    return train_loader, validation_loader
 
 
 if __name__ == "__main__":

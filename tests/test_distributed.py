@@ -1,0 +1,132 @@
+"""Training under torchrun (DDP, gloo on the CPU, 2 processes) against one process, resume, and `dvc repro`."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages.data import SeededEpochSampler
+from tests.conftest import make_project, run, tiny_params
+from tests.test_resume import curve, interrupt_after_first_epoch, run_ok, weights
+
+EPOCHS = 3
+PROCESSES = 2
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, image_folder) -> Path:
+    work = tmp_path_factory.mktemp("ddp_prepared")
+    params = tiny_params(image_folder, **{"train.epochs": EPOCHS, "train.lr_step_epochs": 2,
+                                          "data.val_fraction": 0.2})
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    run_ok("fetch", work)
+    run_ok("prepare", work)
+    return work
+
+
+def workdir_with(prepared: Path, dest: Path, **train) -> Path:
+    shutil.copytree(prepared, dest)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"].update(train)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params))
+    return dest
+
+
+def trained(prepared: Path, dest: Path, **train) -> tuple[Path, str]:
+    work = workdir_with(prepared, dest, **train)
+    return work, run_ok("train", work)
+
+
+def values(work: Path, name: str) -> list[float]:
+    return [float(value) for _, value in curve(work, name)]
+
+
+@pytest.mark.parametrize("size,batch", [(21, 8), (64, 16), (16, 16)])
+def test_processes_together_see_the_single_process_batches(size, batch):
+    single = list(SeededEpochSampler(size, seed=3))
+    expected = [single[start:start + batch] for start in range(0, size // batch * batch, batch)]
+    for epoch in (0, 1):
+        parts = []
+        for rank in range(PROCESSES):
+            sampler = SeededEpochSampler(size, seed=3, batch_size=batch, rank=rank, world_size=PROCESSES)
+            sampler.set_epoch(epoch)
+            pairs = list(sampler)
+            assert len(pairs) == len(sampler) == size // batch * batch // PROCESSES
+            half = batch // PROCESSES
+            parts.append([pairs[i:i + half] for i in range(0, len(pairs), half)])
+        if epoch == 0:
+            assert [a + b for a, b in zip(*parts)] == expected
+
+
+def test_too_small_a_split_for_one_global_batch_is_refused():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        SeededEpochSampler(10, seed=0, batch_size=16, rank=0, world_size=2)
+
+
+@pytest.fixture(scope="module")
+def head_only(prepared, tmp_path_factory):
+    """Only the head trains (BatchNorm frozen in eval mode), so 2 x 16 images are exactly 1 x 32."""
+    root = tmp_path_factory.mktemp("head_only")
+    recipe = {"freeze_epochs": EPOCHS}
+    one, _ = trained(prepared, root / "one", **recipe)
+    two, log = trained(prepared, root / "two", devices=PROCESSES, **recipe)
+    return one, two, log
+
+
+def test_two_processes_match_one_on_the_same_global_batch(head_only):
+    one, two, log = head_only
+    assert f"on {PROCESSES} processes x cpu" in log and "batch 32 (16 per process)" in log
+    for name in ("train/loss.tsv", "train/acc.tsv", "validation/loss.tsv", "validation/acc.tsv"):
+        assert values(two, name) == pytest.approx(values(one, name), rel=1e-5, abs=1e-6), name
+    single, distributed = weights(one), weights(two)
+    assert all(torch.allclose(single[k].float(), distributed[k].float(), atol=1e-5) for k in single)
+
+
+def test_only_rank_zero_writes(head_only):
+    _, two, log = head_only
+    assert log.count("train: saved epoch") == 1
+    assert len((two / "metrics/train/plots/metrics/train/loss.tsv").read_text().splitlines()) == 1 + EPOCHS
+
+
+def test_full_fine_tune_stays_close_to_one_process(prepared, tmp_path):
+    """BatchNorm normalises each process's 16 images instead of all 32 (sync_batchnorm needs GPUs), so the
+    runs are close, not equal, and drift apart as training goes on. Measured (train loss per epoch):
+    1 process 1.639, 0.693, 0.210; 2 processes 1.624, 0.824, 0.270."""
+    gentle = {"lr": 0.01}  # at the tiny recipe's lr 0.05 a from-scratch run is chaotic: any change diverges
+    one, _ = trained(prepared, tmp_path / "one", **gentle)
+    two, _ = trained(prepared, tmp_path / "two", devices=PROCESSES, **gentle)
+    single, distributed = values(one, "train/loss.tsv"), values(two, "train/loss.tsv")
+    print("train loss per epoch, 1 process:", single, f"{PROCESSES} processes:", distributed)
+    assert distributed[0] == pytest.approx(single[0], rel=0.05)
+    assert distributed[-1] < distributed[0] / 3 and single[-1] < single[0] / 3
+    assert values(two, "validation/acc.tsv")[-1] > 0.5 and values(one, "validation/acc.tsv")[-1] > 0.5
+
+
+def test_stopped_run_resumes_under_torchrun_to_the_same_weights(prepared, head_only, tmp_path):
+    """SIGTERM to torchrun (a stopped job): it passes the signal to both processes, rank 0 has saved
+    every finished epoch, and the next run continues to the weights of the uninterrupted run."""
+    _, uninterrupted, _ = head_only
+    work = workdir_with(prepared, tmp_path / "run", devices=PROCESSES, freeze_epochs=EPOCHS)
+    code, out = interrupt_after_first_epoch(work, signal.SIGTERM)
+    assert code != 0 and not (work / "models/model.pt").exists(), out
+    resumed = run_ok("train", work)
+    assert "train: resuming after epoch" in resumed
+    expected, got = weights(uninterrupted), weights(work)
+    assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-6) for k in expected)
+    assert values(work, "train/loss.tsv") == pytest.approx(values(uninterrupted, "train/loss.tsv"), rel=1e-6)
+
+
+def test_dvc_repro_runs_the_pipeline_on_two_processes(tmp_path, image_folder):
+    params = tiny_params(image_folder, **{"train.devices": PROCESSES, "train.epochs": 3, "train.lr": 0.01})
+    project = make_project(tmp_path, params)
+    log = run(["dvc", "repro"], project)
+    assert f"on {PROCESSES} processes x cpu" in log.stdout
+    assert run(["dvc", "status", "--json"], project).stdout.strip() == "{}"
+    assert (project / "plots/report/report.md").is_file() and (project / "models/export/model.json").is_file()
+    metrics = yaml.safe_load((project / "metrics/eval.json").read_text())
+    assert metrics["top1"] > 2 / 6  # well above chance after 3 epochs
