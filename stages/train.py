@@ -12,8 +12,8 @@ is never read here; it belongs to `evaluate`.
 
 Resume: after every epoch the whole training state (weights, optimizer, scheduler,
 loss scaler, every RNG, the logged history) is written atomically to
-checkpoints/train_state.pt, an output DVC keeps between runs (persist: true). A run
-that finds a state made with the same params and data continues after its last
+checkpoints/train_state.pt (not a DVC output: DVC leaves it alone), deleted once the
+model is saved. A run that finds a state made with the same params and data continues after its last
 epoch and ends with the same weights as an uninterrupted run; any other state is
 ignored, and the stage says so.
 """
@@ -285,7 +285,7 @@ def load_state(trainer: Trainer, fingerprint: dict) -> Progress:
         print(f"train: ignoring {STATE_PATH}: it was made with other {' and '.join(changed)}; starting fresh")
         return Progress()
     progress = Progress(**state["progress"])
-    if progress.epochs_done >= trainer.p.epochs:
+    if progress.epochs_done >= trainer.p.epochs:  # the run stopped between its last epoch and saving the model
         print(f"train: {STATE_PATH} is a finished run; starting fresh")
         return Progress()
     trainer.model.load_state_dict(state["model"])
@@ -424,6 +424,7 @@ def train(params: Params, processes: Processes) -> None:
     save_checkpoint(MODEL_PATH, trainer.model, arch=params.model.arch, class_names=names,
                     resolution=p.resolution, crop=p.crop, mean=IMAGENET_MEAN, std=IMAGENET_STD, epoch=kept_epoch,
                     constructor=constructor_kwargs(trainer.model), params=params.model_dump())
+    STATE_PATH.unlink(missing_ok=True)  # a finished run is never resumed; it would only take disk space
     print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
 
 

@@ -1,0 +1,84 @@
+"""A sweep through DVC's experiment queue, and a finished run shared through a DVC remote, offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_project, run, tiny_params
+
+QUEUED = {"lr-low": "0.005", "lr-high": "0.02"}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, image_folder) -> Path:
+    """A finished, committed run: data and model in the DVC cache, metrics in git."""
+    project = make_project(tmp_path_factory.mktemp("baseline"),
+                           tiny_params(image_folder, **{"train.epochs": 2, "train.lr": 0.01}))
+    run(["dvc", "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline run"], project)
+    return project
+
+
+def wait_for_queue(project: Path, timeout_s: float = 900) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        assert time.monotonic() < deadline, f"queue still busy after {timeout_s} s:\n{status}"
+        time.sleep(3)
+
+
+def experiments_by_name(project: Path) -> dict[str, dict]:
+    """`dvc exp show --json`: name -> {params, metrics} of every experiment of the baseline commit."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    found = {}
+    for commit in shown:
+        for experiment in commit.get("experiments") or []:
+            for revision in experiment["revs"]:
+                data = revision["data"]
+                found[revision["name"]] = {"params": data["params"]["params.yaml"]["data"],
+                                           "metrics": {path: value["data"] for path, value in data["metrics"].items()}}
+    return found
+
+
+def test_queued_sweep_runs_each_experiment_with_its_own_params_and_metrics(baseline):
+    for name, lr in QUEUED.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], baseline)
+    run(["dvc", "queue", "start", "-j", "2"], baseline)
+    status = wait_for_queue(baseline)
+    assert status.count("Success") == len(QUEUED), status
+
+    experiments = experiments_by_name(baseline)
+    accuracies = set()
+    for name, lr in QUEUED.items():
+        experiment = experiments[name]
+        assert experiment["params"]["train"]["lr"] == float(lr)
+        evaluation = experiment["metrics"]["metrics/eval.json"]
+        assert 0 < evaluation["top1"] <= 1
+        accuracies.add((evaluation["top1"], experiment["metrics"]["metrics/train/metrics.json"]["train"]["loss"]))
+        logs = run(["dvc", "queue", "logs", name], baseline).stdout
+        assert "Stage 'prepare' didn't change, skipping" in logs and "Running stage 'train'" in logs
+    assert len(accuracies) == len(QUEUED)  # each experiment measured its own model
+
+
+def test_pushed_run_is_pulled_elsewhere_without_rerunning_anything(baseline, tmp_path):
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], baseline)
+    run(["git", "commit", "-qam", "a shared remote"], baseline)
+    run(["dvc", "push"], baseline)
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(baseline), str(clone)], check=True)
+    assert not (clone / "models/model.pt").exists()
+    run(["dvc", "pull"], clone)
+    assert (clone / "models/model.pt").stat().st_size == (baseline / "models/model.pt").stat().st_size
+    assert run(["dvc", "status", "--json"], clone).stdout.strip() == "{}"
+    repro = run(["dvc", "repro"], clone)
+    assert "Running stage" not in repro.stdout and "didn't change, skipping" in repro.stdout
