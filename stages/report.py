@@ -62,7 +62,9 @@ def plot_curves(curves: dict, kept_epoch: int | None, path: Path) -> None:
                 ax.plot(epochs, values, marker="o" if len(epochs) <= 30 else None, markersize=3,
                         label=name.replace("lr_head", "lr (head)").replace("lr", "lr (backbone)", 1)
                         if title == "learning rate" else name.split("/")[0])
-        if wide_positive_range([curves[n][1] for n in names if n in curves]):
+        if title == "accuracy":
+            ax.set_ylim(0, 1.02)
+        elif wide_positive_range([curves[n][1] for n in names if n in curves]):
             ax.set_yscale("log")  # step schedules and early validation losses span decades
         if kept_epoch:
             ax.axvline(kept_epoch, color="grey", linestyle=":", label=f"kept (epoch {kept_epoch})")
@@ -74,7 +76,7 @@ def plot_curves(curves: dict, kept_epoch: int | None, path: Path) -> None:
 
 def wide_positive_range(series: list[np.ndarray]) -> bool:
     values = np.concatenate(series) if series else np.array([])
-    return values.size > 0 and values.min() > 0 and values.max() / values.min() > 20
+    return values.size > 0 and values.min() > 0 and values.max() / values.min() >= 10
 
 
 def plot_per_class(rows: list[dict], path: Path) -> None:

@@ -98,6 +98,7 @@ def test_curves_come_from_dvclive_files(tmp_path):
 
 def test_log_scale_only_for_positive_series_spanning_decades():
     assert report.wide_positive_range([np.array([0.1, 0.001])])
+    assert report.wide_positive_range([np.array([0.05, 0.005])])  # one step of a step schedule
     assert not report.wide_positive_range([np.array([0.1, 0.05])])
     assert not report.wide_positive_range([np.array([0.1, 0.0])])
     assert not report.wide_positive_range([])
