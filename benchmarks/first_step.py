@@ -1,0 +1,119 @@
+"""How long `dvc exp run -S train.lr=...` takes to start training on an already prepared dataset.
+
+    python -m benchmarks.first_step                  # a Stanford-Cars-sized generated dataset (16,185 JPEGs)
+    python -m benchmarks.first_step --fraction 0.1   # a tenth of it, for a quick look
+
+In a clone of this repository's last commit (under --workdir) it writes an image folder shaped like
+Stanford Cars (196 classes, 8,144 train / 8,041 test JPEGs sized like the real ones), runs `dvc repro
+prepare` once (not timed), commits, then times one `dvc exp run -S train.lr=0.05` from its start to:
+  skipped     DVC has checked fetch and prepare and skips them (hashes of data/raw and data/prepared)
+  header      train has opened the splits and built the model (random init: nothing is downloaded)
+  first step  the first training batch has been loaded and gone through one optimizer step
+and stops the run there (Ctrl-C). Figures are this machine's; the first step itself is slow on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.speed import CARS_CLASSES, CARS_TEST, CARS_TRAIN, cars_like_jpegs
+
+REPO = Path(__file__).resolve().parents[1]
+MILESTONES = {
+    "skipped": re.compile(rb"Stage 'prepare' didn't change, skipping"),
+    "header": re.compile(rb"train: \S+ \(none\) on"),
+    "first step": re.compile(rb"epoch 1/\d+:[^\r\n]*?\|\s*[1-9]\d*/\d+ \["),  # tqdm's "| 1/1018 ["
+}
+
+
+def write_image_folder(root: Path, fraction: float) -> dict[str, int]:
+    counts = {"train": max(CARS_CLASSES, round(CARS_TRAIN * fraction)),
+              "test": max(CARS_CLASSES, round(CARS_TEST * fraction))}
+    for split, count in counts.items():
+        for index, encoded in enumerate(cars_like_jpegs(count, seed=len(split))):
+            folder = root / split / f"class {index % CARS_CLASSES:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{index:05d}.jpg").write_bytes(encoded)
+    return counts
+
+
+def run(cmd: list[str], cwd: Path) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+
+
+def make_project(workdir: Path, images: Path) -> Path:
+    project = workdir / "project"
+    run(["git", "clone", "-q", str(REPO), str(project)], workdir)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(preset="none", source=str(images), val_fraction=0.0, test_fraction=0.0)
+    params["model"]["weights"] = "none"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for key, value in (("user.email", "bench@example.com"), ("user.name", "bench")):
+        run(["git", "config", key, value], project)
+    return project
+
+
+def time_milestones(project: Path, timeout_s: float) -> dict[str, float]:
+    """Seconds from the start of `dvc exp run` to each milestone; stops the run after the first step."""
+    start = time.perf_counter()
+    process = subprocess.Popen(["dvc", "exp", "run", "-S", "train.lr=0.05"], cwd=project, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    seen, output = {}, b""
+    try:
+        while len(seen) < len(MILESTONES) and time.perf_counter() - start < timeout_s:
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            output += chunk
+            for name, pattern in MILESTONES.items():
+                if name not in seen and pattern.search(output):
+                    seen[name] = round(time.perf_counter() - start, 1)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            process.wait(timeout=120)
+    missing = [name for name in MILESTONES if name not in seen]
+    if missing:
+        sys.exit(f"error: never saw {', '.join(missing)} in the run's output:\n{output.decode(errors='replace')[-3000:]}")
+    return seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of Stanford Cars' image counts")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/first_step_benchmark"))
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the first step")
+    args = parser.parse_args()
+    if args.workdir.exists():
+        sys.exit(f"error: {args.workdir} exists; remove it or pass another --workdir")
+    args.workdir.mkdir(parents=True)
+
+    started = time.perf_counter()
+    counts = write_image_folder(args.workdir / "images", args.fraction)
+    project = make_project(args.workdir, args.workdir / "images")
+    generated = time.perf_counter() - started
+    print(f"generated {counts['train']} train + {counts['test']} test JPEGs in {generated:.0f} s; preparing ...")
+    started = time.perf_counter()
+    run(["dvc", "repro", "prepare"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "prepared"], project)
+    prepared = time.perf_counter() - started
+    print(f"fetch + prepare (once, not timed below): {prepared:.0f} s")
+
+    milestones = time_milestones(project, args.timeout)
+    report = {"images": counts, "fetch_and_prepare_s": round(prepared, 1), "seconds_from_start": milestones}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
