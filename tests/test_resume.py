@@ -24,8 +24,10 @@ STATE = Path("checkpoints/train_state.pt")
 
 def stage(name: str, cwd: Path, **popen) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # As from a terminal: a shell's background job (CI started with `&`) would pass SIGINT on as ignored.
     return subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
