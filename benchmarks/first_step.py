@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,8 +73,9 @@ def time_milestones(project: Path, overrides: list[str], timeout_s: float) -> di
     """Seconds from the start of `dvc exp run` to each milestone; stops the run after the first step."""
     start = time.perf_counter()
     command = ["dvc", "exp", "run", *[word for override in overrides for word in ("-S", override)]]
+    # SIGINT as a terminal has it (a backgrounded shell would pass it on ignored): the run is stopped by Ctrl-C.
     process = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, output = {}, b""
     try:
         while len(seen) < len(MILESTONES) and time.perf_counter() - start < timeout_s:
@@ -87,7 +89,11 @@ def time_milestones(project: Path, overrides: list[str], timeout_s: float) -> di
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)
-            process.wait(timeout=120)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     missing = [name for name in MILESTONES if name not in seen]
     if missing:
         sys.exit(f"error: never saw {', '.join(missing)} in the run's output:\n{output.decode(errors='replace')[-3000:]}")
@@ -97,32 +103,40 @@ def time_milestones(project: Path, overrides: list[str], timeout_s: float) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fraction", type=float, default=1.0, help="share of Stanford Cars' image counts")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/first_step_benchmark"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/first_step_benchmark"),
+                        help="where the data and project go; a prepared project there is reused")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the first step")
     parser.add_argument("--batch-size", type=int, default=None, help="default: params.yaml's on CUDA, 8 without")
     args = parser.parse_args()
-    if args.workdir.exists():
-        sys.exit(f"error: {args.workdir} exists; remove it or pass another --workdir")
-    args.workdir.mkdir(parents=True)
-
-    started = time.perf_counter()
-    counts = write_image_folder(args.workdir / "images", args.fraction)
-    project = make_project(args.workdir, args.workdir / "images")
-    generated = time.perf_counter() - started
-    print(f"generated {counts['train']} train + {counts['test']} test JPEGs in {generated:.0f} s; preparing ...")
-    started = time.perf_counter()
-    run(["dvc", "repro", "prepare"], project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "prepared"], project)
-    prepared = time.perf_counter() - started
-    print(f"fetch + prepare (once, not timed below): {prepared:.0f} s")
+    project = args.workdir / "project"
+    if (project / "dvc.lock").is_file():
+        print(f"reusing the prepared project in {project}")
+        run(["git", "checkout", "-q", "--", "params.yaml"], project)  # drop a previous timing's params
+        shutil.rmtree(project / "checkpoints", ignore_errors=True)
+        counts = {split: sum(1 for _ in (args.workdir / "images" / split).rglob("*.jpg")) for split in ("train", "test")}
+        prepared = None
+    else:
+        if args.workdir.exists():
+            sys.exit(f"error: {args.workdir} exists without a prepared project; remove it or pass another --workdir")
+        args.workdir.mkdir(parents=True)
+        started = time.perf_counter()
+        counts = write_image_folder(args.workdir / "images", args.fraction)
+        make_project(args.workdir, args.workdir / "images")
+        generated = time.perf_counter() - started
+        print(f"generated {counts['train']} train + {counts['test']} test JPEGs in {generated:.0f} s; preparing ...")
+        started = time.perf_counter()
+        run(["dvc", "repro", "prepare"], project)
+        run(["git", "add", "-A"], project)
+        run(["git", "commit", "-qm", "prepared"], project)
+        prepared = round(time.perf_counter() - started, 1)
+        print(f"fetch + prepare (once, not timed below): {prepared:.0f} s")
 
     overrides = ["train.lr=0.05"]
     batch_size = args.batch_size or (None if torch.cuda.is_available() else 8)
     if batch_size:
         overrides.append(f"train.batch_size={batch_size}")
     milestones = time_milestones(project, overrides, args.timeout)
-    report = {"images": counts, "fetch_and_prepare_s": round(prepared, 1),
+    report = {"images": counts, "fetch_and_prepare_s": prepared,
               "command": "dvc exp run " + " ".join(f"-S {o}" for o in overrides), "seconds_from_start": milestones}
     print(json.dumps(report, indent=2))
 
