@@ -1,28 +1,35 @@
-"""Stage `export`: models/model.pt as a TorchScript module for serving without this code, checked.
+"""Stage `export`: models/model.pt in a serving format (export.format), loaded back and checked.
 
-Writes models/export/model.torchscript.pt (input: float NCHW, already normalized, any batch size) and
-models/export/model.json (class names in output order, input size, mean/std, resize rule). The
-exported module is loaded back and compared with the PyTorch model on a batch of test images; the
-largest logit difference and the top-1 agreement go to metrics/export.json, and a mismatch fails the stage.
+onnx (default): models/export/model.onnx, run by onnxruntime (or TensorRT, OpenVINO...) without PyTorch.
+torchscript: models/export/model.torchscript.pt for LibTorch; PyTorch 2.14 deprecates TorchScript.
+Either way the input is float32 NCHW, already normalized, any batch size, and models/export/model.json
+holds the class names in output order, the input size, mean/std and the resize rule. The export is loaded
+back by its own runtime and compared with the PyTorch model on a batch of test images; the largest logit
+difference and the top-1 agreement go to metrics/export.json, and a mismatch fails the stage.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 from stages.data import (EVAL_CROP_FRACTION, MODEL_PATH, ImageSplit, make_loader, model_eval_transform, open_split,
                          to_model_input)
-from stages.files import atomic_path, write_json
+from stages.files import write_json
 from stages.model import load_checkpoint
+from stages.params import load_params_or_exit
 
 EXPORT_DIR = Path("models/export")
-SCRIPTED = EXPORT_DIR / "model.torchscript.pt"
+EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 EXPORT_METRICS = Path("metrics/export.json")
 CHECK_IMAGES = 32
-TOLERANCE = 1e-4  # float32 on the same device: only summation-order differences are expected
+# Relative to the largest logit: float32 on the CPU leaves only summation-order differences, and an
+# untrained network's logits can reach 1e11, where an absolute bound means nothing.
+RELATIVE_TOLERANCE = 1e-4
 
 
 def sample_batch(meta: dict) -> torch.Tensor:
@@ -33,35 +40,71 @@ def sample_batch(meta: dict) -> torch.Tensor:
     return to_model_input(images, torch.device("cpu"), channels_last=False)
 
 
+def export_model(model: nn.Module, example: torch.Tensor, export_format: str, path: Path) -> None:
+    """Write `model` to `path`, its batch dimension left free (the example only fixes channels and size).
+    Written in place, not renamed: ONNX puts the weights of models over 2 GB in a file named after `path`."""
+    if export_format == "onnx":
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+                                    verbose=False, dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+        program.save(str(path))
+    else:
+        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path))
+
+
+def load_exported(path: Path, export_format: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The exported model as its users will run it: onnxruntime for ONNX, torch.jit for TorchScript."""
+    if export_format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+    scripted = torch.jit.load(str(path), map_location="cpu")
+    return lambda images: scripted(images)
+
+
+def compare(expected: torch.Tensor, got: torch.Tensor) -> dict:
+    difference = (got - expected).abs().max().item()
+    return {"images": len(expected), "max_abs_logit_difference": difference,
+            "relative_logit_difference": difference / max(1.0, expected.abs().max().item()),
+            "top1_agreement": (got.argmax(1) == expected.argmax(1)).float().mean().item()}
+
+
+def serving_notes(meta: dict, export_format: str) -> dict:
+    resize_side = "square" if meta.get("crop") == "resize_then_crop" else "shorter side"
+    return {
+        "format": export_format, "file": EXPORT_FILES[export_format], "arch": meta["arch"],
+        "class_names": meta["class_names"],
+        "input": {"name": "image", "layout": "NCHW float32 RGB", "size": meta["resolution"], "mean": meta["mean"],
+                  "std": meta["std"], "scale": "pixel values / 255 before mean/std",
+                  "resize": f"{resize_side} to {round(meta['resolution'] / EVAL_CROP_FRACTION)}, "
+                            f"centre crop {meta['resolution']}"},
+        "output": {"name": "logits", "layout": "N x classes, in class_names order; softmax for probabilities"},
+    }
+
+
 def main() -> None:
+    export_format = load_params_or_exit().export.format
     model, meta = load_checkpoint(MODEL_PATH, "cpu")
     batch = sample_batch(meta)
     with torch.inference_mode():
         expected = model(batch)
-    scripted = torch.jit.trace(model, batch[:2], check_trace=False)
     EXPORT_DIR.mkdir(parents=True, exist_ok=True)
-    with atomic_path(SCRIPTED) as tmp:
-        torch.jit.save(scripted, str(tmp))
-    write_json(EXPORT_DIR / "model.json", {
-        "format": "torchscript", "file": SCRIPTED.name, "arch": meta["arch"], "class_names": meta["class_names"],
-        "input": {"layout": "NCHW float32 RGB", "size": meta["resolution"], "mean": meta["mean"], "std": meta["std"],
-                  "scale": "pixel values / 255 before mean/std",
-                  "resize": (f"{'square' if meta.get('crop') == 'resize_then_crop' else 'shorter side'} to "
-                             f"{round(meta['resolution'] / EVAL_CROP_FRACTION)}, centre crop {meta['resolution']}")},
-    })
+    for old_export in EXPORT_DIR.iterdir():  # a half-written or other-format file of an earlier run outside DVC
+        old_export.unlink()
+    path = EXPORT_DIR / EXPORT_FILES[export_format]
+    export_model(model, batch[:2], export_format, path)
+    write_json(EXPORT_DIR / "model.json", serving_notes(meta, export_format))
 
-    reloaded = torch.jit.load(str(SCRIPTED), map_location="cpu")
     with torch.inference_mode():
-        got = reloaded(batch)
-    difference = (got - expected).abs().max().item()
-    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
-    write_json(EXPORT_METRICS, {"images": len(batch), "max_abs_logit_difference": difference,
-                                "top1_agreement": agreement})
-    print(f"export: wrote {SCRIPTED} and {EXPORT_DIR / 'model.json'}; reloaded on {len(batch)} test images: "
-          f"max logit difference {difference:.2e}, top-1 agreement {agreement:.1%}")
-    if difference > TOLERANCE or agreement < 1:
-        sys.exit(f"error: the exported model disagrees with models/model.pt (max logit difference {difference:.2e} > "
-                 f"{TOLERANCE:g}); do not ship it")
+        check = compare(expected, load_exported(path, export_format)(batch))
+    write_json(EXPORT_METRICS, check)
+    print(f"export: wrote {path} and {EXPORT_DIR / 'model.json'}; reloaded with "
+          f"{'onnxruntime' if export_format == 'onnx' else 'torch.jit'} on {len(batch)} test images: max logit "
+          f"difference {check['max_abs_logit_difference']:.2e}, top-1 agreement {check['top1_agreement']:.1%}")
+    if check["relative_logit_difference"] > RELATIVE_TOLERANCE or check["top1_agreement"] < 1:
+        sys.exit(f"error: the exported model disagrees with models/model.pt (logit difference "
+                 f"{check['relative_logit_difference']:.2e} of the largest logit > {RELATIVE_TOLERANCE:g}); "
+                 f"do not ship it")
 
 
 if __name__ == "__main__":

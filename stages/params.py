@@ -189,6 +189,12 @@ class GradcamParams(Section):
     seed: int
 
 
+class ExportParams(Section):
+    # onnx: served by onnxruntime, TensorRT, OpenVINO... without PyTorch. torchscript: for LibTorch (C++);
+    # PyTorch 2.14 deprecates TorchScript, so it is kept only for those who already serve it.
+    format: Literal["onnx", "torchscript"]
+
+
 class Params(Section):
     data: DataParams
     prepare: PrepareParams
@@ -196,6 +202,7 @@ class Params(Section):
     train: TrainParams
     evaluate: EvaluateParams
     gradcam: GradcamParams
+    export: ExportParams
 
 
 class ParamsError(ValueError):

@@ -121,3 +121,8 @@ def test_exponent_floats_written_by_dvc_load_as_numbers(tmp_path):
     assert "1e-05" in path.read_text()  # YAML 1.1 (PyYAML's safe_load) would read this as a string
     params = load_params(path)
     assert params.train.lr == 1e-5 and params.train.weight_decay == 5e-4
+
+
+def test_an_unknown_export_format_names_the_choices(defaults):
+    message = problems(with_change(defaults, "export", "format", "tflite"))
+    assert "export.format" in message and "onnx" in message and "torchscript" in message

@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
 import pytest
 import torch
 import yaml
@@ -106,11 +108,14 @@ def test_report_embeds_real_figures_and_names_the_mistakes(reproduced):
 def test_export_loads_back_and_matches_the_model(reproduced):
     project, log = reproduced
     check = json.loads((project / "metrics/export.json").read_text())
-    assert check["images"] == 32 and check["max_abs_logit_difference"] <= 1e-4 and check["top1_agreement"] == 1
+    assert check["images"] == 32 and check["relative_logit_difference"] <= 1e-4 and check["top1_agreement"] == 1
     info = json.loads((project / "models/export/model.json").read_text())
     assert info["class_names"][0] == "Audi A5 Coupe 2012" and info["input"]["size"] == 64
-    scripted = torch.jit.load(str(project / "models/export" / info["file"]))
-    assert scripted(torch.randn(3, 3, 64, 64)).shape == (3, 6)  # any batch size, not only the traced one
+    assert (info["format"], info["file"]) == ("onnx", "model.onnx")
+    assert sorted(path.name for path in (project / "models/export").iterdir()) == ["model.json", "model.onnx"]
+    session = onnxruntime.InferenceSession(str(project / "models/export/model.onnx"))  # as a server would, no torch
+    logits = session.run(["logits"], {"image": np.random.rand(3, 3, 64, 64).astype(np.float32)})[0]
+    assert logits.shape == (3, 6)  # any batch size, not only the traced one
 
 
 def test_predict_names_classes_and_reports_broken_files(reproduced, image_folder, tmp_path):
@@ -172,6 +177,19 @@ def test_experiment_reuses_data_stages_and_reports_the_change(reproduced):
     assert "top1" in diff["metrics/eval.json"]
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     assert "0.02" in json.dumps(shown)
+
+
+def test_export_format_param_reruns_only_export(reproduced):
+    project, _ = reproduced
+    result = run(["dvc", "exp", "run", "export", "-S", "export.format=torchscript"], project)
+    log = result.stdout + result.stderr
+    assert "Running stage 'export'" in log and "Running stage 'train'" not in log
+    assert sorted(path.name for path in (project / "models/export").iterdir()) == ["model.json",
+                                                                                    "model.torchscript.pt"]
+    assert json.loads((project / "models/export/model.json").read_text())["format"] == "torchscript"
+    scripted = torch.jit.load(str(project / "models/export/model.torchscript.pt"))
+    assert scripted(torch.randn(3, 3, 64, 64)).shape == (3, 6)
+    assert json.loads((project / "metrics/export.json").read_text())["top1_agreement"] == 1
 
 
 def test_validation_split_picks_the_kept_epoch(tmp_path, image_folder):

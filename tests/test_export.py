@@ -1,0 +1,39 @@
+"""Both export formats load back in their own runtime, take any batch size and match the PyTorch model;
+the check that fails the stage catches a model that disagrees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.export import EXPORT_FILES, compare, export_model, load_exported
+from stages.model import build_model
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # mlp head with dropout: an export traced in training mode would differ from run to run
+    return build_model("resnet18", 5, "none", head="mlp", head_hidden=16, head_dropout=0.5).eval()
+
+
+@pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
+def test_export_round_trip_matches_at_any_batch_size(model, export_format, tmp_path):
+    path = tmp_path / EXPORT_FILES[export_format]
+    export_model(model, torch.randn(2, 3, 48, 48), export_format, path)
+    run = load_exported(path, export_format)
+    for batch_size in (1, 7):
+        images = torch.randn(batch_size, 3, 48, 48)
+        with torch.inference_mode():
+            check = compare(model(images), run(images))
+        assert check["images"] == batch_size and check["top1_agreement"] == 1
+        assert check["relative_logit_difference"] < 1e-5
+
+
+def test_compare_reports_a_disagreeing_export():
+    expected = torch.tensor([[3.0, 1.0], [0.0, 2.0]])
+    check = compare(expected, torch.tensor([[1.0, 3.0], [0.0, 2.0]]))
+    assert check["top1_agreement"] == 0.5 and check["max_abs_logit_difference"] == 2
+    assert check["relative_logit_difference"] == pytest.approx(2 / 3)
+    huge = torch.tensor([[4e11, 0.0]])  # untrained networks reach such logits: judged relative to them
+    assert compare(huge, huge + 1e5)["relative_logit_difference"] == pytest.approx(2.5e-7)
