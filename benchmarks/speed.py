@@ -6,9 +6,12 @@
 It generates JPEGs sized like Stanford Cars (mean ~608x403, 85x62 to 2405x1600), runs them
 through this pipeline's `prepare`, and measures side by side, in one process on one core:
   naive    full-size JPEG -> PIL decode -> RandomResizedCrop -> ToTensor -> Normalize (float32)
-  pipeline prepared JPEG  -> PIL decode -> RandomResizedCrop -> uint8 tensor (normalized on the device)
-  pipeline, stored at the eval size: the same, with `prepare.max_short_side` = resolution / 0.875 (256 for
-           224 px), the smallest size the eval transform needs: a recipe choice, measured, not the default
+  pipeline what a loader worker does per image (ImageSplit): the prepared JPEG read from the Arrow split,
+           TorchCodec decode -> seeded RandomResizedCrop + flip on the uint8 tensor (normalized on the device)
+  pipeline with PIL decode: the same with PIL decoding (and so PIL cropping): the path TorchCodec replaced
+  pipeline, stored at the eval size: with `prepare.max_short_side` = resolution / 0.875 (256 for 224 px),
+           the smallest size the eval transform needs: a recipe choice, measured, not the default
+(each path --seconds at a time, in turn, --rounds times; medians, and each ratio's range over the rounds)
 then train-step and eval throughput of the arch on the device present, with synthetic tensors
 (the model-only ceiling) and with the real loader, and projects one epoch and the full default run.
 Writes benchmarks/results.json (--out) and prints a table. Figures are what this machine measured, nothing else.
@@ -31,8 +34,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
-from stages.data import (EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, ImageSplit, SeededEpochSampler, make_loader,
-                         resolve_workers, to_model_input, train_transform)
+from stages.data import (EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, ImageSplit, SeededEpochSampler,
+                         decode_prepared, make_loader, resolve_workers, to_model_input, train_transform)
 from stages.params import Params, load_params
 from stages.prepare import prepare_image
 from stages.runtime import pick_device
@@ -63,15 +66,54 @@ def naive_transform(resolution: int) -> v1.Compose:
                        v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def images_per_second(encoded: list[bytes], transform, seconds: float = 3.0) -> float:
-    """One process, one core: decode + transform, repeated over the list for about `seconds`."""
+def per_core_rate(load_one, count: int, seconds: float) -> float:
+    """Images/s of load_one(0..count-1), repeated for about `seconds`, in this process on one core."""
     torch.set_num_threads(1)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for data in encoded:
-            transform(Image.open(io.BytesIO(data)).convert("RGB"))
+        for index in range(count):
+            load_one(index)
             done += 1
     return done / (time.perf_counter() - start)
+
+
+def naive_rate(full_size: list[bytes], resolution: int, seconds: float) -> float:
+    transform = naive_transform(resolution)
+    return per_core_rate(lambda i: transform(pil_decode(full_size[i])), len(full_size), seconds)
+
+
+def pipeline_rate(prepared: list[bytes], resolution: int, seconds: float, decode=decode_prepared) -> float:
+    """(index, seed) keys, as SeededEpochSampler hands them to the workers."""
+    images = ImageSplit(as_split(prepared, CARS_CLASSES), train_transform(resolution), decode)
+    return per_core_rate(lambda i: images[(i, i)], len(prepared), seconds)
+
+
+def loader_figures(full_size: list[bytes], prepared: list[bytes], stored_small: list[bytes], resolution: int,
+                   seconds: float, rounds: int) -> dict:
+    """Median images/s of each path over `rounds`, measured in turn within each round, so that a slower or
+    faster stretch of a shared machine falls on all of them; each ratio's range is over the rounds."""
+    paths = {"naive": lambda: naive_rate(full_size, resolution, seconds),
+             "pipeline": lambda: pipeline_rate(prepared, resolution, seconds),
+             "pipeline_pil_decode": lambda: pipeline_rate(prepared, resolution, seconds, decode=pil_decode),
+             "pipeline_eval_size": lambda: pipeline_rate(stored_small, resolution, seconds)}
+    rates = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, measure in paths.items():
+            rates[name].append(measure())
+    figures = {"rounds": rounds}
+    for name, values in rates.items():
+        figures[f"{name}_images_per_s"] = round(float(np.median(values)), 1)
+        if name != "naive":
+            per_round = [ours / naive for ours, naive in zip(values, rates["naive"])]
+            suffix = name.removeprefix("pipeline").removeprefix("_")
+            key = f"ratio_{suffix}" if suffix else "ratio"
+            figures[key] = round(float(np.median(values) / np.median(rates["naive"])), 2)
+            figures[f"{key}_range"] = [round(min(per_round), 2), round(max(per_round), 2)]
+    return figures
+
+
+def pil_decode(encoded: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(encoded)).convert("RGB")
 
 
 def as_split(encoded: list[bytes], num_classes: int) -> datasets.Dataset:
@@ -144,9 +186,11 @@ def print_table(report: dict) -> None:
         loader, model, proj = r["loader_per_core"], r["model"], r["projection"]
         print(f"\n{res} px")
         print(f"  loader per core   naive {loader['naive_images_per_s']:8.1f} img/s   pipeline "
-              f"{loader['pipeline_images_per_s']:8.1f} img/s   ratio {loader['ratio']:.2f}x   "
-              f"(stored <= {loader['eval_size_short_side']} px: {loader['pipeline_eval_size_images_per_s']:.1f} img/s, "
-              f"{loader['ratio_eval_size']:.2f}x)")
+              f"{loader['pipeline_images_per_s']:8.1f} img/s   ratio {loader['ratio']:.2f}x "
+              f"(rounds: {loader['ratio_range'][0]:.2f}-{loader['ratio_range'][1]:.2f}x; medians of {loader['rounds']})")
+        print(f"    PIL decode instead of TorchCodec {loader['pipeline_pil_decode_images_per_s']:.1f} img/s "
+              f"({loader['ratio_pil_decode']:.2f}x); stored <= {loader['eval_size_short_side']} px "
+              f"{loader['pipeline_eval_size_images_per_s']:.1f} img/s ({loader['ratio_eval_size']:.2f}x)")
         print(f"  train ({model['device']}, {model['precision']}, batch {model['batch_size']})   synthetic "
               f"{model['train_synthetic_images_per_s']:.1f} img/s   real loader "
               f"{model['train_real_loader_images_per_s']:.1f} img/s   ({model['real_over_synthetic']:.0%})")
@@ -164,6 +208,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed train/eval steps after 2 warm-up steps")
     parser.add_argument("--workers", type=int, default=-1, help="loader workers; -1: as train.num_workers: -1")
     parser.add_argument("--seconds", type=float, default=3.0, help="time spent on each loader measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="loader measurements per path, taken in turn")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON report is written")
     args = parser.parse_args()
 
@@ -183,20 +228,15 @@ def main() -> None:
     report = {"date": date.today().isoformat(), "machine": f"{platform.node()} {platform.processor() or ''}".strip(),
               "torch": torch.__version__, "images": count, "arch": arch, "resolutions": {}}
     for resolution in args.resolutions:
-        naive = images_per_second(full, naive_transform(resolution), args.seconds)
-        ours = images_per_second(prepared, train_transform(resolution), args.seconds)
         eval_side = round(resolution / EVAL_CROP_FRACTION)
         stored_small = [prepare_image(b, eval_side, params.prepare.jpeg_quality).encoded for b in full]
-        ours_small = images_per_second(stored_small, train_transform(resolution), args.seconds)
+        loader = loader_figures(full, prepared, stored_small, resolution, args.seconds, args.rounds)
+        loader.update(stored_short_side=params.prepare.max_short_side, eval_size_short_side=eval_side)
         train_params = params.train.model_copy(update={"resolution": resolution, "batch_size": batch_size})
         run_params = params.model_copy(update={"model": model_params, "train": train_params})
         model = model_throughput(run_params, args.steps, split, workers)
         report["resolutions"][resolution] = {
-            "loader_per_core": {"naive_images_per_s": round(naive, 1), "pipeline_images_per_s": round(ours, 1),
-                                "ratio": round(ours / naive, 2), "stored_short_side": params.prepare.max_short_side,
-                                "eval_size_short_side": eval_side,
-                                "pipeline_eval_size_images_per_s": round(ours_small, 1),
-                                "ratio_eval_size": round(ours_small / naive, 2)},
+            "loader_per_core": loader,
             "model": model,
             "projection": projection(model, params.train.epochs),
         }

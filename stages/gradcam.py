@@ -23,7 +23,7 @@ from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-from stages.data import MODEL_PATH, decode_rgb, model_eval_transform, open_split, to_model_input  # noqa: E402
+from stages.data import MODEL_PATH, decode_prepared, model_eval_transform, open_split, to_model_input  # noqa: E402
 from stages.evaluate import PER_CLASS_CSV, PREDICTIONS_CSV  # noqa: E402
 from stages.files import atomic_path, read_csv  # noqa: E402
 from stages.model import gradcam_target, load_checkpoint  # noqa: E402
@@ -58,7 +58,7 @@ def cam_tiles(model, target, split, rows: list[int], transform, device) -> list[
     with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         for start in range(0, len(rows), BATCH):
             batch = [split[i] for i in rows[start:start + BATCH]]
-            images = torch.stack([transform(decode_rgb(r["image"]["bytes"])) for r in batch])
+            images = torch.stack([transform(decode_prepared(r["image"]["bytes"])) for r in batch])
             inputs = to_model_input(images, device, channels_last=False)
             with torch.no_grad():
                 predicted = model(inputs).argmax(1).tolist()

@@ -2,8 +2,8 @@
 on its shorter side, and save the splits to data/prepared (a few Arrow shards).
 
 Training then decodes small JPEGs instead of full-size photos, once per epoch and
-image. An RGB JPEG that needs no resize keeps its original bytes (re-encoding would
-only lose quality). Unreadable images are dropped, counted in metrics/data.json and
+image. An RGB JPEG that needs no resize, and that training's decoder reads whole, keeps
+its original bytes (re-encoding would only lose quality). Unreadable images are dropped, counted in metrics/data.json and
 listed by id in metrics/dropped_images.csv. The same input gives byte-identical output.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.data import IGNORED_FILES, PREPARED_DIR, RAW_DIR
+from stages.data import IGNORED_FILES, PREPARED_DIR, RAW_DIR, decode_prepared
 from stages.files import atomic_dir, write_csv, write_json
 from stages.params import PrepareParams, load_params_or_exit
 
@@ -71,14 +71,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def the_loader_decodes(encoded: bytes) -> bool:
+    """Whether training's own decoder reads these bytes whole: kept bytes must never fail mid-epoch. Those it
+    refuses go through Pillow, which re-encodes what it can read and reports what it cannot."""
+    try:
+        decode_prepared(encoded)
+    except RuntimeError:
+        return False
+    return True
+
+
 def prepare_image(encoded: bytes, max_short_side: int, jpeg_quality: int) -> Prepared:
     if not encoded:
         return Prepared(error="empty file (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(encoded))
+        image = Image.open(io.BytesIO(encoded))  # the header only
         result = Prepared(width=image.width, height=image.height, mode=image.mode)
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
         target = scaled_size(image.size, max_short_side)
+        if (image.format == "JPEG" and image.mode == "RGB" and orientation == 1 and target is None
+                and the_loader_decodes(encoded)):
+            result.encoded, result.stored_short_side = encoded, min(image.size)
+            return result
         if image.format == "JPEG" and target:
             image.draft(None, target)  # decode at 1/2, 1/4 or 1/8 scale in the DCT: big photos decode several times faster
         image.load()  # a full decode: truncated or corrupt data raises here
@@ -86,9 +100,6 @@ def prepare_image(encoded: bytes, max_short_side: int, jpeg_quality: int) -> Pre
         return Prepared(error="not an image format Pillow can read")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return Prepared(error=f"{type(error).__name__}: {error}")
-    if image.format == "JPEG" and image.mode == "RGB" and orientation == 1 and target is None:
-        result.encoded, result.stored_short_side = encoded, min(image.size)
-        return result
     image = to_rgb(ImageOps.exif_transpose(image))
     if target := scaled_size(image.size, max_short_side):
         image = image.resize(target, Image.Resampling.BICUBIC)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import urllib.error
 
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 from torch import nn
 
 from stages import model as model_module
-from stages.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resolve_workers, to_model_input, train_transform
+from stages.data import (IMAGENET_MEAN, IMAGENET_STD, decode_prepared, eval_transform, resolve_workers, to_model_input,
+                         train_transform)
 from stages.model import (WeightsUnavailable, build_model, channels_last_to_first, constructor_kwargs, gradcam_target,
                           input_size_problem, load_checkpoint, save_checkpoint, vit_tokens_to_grid)
 
@@ -28,6 +30,21 @@ def test_transforms_give_uint8_squares_of_the_resolution(resolution):
 def test_eval_transform_is_deterministic_and_centred():
     image = Image.effect_noise((120, 90), 40).convert("RGB")
     assert torch.equal(eval_transform(64)(image), eval_transform(64)(image))
+
+
+def test_a_photo_and_the_decoded_dataset_image_are_transformed_alike():
+    """predict's PIL photos and the dataset's TorchCodec tensors meet the same tensor kernels."""
+    photo = Image.effect_noise((120, 90), 40).convert("RGB")
+    encoded = io.BytesIO()
+    photo.save(encoded, format="JPEG", quality=95)
+    from_pil = Image.open(io.BytesIO(encoded.getvalue())).convert("RGB")
+    from_torchcodec = decode_prepared(encoded.getvalue())
+    assert torch.equal(eval_transform(64)(from_pil), eval_transform(64)(from_torchcodec))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = train_transform(64, augment="trivial_augment")(from_pil)
+        torch.manual_seed(seed)
+        assert torch.equal(train_transform(64, augment="trivial_augment")(from_torchcodec), expected)
 
 
 def test_normalization_happens_on_the_device_side():

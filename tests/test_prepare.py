@@ -13,11 +13,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from stages.prepare import (carve_splits, check_split_layout, prepare_image, scaled_size, stratified_assignment,
                             to_rgb)
+from stages.data import decode_prepared
 from tests.conftest import REPO, tiny_params
 
 
@@ -94,6 +96,34 @@ def test_truncated_jpeg_is_refused_not_padded():
     full = encode(Image.effect_noise((200, 200), 50).convert("RGB"))
     result = prepare_image(full[: len(full) // 2], 512, 95)
     assert result.encoded is None and "truncated" in result.error
+
+
+@pytest.mark.parametrize("source", ["grey jpeg", "cmyk jpeg", "progressive jpeg", "rgba png", "large jpeg",
+                                    "rotated jpeg"])
+def test_whatever_is_stored_the_training_decoder_reads_as_rgb(source):
+    photo = Image.effect_noise((90, 60), 40).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = {"grey jpeg": lambda: encode(photo.convert("L")), "cmyk jpeg": lambda: encode(photo.convert("CMYK")),
+            "progressive jpeg": lambda: encode(photo, progressive=True),
+            "rgba png": lambda: encode(photo.convert("RGBA"), "PNG"),
+            "large jpeg": lambda: encode(photo.resize((900, 600))), "rotated jpeg": lambda: encode(photo, exif=exif),
+            }[source]()
+    result = prepare_image(data, 256, 95)
+    image = decode_prepared(result.encoded)
+    assert image.dtype == torch.uint8 and image.shape[0] == 3
+    assert tuple(image.shape[1:]) == {"large jpeg": (256, 384), "rotated jpeg": (90, 60)}.get(source, (60, 90))
+
+
+def test_a_jpeg_the_training_decoder_refuses_is_reencoded_not_kept(monkeypatch):
+    original = encode(Image.new("RGB", (120, 80), (10, 200, 30)))
+
+    def refuse(encoded):
+        raise RuntimeError("Unsupported JPEG feature")
+
+    monkeypatch.setattr("stages.prepare.decode_prepared", refuse)
+    result = prepare_image(original, 512, 95)
+    assert result.reencoded and result.encoded != original and decoded(result).size == (120, 80)
 
 
 def test_stratified_validation_takes_a_share_of_every_class():
