@@ -3,8 +3,9 @@ on its shorter side, and save the splits to data/prepared (a few Arrow shards).
 
 Training then decodes small JPEGs instead of full-size photos, once per epoch and
 image. An RGB JPEG that needs no resize, and that training's decoder reads whole, keeps
-its original bytes (re-encoding would only lose quality). Unreadable images are dropped, counted in metrics/data.json and
-listed by id in metrics/dropped_images.csv. The same input gives byte-identical output.
+its original bytes (re-encoding would only lose quality). Unreadable images are dropped,
+counted in metrics/data.json and listed by id in metrics/dropped_images.csv. The same
+input gives byte-identical output.
 """
 
 from __future__ import annotations
