@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
-from stages.data import (EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, ImageSplit, SeededEpochSampler,
-                         decode_prepared, make_loader, resolve_workers, to_model_input, train_transform)
+from stages.data import (IMAGENET_MEAN, IMAGENET_STD, ImageSplit, SeededEpochSampler, decode_prepared, make_loader,
+                         resolve_workers, square_side, to_model_input, train_transform)
 from stages.params import Params, load_params
 from stages.prepare import prepare_image
 from stages.runtime import pick_device
@@ -228,7 +228,7 @@ def main() -> None:
     report = {"date": date.today().isoformat(), "machine": f"{platform.node()} {platform.processor() or ''}".strip(),
               "torch": torch.__version__, "images": count, "arch": arch, "resolutions": {}}
     for resolution in args.resolutions:
-        eval_side = round(resolution / EVAL_CROP_FRACTION)
+        eval_side = square_side(resolution)
         stored_small = [prepare_image(b, eval_side, params.prepare.jpeg_quality).encoded for b in full]
         loader = loader_figures(full, prepared, stored_small, resolution, args.seconds, args.rounds)
         loader.update(stored_short_side=params.prepare.max_short_side, eval_size_short_side=eval_side)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from stages.data import (EVAL_CROP_FRACTION, MODEL_PATH, ImageSplit, make_loader, model_eval_transform, open_split,
+from stages.data import (MODEL_PATH, ImageSplit, make_loader, model_eval_transform, open_split, square_side,
                          to_model_input)
 from stages.files import write_json
 from stages.model import load_checkpoint
@@ -76,7 +76,7 @@ def serving_notes(meta: dict, export_format: str) -> dict:
         "class_names": meta["class_names"],
         "input": {"name": "image", "layout": "NCHW float32 RGB", "size": meta["resolution"], "mean": meta["mean"],
                   "std": meta["std"], "scale": "pixel values / 255 before mean/std",
-                  "resize": f"{resize_side} to {round(meta['resolution'] / EVAL_CROP_FRACTION)}, "
+                  "resize": f"{resize_side} to {square_side(meta['resolution'])}, "
                             f"centre crop {meta['resolution']}"},
         "output": {"name": "logits", "layout": "N x classes, in class_names order; softmax for probabilities"},
     }

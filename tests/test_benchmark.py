@@ -25,7 +25,8 @@ def test_generated_jpegs_have_stanford_cars_sizes():
 def test_benchmark_writes_the_report(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "benchmarks.speed", "--fraction", "0.003", "--resolutions", "32", "--arch",
-           "resnet18", "--batch-size", "4", "--steps", "1", "--seconds", "0.2", "--rounds", "2", "--workers", "0", "--out", str(out)]
+           "resnet18", "--batch-size", "4", "--steps", "1", "--seconds", "0.2", "--rounds", "2", "--workers", "0",
+           "--out", str(out)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())["resolutions"]["32"]
