@@ -96,7 +96,8 @@ def time_milestones(project: Path, overrides: list[str], timeout_s: float) -> di
                 process.wait()
     missing = [name for name in MILESTONES if name not in seen]
     if missing:
-        sys.exit(f"error: never saw {', '.join(missing)} in the run's output:\n{output.decode(errors='replace')[-3000:]}")
+        tail = output.decode(errors="replace")[-3000:]
+        sys.exit(f"error: never saw {', '.join(missing)} in the run's output:\n{tail}")
     return seen
 
 
@@ -113,7 +114,8 @@ def main() -> None:
         print(f"reusing the prepared project in {project}")
         run(["git", "checkout", "-q", "--", "params.yaml"], project)  # drop a previous timing's params
         shutil.rmtree(project / "checkpoints", ignore_errors=True)
-        counts = {split: sum(1 for _ in (args.workdir / "images" / split).rglob("*.jpg")) for split in ("train", "test")}
+        counts = {split: sum(1 for _ in (args.workdir / "images" / split).rglob("*.jpg"))
+                  for split in ("train", "test")}
         prepared = None
     else:
         if args.workdir.exists():

@@ -34,12 +34,13 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
-from stages.data import (IMAGENET_MEAN, IMAGENET_STD, ImageSplit, SeededEpochSampler, decode_prepared, make_loader,
-                         resolve_workers, square_side, to_model_input, train_transform)
+from stages.data import ImageSplit, SeededEpochSampler, make_loader, resolve_workers
+from stages.images import decode_prepared
 from stages.params import Params, load_params
 from stages.prepare import prepare_image
 from stages.runtime import pick_device
-from stages.train import Trainer
+from stages.trainer import Trainer
+from stages.transforms import IMAGENET_MEAN, IMAGENET_STD, square_side, to_model_input, train_transform
 
 CARS_TRAIN, CARS_TEST, CARS_CLASSES = 8144, 8041, 196
 RESULTS = Path("benchmarks/results.json")
@@ -187,7 +188,8 @@ def print_table(report: dict) -> None:
         print(f"\n{res} px")
         print(f"  loader per core   naive {loader['naive_images_per_s']:8.1f} img/s   pipeline "
               f"{loader['pipeline_images_per_s']:8.1f} img/s   ratio {loader['ratio']:.2f}x "
-              f"(rounds: {loader['ratio_range'][0]:.2f}-{loader['ratio_range'][1]:.2f}x; medians of {loader['rounds']})")
+              f"(rounds: {loader['ratio_range'][0]:.2f}-{loader['ratio_range'][1]:.2f}x; "
+              f"medians of {loader['rounds']})")
         print(f"    PIL decode instead of TorchCodec {loader['pipeline_pil_decode_images_per_s']:.1f} img/s "
               f"({loader['ratio_pil_decode']:.2f}x); stored <= {loader['eval_size_short_side']} px "
               f"{loader['pipeline_eval_size_images_per_s']:.1f} img/s ({loader['ratio_eval_size']:.2f}x)")

@@ -1,8 +1,6 @@
-"""The prepared dataset, the one definition of train/eval transforms, and the loaders.
+"""The prepared dataset and its loaders: splits, the seeded sampler, worker processes.
 
-Images travel as uint8 from decode to the device and are normalized there: a
-uint8 batch is a quarter of the float32 one to collate and copy, and the
-arithmetic is free on a GPU.
+The transforms are stages/transforms.py's; this module only reads prepared images and batches them.
 """
 
 from __future__ import annotations
@@ -14,18 +12,10 @@ from pathlib import Path
 
 import datasets
 import torch
-from torchcodec.decoders import decode_jpeg
-from torchvision.transforms import v2
 
-RAW_DIR = Path("data/raw")
-IGNORED_FILES = "ignored_files.json"  # in RAW_DIR: source files fetch left out (no image suffix)
-PREPARED_DIR = Path("data/prepared")
-MODEL_PATH = Path("models/model.pt")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_CROP_FRACTION = 0.875  # the usual ImageNet eval: resize the short side to res/0.875, centre-crop res
-TTA_CROP_FRACTIONS = (1.0, EVAL_CROP_FRACTION, 0.75)  # 3 scales (x 2 flips) for test-time augmentation
+from stages.errors import StageError
+from stages.images import decode_prepared
+from stages.paths import PREPARED_DIR
 
 
 def open_split(split: str, root: Path = PREPARED_DIR) -> datasets.Dataset:
@@ -34,71 +24,24 @@ def open_split(split: str, root: Path = PREPARED_DIR) -> datasets.Dataset:
     Nothing here calls .map()/.filter(): on a dataset opened from another stage's
     output those write cache files into it and DVC would see the output change.
     """
-    splits = datasets.load_from_disk(str(root))
+    splits = load_prepared(root)
     if split not in splits:
-        raise KeyError(f"{root} has no '{split}' split (it has {', '.join(splits)})")
+        raise StageError(f"{root} has no '{split}' split (it has {', '.join(splits)}): run `dvc repro prepare`")
     return splits[split].cast_column("image", datasets.Image(decode=False))
 
 
+def load_prepared(root: Path = PREPARED_DIR) -> datasets.DatasetDict:
+    if not (root / "dataset_dict.json").is_file():
+        raise StageError(f"{root} is missing or incomplete: run `dvc repro prepare` (or `dvc pull`)")
+    return datasets.load_from_disk(str(root))
+
+
 def split_names(root: Path = PREPARED_DIR) -> list[str]:
-    return list(datasets.load_from_disk(str(root)).keys())
+    return list(load_prepared(root).keys())
 
 
 def class_names(split: datasets.Dataset) -> list[str]:
     return split.features["label"].names
-
-
-def decode_prepared(encoded: bytes) -> torch.Tensor:
-    """A prepared image (always a 3-channel JPEG, see prepare) as uint8 CHW.
-
-    TorchCodec, not PIL: it decodes these JPEGs ~10% faster on one core, and its output goes straight to
-    torchvision's uint8 tensor kernels, which crop and resize at twice PIL's speed (BENCHMARKS.md).
-    """
-    return decode_jpeg(encoded, mode="RGB")
-
-
-COLOR_JITTER = 0.4  # brightness, contrast and saturation range of train.augment: color_jitter (torchvision's usual)
-
-
-def square_side(resolution: int, crop_fraction: float = EVAL_CROP_FRACTION) -> int:
-    """resize_then_crop's square (512 for 448: the published 94% recipe), also eval's shorter side."""
-    return round(resolution / crop_fraction)
-
-
-def train_transform(resolution: int, crop: str = "random_resized", crop_scale=(0.08, 1.0), crop_padding: int = 0,
-                    augment: str = "none") -> v2.Compose:
-    """The random crop of train.crop, a horizontal flip, then train.augment; uint8 CHW out.
-
-    Both transforms take a uint8 tensor or a PIL image (predict's photos); a PIL image becomes a tensor first,
-    so every image is cropped and resized by the same tensor kernels as in training.
-    """
-    if crop == "resize_then_crop":
-        side = square_side(resolution)
-        cropping = [v2.Resize((side, side), antialias=True), v2.RandomCrop(resolution, padding=crop_padding)]
-    else:
-        cropping = [v2.RandomResizedCrop(resolution, scale=tuple(crop_scale), antialias=True)]
-    augmenting = {
-        "none": [],
-        "trivial_augment": [v2.TrivialAugmentWide()],
-        "color_jitter": [v2.ColorJitter(brightness=COLOR_JITTER, contrast=COLOR_JITTER, saturation=COLOR_JITTER)],
-    }[augment]
-    return v2.Compose([v2.PILToTensor(), *cropping, v2.RandomHorizontalFlip(), *augmenting])
-
-
-def eval_transform(resolution: int, crop: str = "random_resized", crop_fraction: float = EVAL_CROP_FRACTION
-                   ) -> v2.Compose:
-    """Resize (the shorter side, or to a square when training resized to a square), then centre-crop."""
-    side = square_side(resolution, crop_fraction)
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize((side, side) if crop == "resize_then_crop" else side, antialias=True),
-        v2.CenterCrop(resolution),
-    ])
-
-
-def model_eval_transform(meta: dict, crop_fraction: float = EVAL_CROP_FRACTION) -> v2.Compose:
-    """The eval transform a saved model was trained for (its checkpoint's resolution and crop policy)."""
-    return eval_transform(meta["resolution"], meta.get("crop", "random_resized"), crop_fraction)
 
 
 class ImageSplit(torch.utils.data.Dataset):
@@ -142,7 +85,7 @@ class SeededEpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, size: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1):
         if world_size > 1 and size < batch_size:
-            raise ValueError(f"the train split has {size} images, fewer than one global batch ({batch_size}) "
+            raise StageError(f"the train split has {size} images, fewer than one global batch ({batch_size}) "
                              f"to split over {world_size} processes: lower train.batch_size")
         self.size = size
         self.seed = seed
@@ -200,7 +143,8 @@ def leave_interrupts_to_the_main_process(worker_id: int) -> None:
 
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int,
-                sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False) -> torch.utils.data.DataLoader:
+                sampler: torch.utils.data.Sampler | None = None,
+                drop_last: bool = False) -> torch.utils.data.DataLoader:
     """In dataset order unless a sampler is given."""
     return torch.utils.data.DataLoader(
         dataset,
@@ -224,13 +168,3 @@ def stop_workers(*loaders: torch.utils.data.DataLoader | None) -> None:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
             loader._iterator = None
-
-
-def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 NCHW on the host -> normalized float on the device."""
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std

@@ -1,28 +1,34 @@
-"""Stage `evaluate`: the kept model on the test split, as the seeds' eval.py reported it.
+"""Stage `evaluate`: the kept model on the test split, as the seeds' eval.py reported it (the seeds: the
+project's source documents, whose eval script printed these tables).
 
 metrics/eval.json      top-1, top-5, mean per-class accuracy (and the same under TTA)
 metrics/eval_report.json  the 10 worst and best classes and the 10 most-confused pairs, by name
 plots/per_class_accuracy.csv, plots/confused_pairs.csv, plots/predictions.csv  for `dvc plots`
+plots/confusion.json   the class names in model order and the confusion counts, for `report`
+The model and its input transform come from the checkpoint; batch size, precision and workers from evaluate.*.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from stages.data import (MODEL_PATH, TTA_CROP_FRACTIONS, ImageSplit, class_names, make_loader, model_eval_transform,
-                         open_split, resolve_workers)
+from stages.checkpoint import load_checkpoint
+from stages.data import ImageSplit, class_names, make_loader, open_split, resolve_workers
+from stages.errors import StageError, run_stage
 from stages.files import write_csv, write_json
-from stages.model import load_checkpoint
-from stages.params import load_params_or_exit
+from stages.params import load_params
+from stages.paths import (
+    CONFUSED_CSV,
+    CONFUSION_JSON,
+    EVAL_METRICS,
+    EVAL_REPORT,
+    MODEL_PATH,
+    PER_CLASS_CSV,
+    PREDICTIONS_CSV,
+)
 from stages.runtime import Precision, pick_device, predict_logits
+from stages.transforms import TTA_CROP_FRACTIONS, Preprocessing, eval_transform
 
-EVAL_METRICS = Path("metrics/eval.json")
-EVAL_REPORT = Path("metrics/eval_report.json")
-PER_CLASS_CSV = Path("plots/per_class_accuracy.csv")
-CONFUSED_CSV = Path("plots/confused_pairs.csv")
-PREDICTIONS_CSV = Path("plots/predictions.csv")
 TABLE_ROWS = 10
 
 
@@ -61,14 +67,14 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-def tta_probs(model, split, meta: dict, batch_size: int, workers: int, device, precision,
+def tta_probs(model, split, preprocessing: Preprocessing, batch_size: int, workers: int, device, precision,
               channels_last: bool) -> torch.Tensor:
     """Softmax averaged over 3 scales x 2 horizontal flips."""
     total = None
     for fraction in TTA_CROP_FRACTIONS:
-        loader = make_loader(ImageSplit(split, model_eval_transform(meta, fraction)), batch_size, workers)
+        loader = make_loader(ImageSplit(split, eval_transform(preprocessing, fraction)), batch_size, workers)
         for flip in (False, True):
-            logits, _ = predict_logits(model, loader, device, precision, channels_last, flip=flip,
+            logits, _ = predict_logits(model, loader, device, precision, channels_last, preprocessing, flip=flip,
                                        desc=f"tta {fraction:.3f}{' flip' if flip else ''}")
             probs = logits.softmax(1)
             total = probs if total is None else total + probs
@@ -92,33 +98,33 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
 
 
 def main() -> None:
-    params = load_params_or_exit()
+    e = load_params().evaluate
     device = pick_device()
-    model, meta = load_checkpoint(MODEL_PATH, device)
+    model, checkpoint = load_checkpoint(MODEL_PATH, device)
     test = open_split("test")
-    names = meta["class_names"]
+    names = checkpoint.class_names
     if class_names(test) != names:
-        raise SystemExit("error: the test split's classes differ from the model's; re-run `dvc repro` from prepare")
-    train_params = meta["params"]["train"]
-    channels_last = train_params["channels_last"] and device.type == "cuda"
+        raise StageError("the test split's classes differ from the model's; re-run `dvc repro` from prepare")
+    channels_last = device.type == "cuda"  # faster convolutions on GPUs; no effect on the results
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    precision = Precision(train_params["amp"], device)
-    workers = resolve_workers(train_params["num_workers"])
-    batch_size = params.evaluate.batch_size
+    precision = Precision(e.amp, device)
+    workers = resolve_workers(e.num_workers)
+    preprocessing = checkpoint.preprocessing
 
-    loader = make_loader(ImageSplit(test, model_eval_transform(meta)), batch_size, workers)
-    logits, labels = predict_logits(model, loader, device, precision, channels_last, desc="test")
+    loader = make_loader(ImageSplit(test, eval_transform(preprocessing)), e.batch_size, workers)
+    logits, labels = predict_logits(model, loader, device, precision, channels_last, preprocessing, desc="test")
     probs = logits.softmax(1)
-    metrics = {"images": len(labels), **summarize(probs, labels)}
-    if params.evaluate.tta:
-        metrics["tta"] = summarize(tta_probs(model, test, meta, batch_size, workers, device, precision,
+    metrics = {**summarize(probs, labels), "images": len(labels)}
+    if e.tta:
+        metrics["tta"] = summarize(tta_probs(model, test, preprocessing, e.batch_size, workers, device, precision,
                                              channels_last), labels)
 
     predicted = probs.argmax(1)
     confusion = confusion_matrix(predicted, labels, len(names))
     per_class = class_rows(confusion, names)
-    confused = [{"true": names[t], "predicted": names[p], "count": c} for t, p, c in most_confused(confusion, TABLE_ROWS)]
+    confused = [{"true": names[t], "predicted": names[p], "count": c}
+                for t, p, c in most_confused(confusion, TABLE_ROWS)]
     ids = test["id"]
     predictions = [{"id": ids[i], "actual": names[labels[i]], "predicted": names[predicted[i]],
                     "confidence": round(probs[i, predicted[i]].item(), 4)} for i in range(len(labels))]
@@ -133,10 +139,11 @@ def main() -> None:
     write_csv(PER_CLASS_CSV, per_class, ["class_id", "class_name", "accuracy", "images"])
     write_csv(CONFUSED_CSV, confused, ["true", "predicted", "count"])
     write_csv(PREDICTIONS_CSV, predictions, ["id", "actual", "predicted", "confidence"])
+    write_json(CONFUSION_JSON, {"class_names": names, "counts": confusion.tolist()})
 
     tta = metrics.get("tta")
     print(f"\ntest: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
-          f"mean per-class {metrics['mean_class_accuracy']:.2%}  ({len(labels)} images)"
+          f"mean per-class {metrics['mean_class_accuracy']:.2%}  ({len(labels)} images, {precision.name})"
           + (f"\nTTA (3 scales x 2 flips): top-1 {tta['top1']:.2%}  top-5 {tta['top5']:.2%}" if tta else ""))
     print_table(f"{TABLE_ROWS} worst classes", per_class[:TABLE_ROWS], ["class_name", "accuracy", "images"])
     print_table(f"{TABLE_ROWS} best classes", per_class[::-1][:TABLE_ROWS], ["class_name", "accuracy", "images"])
@@ -144,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -10,34 +10,33 @@ difference and the top-1 agreement go to metrics/export.json, and a mismatch fai
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from stages.data import (MODEL_PATH, ImageSplit, make_loader, model_eval_transform, open_split, square_side,
-                         to_model_input)
+from stages.checkpoint import Checkpoint, load_checkpoint
+from stages.data import ImageSplit, make_loader, open_split
+from stages.errors import StageError, run_stage
 from stages.files import write_json
-from stages.model import load_checkpoint
-from stages.params import load_params_or_exit
+from stages.params import load_params
+from stages.paths import EXPORT_DIR, EXPORT_METRICS, MODEL_PATH
+from stages.transforms import eval_transform, to_model_input
 
-EXPORT_DIR = Path("models/export")
 EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-EXPORT_METRICS = Path("metrics/export.json")
 CHECK_IMAGES = 32
 # Relative to the largest logit: float32 on the CPU leaves only summation-order differences, and an
 # untrained network's logits can reach 1e11, where an absolute bound means nothing.
 RELATIVE_TOLERANCE = 1e-4
 
 
-def sample_batch(meta: dict) -> torch.Tensor:
+def sample_batch(checkpoint: Checkpoint) -> torch.Tensor:
     """Up to CHECK_IMAGES test images through the model's eval transform, normalized."""
-    test = open_split("test")
-    loader = make_loader(ImageSplit(test, model_eval_transform(meta)), min(CHECK_IMAGES, len(test)), workers=0)
+    test, preprocessing = open_split("test"), checkpoint.preprocessing
+    loader = make_loader(ImageSplit(test, eval_transform(preprocessing)), min(CHECK_IMAGES, len(test)), workers=0)
     images, _ = next(iter(loader))
-    return to_model_input(images, torch.device("cpu"), channels_last=False)
+    return to_model_input(images, torch.device("cpu"), False, preprocessing.mean, preprocessing.std)
 
 
 def export_model(model: nn.Module, example: torch.Tensor, export_format: str, path: Path) -> None:
@@ -69,23 +68,22 @@ def compare(expected: torch.Tensor, got: torch.Tensor) -> dict:
             "top1_agreement": (got.argmax(1) == expected.argmax(1)).float().mean().item()}
 
 
-def serving_notes(meta: dict, export_format: str) -> dict:
-    resize_side = "square" if meta.get("crop") == "resize_then_crop" else "shorter side"
+def serving_notes(checkpoint: Checkpoint, export_format: str) -> dict:
+    p = checkpoint.preprocessing
     return {
-        "format": export_format, "file": EXPORT_FILES[export_format], "arch": meta["arch"],
-        "class_names": meta["class_names"],
-        "input": {"name": "image", "layout": "NCHW float32 RGB", "size": meta["resolution"], "mean": meta["mean"],
-                  "std": meta["std"], "scale": "pixel values / 255 before mean/std",
-                  "resize": f"{resize_side} to {square_side(meta['resolution'])}, "
-                            f"centre crop {meta['resolution']}"},
+        "format": export_format, "file": EXPORT_FILES[export_format], "arch": checkpoint.arch,
+        "class_names": checkpoint.class_names,
+        "input": {"name": "image", "layout": "NCHW float32 RGB", "size": p.resolution, "mean": list(p.mean),
+                  "std": list(p.std), "scale": "pixel values / 255 before mean/std", "resize": p.describe(),
+                  "interpolation": p.interpolation},
         "output": {"name": "logits", "layout": "N x classes, in class_names order; softmax for probabilities"},
     }
 
 
 def main() -> None:
-    export_format = load_params_or_exit().export.format
-    model, meta = load_checkpoint(MODEL_PATH, "cpu")
-    batch = sample_batch(meta)
+    export_format = load_params().export.format
+    model, checkpoint = load_checkpoint(MODEL_PATH, "cpu")
+    batch = sample_batch(checkpoint)
     with torch.inference_mode():
         expected = model(batch)
     EXPORT_DIR.mkdir(parents=True, exist_ok=True)
@@ -93,7 +91,7 @@ def main() -> None:
         old_export.unlink()
     path = EXPORT_DIR / EXPORT_FILES[export_format]
     export_model(model, batch[:2], export_format, path)
-    write_json(EXPORT_DIR / "model.json", serving_notes(meta, export_format))
+    write_json(EXPORT_DIR / "model.json", serving_notes(checkpoint, export_format))
 
     with torch.inference_mode():
         check = compare(expected, load_exported(path, export_format)(batch))
@@ -102,10 +100,10 @@ def main() -> None:
           f"{'onnxruntime' if export_format == 'onnx' else 'torch.jit'} on {len(batch)} test images: max logit "
           f"difference {check['max_abs_logit_difference']:.2e}, top-1 agreement {check['top1_agreement']:.1%}")
     if check["relative_logit_difference"] > RELATIVE_TOLERANCE or check["top1_agreement"] < 1:
-        sys.exit(f"error: the exported model disagrees with models/model.pt (logit difference "
+        raise StageError(f"the exported model disagrees with models/model.pt (logit difference "
                  f"{check['relative_logit_difference']:.2e} of the largest logit > {RELATIVE_TOLERANCE:g}); "
                  f"do not ship it")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

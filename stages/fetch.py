@@ -11,23 +11,40 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
-from stages.data import IGNORED_FILES, RAW_DIR
+from stages.errors import StageError, run_stage
 from stages.files import atomic_dir
-from stages.params import DataParams, load_params_or_exit
+from stages.images import IMAGE_SUFFIXES
+from stages.params import DataParams, load_params
+from stages.paths import LEFT_OUT_FILES, RAW_DIR
 
 REQUIRED_SPLITS = ("train",)  # no test split: prepare carves one out of train (data.test_fraction)
-SPLIT_ALIASES = {"train": "train", "test": "test", "validation": "validation", "valid": "validation", "val": "validation"}
+SPLIT_ALIASES = {"train": "train", "test": "test", "validation": "validation", "valid": "validation",
+                 "val": "validation"}
+SPLIT_ORDER = ("train", "validation", "test")
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-class SourceError(ValueError):
+class SourceError(StageError):
     pass
+
+
+@dataclass
+class FolderListing:
+    """What fetch takes from an image folder, and what it leaves out (with the reason, for prepare to list)."""
+
+    root: Path
+    classes: list[str] = field(default_factory=list)
+    files: dict[str, list[tuple[Path, int]]] = field(default_factory=dict)  # split -> (file, class index)
+    left_out: list[dict] = field(default_factory=list)  # {"split", "id", "reason"}
+
+    def leave_out(self, path: Path, reason: str) -> None:
+        relative = path.relative_to(self.root).as_posix()
+        self.left_out.append({"split": relative.split("/")[0], "id": relative, "reason": reason})
 
 
 def source_kind(source: str) -> str:
@@ -45,43 +62,113 @@ def source_kind(source: str) -> str:
     return "hub"
 
 
-def check_image_folder(root: Path) -> list[str]:
-    """Files in class folders that are not images (by suffix); refuses layouts that cannot train."""
-    splits = {SPLIT_ALIASES.get(p.name): p for p in sorted(root.iterdir()) if p.is_dir()}
-    missing = [s for s in REQUIRED_SPLITS if s not in splits]
-    if missing:
+def check_image_folder(root: Path) -> FolderListing:
+    """The image files of a folder laid out split/class name/image, and what is left out and why; refuses
+    layouts that cannot train. Hidden and symlinked folders are left out (and listed), file symlinks may point
+    anywhere inside the folder but never outside it (a link to /etc/passwd must not reach the DVC cache)."""
+    listing = FolderListing(root)
+    splits = {}
+    for entry in sorted(root.iterdir()):
+        if usable_folder(entry, listing):
+            split = SPLIT_ALIASES.get(entry.name)
+            if split is None:
+                listing.leave_out(entry, "not a split folder (train, validation/val/valid, test): left out")
+            elif split in splits:
+                raise SourceError(f"{root} has two {split} folders ({splits[split].name}, {entry.name}); keep one")
+            else:
+                splits[split] = entry
+        elif entry.is_file() and not entry.is_symlink():
+            listing.leave_out(entry, "a file outside the split/class folders: left out")
+    if "train" not in splits:
         found = ", ".join(p.name for p in root.iterdir() if p.is_dir()) or "no folders"
         raise SourceError(
             f"data.source folder {root} needs a train split folder (and test, or data.test_fraction > 0 to carve "
             f"one out of train; optionally validation), each holding one folder per class; found {found}"
         )
-    classes = sorted(p.name for p in splits["train"].iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise SourceError(f"data.source folder {splits['train']} has {len(classes)} class folder(s); at least 2 are needed")
-    ignored = []
+    listing.classes = sorted(p.name for p in splits["train"].iterdir() if usable_folder(p))
+    if len(listing.classes) < 2:
+        raise SourceError(f"data.source folder {splits['train']} has {len(listing.classes)} class folder(s); "
+                          f"at least 2 are needed")
     for split, folder in splits.items():
-        if split is None:
-            continue
-        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if class_dir.name not in classes:
-                raise SourceError(f"class folder {class_dir} is not among the train classes; add it to train or remove it")
-            files = [f for f in class_dir.iterdir() if f.is_file()]
-            if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in files):
+        listing.files[split] = []
+        for class_dir in sorted(folder.iterdir()):
+            if not usable_folder(class_dir, listing):
+                if class_dir.is_file() or class_dir.is_symlink() and not class_dir.is_dir():
+                    listing.leave_out(class_dir, "a file outside the class folders: left out")
+                continue
+            if class_dir.name not in listing.classes:
+                raise SourceError(f"class folder {class_dir} is not among the train classes; add it to train or "
+                                  f"remove it")
+            images = list_class_folder(class_dir, listing)
+            if not images:
                 raise SourceError(f"class folder {class_dir} holds no image files; add images or remove the folder")
-            ignored += [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
-    names = [str(f.relative_to(root)) for f in ignored]
-    if names:
-        print(f"fetch: ignored {len(names)} file(s) without an image suffix: {', '.join(names[:5])}"
-              f"{' ...' if len(names) > 5 else ''}")
-    return names
+            label = listing.classes.index(class_dir.name)
+            listing.files[split] += [(image, label) for image in images]
+    if listing.left_out:
+        print(f"fetch: left out {len(listing.left_out)} file(s) or folder(s) (listed in metrics/dropped_images.csv "
+              f"by prepare): " + "; ".join(f"{row['id']}: {row['reason']}" for row in listing.left_out[:5])
+              + (" ..." if len(listing.left_out) > 5 else ""))
+    return listing
+
+
+def usable_folder(path: Path, listing: FolderListing | None = None) -> bool:
+    """A real, visible folder. Hidden and symlinked folders are left out; with a listing, they are listed."""
+    if not path.is_dir():
+        return False
+    reason = None
+    if path.name.startswith("."):
+        reason = "hidden folder (its name starts with '.'): left out"
+    elif path.is_symlink():
+        reason = "symlinked folder: left out (point data.source at the real folder, or copy it in)"
+    if reason and listing is not None:
+        listing.leave_out(path, reason)
+    return reason is None
+
+
+def list_class_folder(class_dir: Path, listing: FolderListing) -> list[Path]:
+    """The image files of one class folder (by suffix), each a regular file readable here and inside the source."""
+    images = []
+    for path in sorted(class_dir.iterdir()):
+        reason = None
+        if path.is_dir():
+            reason = "a folder inside a class folder: left out (images must sit directly in the class folder)"
+        elif path.name.startswith("."):
+            reason = "hidden file: left out"
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            reason = "no image file suffix: left out"
+        elif path.is_symlink() and not path.resolve().is_relative_to(listing.root.resolve()):
+            reason = f"symlink to {path.resolve()}, outside data.source: refused"
+        elif not path.is_file():
+            reason = "not a regular file (a broken link, a device or a pipe): left out"
+        elif not os.access(path, os.R_OK):
+            reason = "not readable (permissions): left out"
+        if reason:
+            listing.leave_out(path, reason)
+        else:
+            images.append(path)
+    return images
+
+
+def load_folder(listing: FolderListing) -> datasets.DatasetDict:
+    """The listed files as splits (id = the path inside the folder, image = the file's bytes, label). The bytes
+    are read as save_to_disk writes each batch, so memory stays flat however many images there are."""
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(decode=False),
+                                  "label": datasets.ClassLabel(names=listing.classes)})
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({
+            "id": [path.relative_to(listing.root).as_posix() for path, _ in files],
+            "image": [{"path": str(path), "bytes": None} for path, _ in files],
+            "label": [label for _, label in files],
+        }, features=features)
+        for split, files in sorted(listing.files.items(), key=lambda item: SPLIT_ORDER.index(item[0]))
+    })
 
 
 def load_source(data: DataParams) -> datasets.DatasetDict:
+    """A saved DatasetDict or a hub dataset, as its author laid it out (standardize renames it)."""
     kind = source_kind(data.source)
     if kind == "saved":
         return datasets.load_from_disk(data.source)
-    if kind == "folder":
-        return datasets.load_dataset("imagefolder", data_dir=str(Path(data.source).expanduser()))
     try:
         return datasets.load_dataset(data.source, revision=data.revision)
     except Exception as error:  # the hub raises many types; each means the same to the user
@@ -95,7 +182,7 @@ def load_source(data: DataParams) -> datasets.DatasetDict:
         ) from None
 
 
-def standardize(splits: datasets.DatasetDict, data: DataParams, kind: str) -> datasets.DatasetDict:
+def standardize(splits: datasets.DatasetDict, data: DataParams) -> datasets.DatasetDict:
     """Splits named train/validation/test; columns id, image, label (ClassLabel)."""
     renamed = {}
     for name, split in splits.items():
@@ -103,7 +190,7 @@ def standardize(splits: datasets.DatasetDict, data: DataParams, kind: str) -> da
         if standard is None:
             print(f"fetch: ignoring split '{name}' ({len(split)} images): only train, validation and test are used")
             continue
-        renamed[standard] = standardize_columns(split, data, name, kind)
+        renamed[standard] = standardize_columns(split, data, name)
     missing = [s for s in REQUIRED_SPLITS if s not in renamed]
     if missing:
         raise SourceError(f"data.source '{data.source}' has splits {list(splits)}; it needs a train split")
@@ -111,17 +198,19 @@ def standardize(splits: datasets.DatasetDict, data: DataParams, kind: str) -> da
     for name, split in renamed.items():
         if split.features["label"].names != names:
             raise SourceError(f"split '{name}' of '{data.source}' has other class names than train")
-    return datasets.DatasetDict({s: renamed[s] for s in ("train", "validation", "test") if s in renamed})
+    return datasets.DatasetDict({s: renamed[s] for s in SPLIT_ORDER if s in renamed})
 
 
-def standardize_columns(split: datasets.Dataset, data: DataParams, split_name: str, kind: str) -> datasets.Dataset:
+def standardize_columns(split: datasets.Dataset, data: DataParams, split_name: str) -> datasets.Dataset:
     for param, column in (("image_column", data.image_column), ("label_column", data.label_column)):
         if column not in split.column_names:
-            raise SourceError(f"data.{param} '{column}' is not a column of split '{split_name}' (columns: {split.column_names})")
+            raise SourceError(f"data.{param} '{column}' is not a column of split '{split_name}' "
+                              f"(columns: {split.column_names})")
     if not isinstance(split.features[data.image_column], datasets.Image):
-        raise SourceError(f"data.image_column '{data.image_column}' is a {split.features[data.image_column]}, not an Image")
+        raise SourceError(f"data.image_column '{data.image_column}' is a {split.features[data.image_column]}, "
+                          f"not an Image")
     split = split.cast_column(data.image_column, datasets.Image(decode=False))
-    ids = image_ids(split, data.image_column, split_name, kind)
+    ids = image_ids(split, split_name)
     split = split.select_columns([data.image_column, data.label_column])
     split = split.rename_columns({data.image_column: "image", data.label_column: "label"})
     split = as_class_label(split, split_name)
@@ -141,36 +230,33 @@ def as_class_label(split: datasets.Dataset, split_name: str) -> datasets.Dataset
     return split.cast_column("label", datasets.ClassLabel(names=names))
 
 
-def image_ids(split: datasets.Dataset, image_column: str, split_name: str, kind: str) -> list[str]:
-    """Stable ids to name images in reports: the file path for folders, an `id` column, or split/row."""
-    if kind == "folder":
-        paths = split.data.column(image_column).combine_chunks().field("path").to_pylist()
-        return [f"{split_name}/{Path(p).parent.name}/{Path(p).name}" for p in paths]
+def image_ids(split: datasets.Dataset, split_name: str) -> list[str]:
+    """Stable ids to name images in reports: an `id` column, or split/row."""
     if "id" in split.column_names:
         return [str(i) for i in split["id"]]
     return [f"{split_name}/{i:06d}" for i in range(len(split))]
 
 
-def save(splits: datasets.DatasetDict, out: Path, ignored_files: list[str] = ()) -> None:
-    """The splits, and beside them the ignored files for prepare to count and report."""
+def save(splits: datasets.DatasetDict, out: Path, left_out: list[dict] = ()) -> None:
+    """The splits, and beside them the files left out, for prepare to count and list."""
     with atomic_dir(out) as tmp:
         splits.save_to_disk(str(tmp), max_shard_size="500MB")
-        (tmp / IGNORED_FILES).write_text(json.dumps(list(ignored_files), indent=1) + "\n")
+        (tmp / LEFT_OUT_FILES.name).write_text(json.dumps(list(left_out), indent=1, ensure_ascii=False) + "\n")
 
 
 def main() -> None:
-    params = load_params_or_exit()
-    try:
-        kind = source_kind(params.data.source)
-        ignored = check_image_folder(Path(params.data.source).expanduser()) if kind == "folder" else []
-        splits = standardize(load_source(params.data), params.data, kind)
-    except SourceError as error:
-        sys.exit(f"error: {error}")
-    save(splits, RAW_DIR, ignored)
+    params = load_params()
+    kind = source_kind(params.data.source)
+    if kind == "folder":
+        listing = check_image_folder(Path(params.data.source).expanduser())
+        splits, left_out = load_folder(listing), listing.left_out
+    else:
+        splits, left_out = standardize(load_source(params.data), params.data), []
+    save(splits, RAW_DIR, left_out)
     names = splits["train"].features["label"].names
     sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
     print(f"fetch: {params.data.source} ({kind}) -> {RAW_DIR}: {len(names)} classes; {sizes} images")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,15 +1,60 @@
-"""Output files are written to a temporary name and renamed into place, so an
-interrupted stage never leaves a truncated model or metrics file for DVC to cache."""
+"""Output files are written to a temporary name and renamed into place, so an interrupted stage never leaves
+a truncated model or metrics file for DVC to cache. A full disk is a StageError naming the file, not a raw
+OSError from deep inside torch or json; temporary leftovers of a killed run are removed by the next one."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+from stages.errors import StageError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_stale_siblings(path: Path) -> list[Path]:
+    """Deletes `.NAME.tmpPID` leftovers of processes that are gone (a killed stage); returns them."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp(\d+)")
+    removed = []
+    for candidate in path.parent.glob(f".{path.name}.tmp*") if path.parent.is_dir() else []:
+        match = pattern.fullmatch(candidate.name)
+        if match and not process_alive(int(match.group(1))):
+            shutil.rmtree(candidate, ignore_errors=True) if candidate.is_dir() else candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def disk_full_as_stage_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+        raise StageError(f"no space left on the device while writing {path} ({free / 2**20:.0f} MiB free): "
+                         f"free some space (e.g. `dvc gc -w` drops cached outputs of old runs) and run again") from None
 
 
 @contextmanager
@@ -17,9 +62,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_stale_siblings(path)
+    tmp = temporary_sibling(path)
     try:
-        yield tmp
+        with disk_full_as_stage_error(path):
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -29,14 +76,42 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yields a fresh temporary folder beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    tmp = temporary_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        yield tmp
+        with disk_full_as_stage_error(path):
+            yield tmp
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def scratch_dir(path: Path | str) -> Iterator[Path]:
+    """A fresh temporary folder beside `path` (named as atomic_dir names its own), always deleted afterwards."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    tmp = temporary_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with disk_full_as_stage_error(path):
+            yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_torch(path: Path | str, data) -> None:
+    """torch.save, atomically. Through a Python file object: torch's own writer reports a full disk as
+    'unexpected pos', this one as ENOSPC."""
+    import torch  # here: fetch and prepare write no tensors and need not import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(data, f)
 
 
 def write_json(path: Path | str, data) -> None:
@@ -54,3 +129,11 @@ def write_csv(path: Path | str, rows: list[dict], columns: list[str]) -> None:
 def read_csv(path: Path | str) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_json(path: Path | str, made_by: str):
+    """A JSON output of another stage; a missing one says which stage makes it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path} not found: run `dvc repro {made_by}` first") from None

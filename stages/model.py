@@ -1,4 +1,4 @@
-"""The one model builder, used by train, evaluate and gradcam, and the checkpoint format."""
+"""The one model builder: a torchvision classifier with new heads, and the checks of what it can take."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import torch
 import torchvision
 from torch import nn
 
-from stages.files import atomic_path
+from stages.errors import StageError
 
 
-class WeightsUnavailable(RuntimeError):
-    pass
+class WeightsUnavailable(StageError):
+    """model.weights cannot be had (no network, or a file that is not a state dict of this arch)."""
+
+
+class RecipeError(StageError):
+    """The params ask for something this model cannot do (a resolution, a module to unfreeze)."""
 
 
 IMAGENET_CLASSES = 1000  # every torchvision classifier's head (and auxiliary heads) outputs these
@@ -96,10 +100,23 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
     return clean
 
 
+def read_state_dict(path: Path) -> dict:
+    """A state dict from `path` (bare, or under "state_dict" as this pipeline saves it), read without running any
+    code (weights_only); anything else is a WeightsUnavailable naming the file."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle refused by weights_only, not a torch file at all
+        raise WeightsUnavailable(f"{path} is not a readable PyTorch weights file ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailable(f"{path} holds a {type(loaded).__name__}, not a state dict of tensors")
+    return strip_wrapper_prefixes(state)
+
+
 def load_local_weights(arch: str, path: Path, new_heads, constructor: dict) -> nn.Module:
     """A state dict with the ImageNet head(s) (replaced after loading), or with this run's heads (kept)."""
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    state = strip_wrapper_prefixes(loaded.get("state_dict", loaded))
+    state = read_state_dict(path)
     imagenet_headed = torchvision.models.get_model(arch, weights=None, **constructor)
     try:
         imagenet_headed.load_state_dict(state)
@@ -128,61 +145,20 @@ def input_size_problem(arch: str, resolution: int, training: bool, **constructor
     return None
 
 
-def save_checkpoint(path: Path | str, model: nn.Module, **meta) -> None:
-    """The model with everything needed to use it: arch, class names, params, preprocessing."""
-    payload = {"state_dict": strip_wrapper_prefixes(model.state_dict()), **meta}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found: run `dvc repro train` first")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    spec = payload["params"]["model"]
-    model = build_model(payload["arch"], len(payload["class_names"]), "none", spec["head"], spec["head_hidden"],
-                        spec["head_dropout"], **payload["constructor"])
-    model.load_state_dict(payload.pop("state_dict"))
-    return model.to(device).eval(), payload
-
-
-def vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
-    """ViT activations (N, 1 + h*w, C), class token first, as a (N, C, h, w) map for GradCAM."""
-    patches = tokens[:, 1:, :]
-    side = int(patches.shape[1] ** 0.5)
-    return patches.reshape(len(patches), side, side, -1).permute(0, 3, 1, 2)
-
-
-def channels_last_to_first(activations: torch.Tensor) -> torch.Tensor:
-    """Swin's stages output (N, h, w, C)."""
-    return activations.permute(0, 3, 1, 2)
-
-
-def gradcam_target(model: nn.Module, spec: str):
-    """(layer, reshape_transform or None) for GradCAM: the last spatial block of each model family (the last
-    residual block for ResNets, as the seeds' eval.py), or the module path given in gradcam.target_layer."""
-    if spec != "auto":
-        module = model
-        for part in spec.replace("[", ".").replace("]", "").split("."):
-            module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
-        return module, None
-    family = type(model).__name__
-    by_family = {
-        "ResNet": lambda: model.layer4[-1],  # also ResNeXt, Wide ResNet
-        "Inception3": lambda: model.Mixed_7c,
-        "GoogLeNet": lambda: model.inception5b,
-        "RegNet": lambda: model.trunk_output,
-        "ShuffleNetV2": lambda: model.conv5,
-        "MNASNet": lambda: model.layers[-1],
-        "VisionTransformer": lambda: model.encoder.layers[-1].ln_1,
-        "SwinTransformer": lambda: model.features[-1],
-    }
-    reshape = {"VisionTransformer": vit_tokens_to_grid, "SwinTransformer": channels_last_to_first}.get(family)
-    if family in by_family:
-        return by_family[family](), reshape
-    if isinstance(getattr(model, "features", None), nn.Sequential):  # VGG, DenseNet, MobileNet, EfficientNet...
-        return model.features[-1], None
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError(f"no convolution in {family}; set gradcam.target_layer to a module path")
-    return convs[-1], None
+def fit_to_resolution(arch: str, resolution: int) -> dict:
+    """Constructor kwargs for `arch` at `resolution`, checked before anything heavy: an input the model cannot
+    take is an error; Inception's auxiliary classifier (which needs 299 px) is switched off below its size."""
+    problem = input_size_problem(arch, resolution, training=False)
+    if problem:
+        raise RecipeError(f"model.arch {arch} cannot take train.resolution={resolution}: {problem}. "
+                          f"Pick a resolution the model accepts (inception_v3: >= 75, its auxiliary head: 299; "
+                          f"ViT/Swin: the size their weights were trained at)")
+    training_problem = input_size_problem(arch, resolution, training=True)
+    if training_problem is None:
+        return {}
+    try:
+        if input_size_problem(arch, resolution, training=True, aux_logits=False) is None:
+            return {"aux_logits": False}
+    except TypeError:  # no aux_logits switch: the failure is elsewhere
+        pass
+    raise RecipeError(f"model.arch {arch} cannot train at train.resolution={resolution}: {training_problem}")

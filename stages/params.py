@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.errors import StageError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -36,9 +37,15 @@ ParamsLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds stop there
+MAX_WORKERS = 256  # data-loading processes; more only exhausts memory and file handles
+MAX_RESOLUTION = 4096  # far above any fine-tuning recipe; a typo such as 100000 would ask for terabytes
+
+
 class Section(BaseModel):
     # extra="forbid": an unknown key (a typo such as train.learning_rate) is an error, not silently ignored.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: `lr: .inf` or `.nan` is refused here, not discovered as a NaN loss an epoch later.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 # What `data.preset` fills in for data.source / val_fraction / test_fraction left at null. Fractions are of
@@ -62,7 +69,7 @@ class DataParams(Section):
     label_column: str = "label"
     val_fraction: float = Field(ge=0.0, lt=1.0)
     test_fraction: float = Field(ge=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="before")
     @classmethod
@@ -89,16 +96,16 @@ class DataParams(Section):
 
 
 class PrepareParams(Section):
-    max_short_side: int = Field(ge=32)
+    max_short_side: int = Field(ge=32, le=8192)
     jpeg_quality: int = Field(ge=50, le=100)
-    num_workers: int = Field(ge=0)  # 0: one per CPU core
+    num_workers: int = Field(ge=0, le=MAX_WORKERS)  # 0: one per CPU core
 
 
 class ModelParams(Section):
     arch: str
     weights: str
     head: Literal["linear", "mlp"]  # mlp: Linear(features, head_hidden) + ReLU + Dropout(head_dropout) + Linear
-    head_hidden: int = Field(ge=1)
+    head_hidden: int = Field(ge=1, le=65536)
     head_dropout: float = Field(ge=0.0, lt=1.0)
 
     @field_validator("arch")
@@ -129,34 +136,34 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
-    resolution: int = Field(ge=32)
-    batch_size: int = Field(ge=1)
-    epochs: int = Field(ge=1)
+    resolution: int = Field(ge=32, le=MAX_RESOLUTION)
+    batch_size: int = Field(ge=1, le=65536)
+    epochs: int = Field(ge=1, le=10000)
     optimizer: Literal["sgd", "adamw"]
-    lr: float = Field(gt=0)  # the backbone's lr; the new head's is lr * head_lr_multiplier
-    head_lr_multiplier: float = Field(gt=0)
+    lr: float = Field(gt=0, le=10)  # the backbone's lr; the new head's is lr * head_lr_multiplier
+    head_lr_multiplier: float = Field(gt=0, le=1000)
     momentum: float = Field(ge=0, lt=1)  # sgd only; adamw uses its default betas
     nesterov: bool  # sgd only
-    weight_decay: float = Field(ge=0)
+    weight_decay: float = Field(ge=0, le=10)
     no_weight_decay_on_norm_and_bias: bool
     lr_schedule: Literal["step", "cosine", "exponential", "constant"]
-    lr_step_epochs: int = Field(ge=1)  # step: lr * lr_gamma every lr_step_epochs epochs
+    lr_step_epochs: int = Field(ge=1, le=10000)  # step: lr * lr_gamma every lr_step_epochs epochs
     lr_gamma: float = Field(gt=0, le=1)  # step and exponential (exponential: lr * lr_gamma every epoch)
-    warmup_epochs: int = Field(ge=0)  # linear warmup before the schedule starts
+    warmup_epochs: int = Field(ge=0, le=10000)  # linear warmup before the schedule starts
     label_smoothing: float = Field(ge=0, lt=1)
-    freeze_epochs: int = Field(ge=0)  # epochs training only the new head
+    freeze_epochs: int = Field(ge=0, le=10000)  # epochs training only the new head
     unfreeze_from: str | None  # after freeze_epochs: train layers from this module on (null: all layers)
     crop: Literal["random_resized", "resize_then_crop"]
     crop_scale: list[float]  # random_resized: the area range [min, max] of the crop
-    crop_padding: int = Field(ge=0)  # resize_then_crop: zero padding around the random crop
+    crop_padding: int = Field(ge=0, le=MAX_RESOLUTION)  # resize_then_crop: zero padding around the random crop
     augment: Literal["none", "trivial_augment", "color_jitter"]
-    seed: int
+    seed: int = Field(ge=0, le=MAX_SEED)
     amp: Literal["bf16", "fp16", "none"]
     channels_last: bool
     compile: bool
-    num_workers: int = Field(ge=-1)  # -1: chosen from the CPUs present
-    eval_every: int = Field(ge=0)  # validation every N epochs; 0: only after the last
-    devices: int = Field(ge=1)  # processes (one per GPU) under torchrun; batch_size and lr stay global
+    num_workers: int = Field(ge=-1, le=MAX_WORKERS)  # -1: chosen from the CPUs present
+    eval_every: int = Field(ge=0, le=10000)  # validation every N epochs; 0: only after the last
+    devices: int = Field(ge=1, le=1024)  # processes (one per GPU) under torchrun; batch_size and lr stay global
     sync_batchnorm: bool  # devices > 1 on CUDA: BatchNorm statistics over the global batch
 
     @field_validator("crop_scale")
@@ -179,14 +186,16 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     tta: bool
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1, le=65536)
+    amp: Literal["auto", "bf16", "fp16", "none"]  # auto: bf16 on CUDA, fp32 on the CPU
+    num_workers: int = Field(ge=-1, le=MAX_WORKERS)  # -1: chosen from the CPUs present
 
 
 class GradcamParams(Section):
-    num_samples: int = Field(ge=1)
-    num_misclassified: int = Field(ge=0)
+    num_samples: int = Field(ge=1, le=256)
+    num_misclassified: int = Field(ge=0, le=256)
     target_layer: str
-    seed: int
+    seed: int = Field(ge=0, le=MAX_SEED)
 
 
 class ExportParams(Section):
@@ -205,7 +214,7 @@ class Params(Section):
     export: ExportParams
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError):
     """params.yaml is malformed; the message lists every problem found."""
 
 
@@ -225,7 +234,15 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root, where params.yaml lives")
-    raw = yaml.load(path.read_text(), Loader=ParamsLoader) or {}
+    try:
+        raw = yaml.load(path.read_text(), Loader=ParamsLoader) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ParamsError(f"{path} is not valid YAML{at}: {getattr(error, 'problem', None) or error}. Fix the "
+                          f"file (or `git checkout {path}` to go back to the committed params)") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} holds a {type(raw).__name__}, not sections of params (data:, train:, ...)")
     return parse_params(raw, source=str(path))
 
 
@@ -258,16 +275,3 @@ def did_you_mean(loc: tuple, raw: dict) -> str:
     close = [initials] if initials in known else difflib.get_close_matches(str(name), known, n=1, cutoff=0.4)
     prefix = f"{section}." if section and len(loc) > 1 else ""
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
-
-
-def load_params_or_exit(path: Path | str = PARAMS_FILE) -> Params:
-    """For stage entry points: a params problem ends the stage with the message, not a traceback."""
-    try:
-        return load_params(path)
-    except ParamsError as error:
-        sys.exit(f"error: {error}")
-
-
-if __name__ == "__main__":  # `python -m stages.params` checks params.yaml without running anything
-    load_params_or_exit()
-    print("params.yaml is valid")

@@ -1,36 +1,48 @@
-"""Stage `prepare`: decode every image once, make it RGB and at most `prepare.max_short_side`
-on its shorter side, and save the splits to data/prepared (a few Arrow shards).
+"""Stage `prepare`: decode every image once, make it RGB and at most `prepare.max_short_side` on its shorter
+side, and save the splits to data/prepared (a few Arrow shards).
 
-Training then decodes small JPEGs instead of full-size photos, once per epoch and
-image. An RGB JPEG that needs no resize, and that training's decoder reads whole, keeps
-its original bytes (re-encoding would only lose quality). Unreadable images are dropped,
-counted in metrics/data.json and listed by id in metrics/dropped_images.csv. The same
-input gives byte-identical output.
+Training then decodes small JPEGs instead of full-size photos, once per epoch and image. An RGB JPEG that needs
+no resize, and that training's decoder reads whole, keeps its original bytes (re-encoding would only lose
+quality). Images are decoded by a pool of processes in chunks and written to Arrow as they come back, so
+memory stays flat however many images there are. Unreadable or refused images are dropped, counted in
+metrics/data.json and listed by id in metrics/dropped_images.csv, beside the files fetch left out; an image
+that fails in any way is dropped alone, the others go on. The same input gives byte-identical output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import multiprocessing
 import os
 import sys
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import datasets
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from datasets.arrow_writer import ArrowWriter
+from datasets.table import MemoryMappedTable
+from PIL import Image
 from tqdm import tqdm
 
-from stages.data import IGNORED_FILES, PREPARED_DIR, RAW_DIR, decode_prepared
-from stages.files import atomic_dir, write_csv, write_json
-from stages.params import PrepareParams, load_params_or_exit
+from stages.errors import StageError, run_stage
+from stages.files import atomic_dir, scratch_dir, write_csv, write_json
+from stages.images import ImageRejected, decode_prepared, exif_orientation, load_pixels, open_header
+from stages.params import Params, PrepareParams, load_params
+from stages.paths import DATA_METRICS, DROPPED_LIST, LEFT_OUT_FILES, PREPARED_DIR, RAW_DIR
 
-DATA_METRICS = Path("metrics/data.json")
-DROPPED_LIST = Path("metrics/dropped_images.csv")
-EXIF_ORIENTATION = 0x0112
+CHUNK = 32  # images per task sent to a decode process
+TASKS_IN_FLIGHT_PER_WORKER = 3  # bounds what waits in memory between the processes and the writer
+WRITER_BATCH = 64  # images per Arrow record batch written
+SPLITS = ("train", "validation", "test")
+FEATURES = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                              "label": datasets.ClassLabel(names=[])})  # names set per dataset
 
 
 @dataclass
@@ -41,6 +53,7 @@ class Prepared:
     stored_short_side: int = 0
     mode: str = ""
     reencoded: bool = False
+    source_hash: str = ""  # of the source bytes: the same image in two splits is reported
     error: str = ""
 
 
@@ -54,24 +67,6 @@ def scaled_size(size: tuple[int, int], max_short_side: int) -> tuple[int, int] |
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency is composited onto white, 16-bit grey scaled to 8 bits."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        grey = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257
-        return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
-    if image.mode == "F":
-        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        background.alpha_composite(image.convert("RGBA"))
-        return background.convert("RGB")
-    return image.convert("RGB")
-
-
 def the_loader_decodes(encoded: bytes) -> bool:
     """Whether training's own decoder reads these bytes whole: kept bytes must never fail mid-epoch. Those it
     refuses go through Pillow, which re-encodes what it can read and reports what it cannot."""
@@ -83,35 +78,75 @@ def the_loader_decodes(encoded: bytes) -> bool:
 
 
 def prepare_image(encoded: bytes, max_short_side: int, jpeg_quality: int) -> Prepared:
-    if not encoded:
-        return Prepared(error="empty file (0 bytes)")
+    """One image, every step inside the error handling: whatever fails, this image alone is dropped."""
+    result = Prepared(source_hash=hashlib.sha1(encoded or b"").hexdigest())
     try:
-        image = Image.open(io.BytesIO(encoded))  # the header only
-        result = Prepared(width=image.width, height=image.height, mode=image.mode)
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        image = open_header(encoded)  # the header only; bombs and extreme aspect ratios are refused here
+        result.width, result.height, result.mode = image.width, image.height, image.mode
         target = scaled_size(image.size, max_short_side)
-        if (image.format == "JPEG" and image.mode == "RGB" and orientation == 1 and target is None
+        if (image.format == "JPEG" and image.mode == "RGB" and exif_orientation(image) == 1 and target is None
                 and the_loader_decodes(encoded)):
             result.encoded, result.stored_short_side = encoded, min(image.size)
             return result
-        if image.format == "JPEG" and target:
-            image.draft(None, target)  # decode at 1/2, 1/4 or 1/8 scale in the DCT: big photos decode several times faster
-        image.load()  # a full decode: truncated or corrupt data raises here
-    except UnidentifiedImageError:
-        return Prepared(error="not an image format Pillow can read")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return Prepared(error=f"{type(error).__name__}: {error}")
-    image = to_rgb(ImageOps.exif_transpose(image))
-    if target := scaled_size(image.size, max_short_side):
-        image = image.resize(target, Image.Resampling.BICUBIC)
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=jpeg_quality)
-    result.encoded, result.stored_short_side, result.reencoded = out.getvalue(), min(image.size), True
+        image = load_pixels(image, draft_size=target)
+        if target := scaled_size(image.size, max_short_side):
+            image = image.resize(target, Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=jpeg_quality)
+        result.encoded, result.stored_short_side, result.reencoded = out.getvalue(), min(image.size), True
+    except ImageRejected as rejected:
+        result.error = str(rejected)
+    except Exception as error:  # conversion or encoding of a legal but odd image (sizes JPEG cannot hold...)
+        result.error = f"{type(error).__name__}: {error}"
     return result
 
 
-def _prepare_star(args) -> Prepared:
-    return prepare_image(*args)
+_OPEN_SPLITS: dict[tuple[str, str], datasets.Dataset] = {}
+
+
+def prepare_rows(raw_dir: str, split: str, start: int, stop: int, max_short_side: int,
+                 jpeg_quality: int) -> list[Prepared]:
+    """Rows start..stop of a raw split, in a decode process (which opens the memory-mapped split once)."""
+    key = (raw_dir, split)
+    if key not in _OPEN_SPLITS:
+        _OPEN_SPLITS[key] = datasets.load_from_disk(raw_dir)[split].cast_column("image", datasets.Image(decode=False))
+    images = _OPEN_SPLITS[key][start:stop]["image"]
+    return [prepare_image(image["bytes"] or b"", max_short_side, jpeg_quality) for image in images]
+
+
+def ordered_results(function: Callable, tasks: Iterable[tuple], workers: int) -> Iterator:
+    """function(*task) for each task, in task order, computed by `workers` processes with a bounded number of
+    tasks in flight. A process that dies (killed for memory, a crashing decoder) fails the run with a message
+    instead of leaving it waiting forever (multiprocessing.Pool would)."""
+    if workers <= 1:
+        yield from (function(*task) for task in tasks)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+    pending = deque()
+    try:
+        for task in tasks:
+            pending.append((task, pool.submit(function, *task)))
+            if len(pending) >= workers * TASKS_IN_FLIGHT_PER_WORKER:
+                yield wait_for(*pending.popleft())
+        while pending:
+            yield wait_for(*pending.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def wait_for(task: tuple, future):
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise StageError(f"a prepare process died while working on {describe_task(task)} (killed by the system, "
+                         f"usually for lack of memory, or crashed in an image decoder). Lower prepare.num_workers "
+                         f"to use less memory, then run `dvc repro prepare` again") from None
+
+
+def describe_task(task: tuple) -> str:
+    if len(task) >= 4 and isinstance(task[2], int):
+        return f"images {task[2]}-{task[3] - 1} of split '{task[1]}'"
+    return repr(task)
 
 
 @dataclass
@@ -125,32 +160,54 @@ class SplitReport:
     reencoded: int = 0
 
 
-def prepare_split(name: str, split: datasets.Dataset, params: PrepareParams, pool) -> tuple[dict, SplitReport]:
-    """Columns (id, image bytes, label) of the kept images, and what was seen on the way."""
-    num_classes = split.features["label"].num_classes
-    rows = split.iter(batch_size=256)
-    tasks = ((row["bytes"], params.max_short_side, params.jpeg_quality) for batch in rows for row in batch["image"])
-    results = pool.imap(_prepare_star, tasks, chunksize=32) if pool else map(_prepare_star, tasks)
-    kept = {"id": [], "image": [], "label": []}
-    report = SplitReport()
-    ids, labels = split["id"], split["label"]
-    for image_id, label, result in tqdm(zip(ids, labels, results), total=len(split), desc=f"prepare {name}", unit="img"):
+@dataclass
+class WrittenSplit:
+    """A prepared split on disk, memory-mapped, with its kept rows' labels and source hashes."""
+
+    dataset: datasets.Dataset
+    labels: list[int]
+    ids: list[str]
+    hashes: list[str]
+    report: SplitReport
+
+
+def write_split(name: str, raw: datasets.Dataset, params: PrepareParams, workers: int, features: datasets.Features,
+                work: Path) -> WrittenSplit:
+    """Prepares a raw split image by image into an Arrow file in `work`, a chunk of images at a time."""
+    num_classes = features["label"].num_classes
+    tasks = ((str(RAW_DIR), name, start, min(start + CHUNK, len(raw)), params.max_short_side, params.jpeg_quality)
+             for start in range(0, len(raw), CHUNK))
+    chunks = ordered_results(prepare_rows, tasks, workers)
+    report, digest = SplitReport(), hashlib.sha256(name.encode())
+    labels, ids, hashes = [], [], []
+    path = work / f"{name}.arrow"
+    writer = ArrowWriter(features=features, path=str(path), writer_batch_size=WRITER_BATCH)
+    rows = zip(raw["id"], raw["label"], (result for chunk in chunks for result in chunk))
+    for image_id, label, result in tqdm(rows, total=len(raw), desc=f"prepare {name}", unit="img"):
         report.images += 1
         if not result.error and not 0 <= label < num_classes:
             result.error = f"label {label} outside the {num_classes} classes"
         if result.error:
             report.dropped.append({"split": name, "id": image_id, "reason": result.error})
             continue
-        kept["id"].append(image_id)
-        kept["image"].append({"bytes": result.encoded, "path": None})
-        kept["label"].append(label)
+        writer.write({"id": image_id, "image": {"bytes": result.encoded, "path": None}, "label": label})
+        digest.update(f"{image_id}\0{label}\0".encode() + hashlib.sha1(result.encoded).digest())
+        labels.append(label)
+        ids.append(image_id)
+        hashes.append(result.source_hash)
         report.widths.append(result.width)
         report.heights.append(result.height)
         report.stored_short_sides.append(result.stored_short_side)
         report.reencoded += result.reencoded
         if result.mode != "RGB":
             report.converted_modes[result.mode] += 1
-    return kept, report
+    writer.finalize()
+    writer.close()
+    # The fingerprint is the content's: DVC sees byte-identical output for the same input, and train's resume
+    # check compares it.
+    dataset = datasets.Dataset(MemoryMappedTable.from_file(str(path)), info=datasets.DatasetInfo(features=features),
+                               fingerprint=digest.hexdigest()[:32])
+    return WrittenSplit(dataset, labels, ids, hashes, report)
 
 
 def stratified_assignment(labels: list[int], fractions: dict[str, float], seed: int) -> np.ndarray:
@@ -169,23 +226,22 @@ def stratified_assignment(labels: list[int], fractions: dict[str, float], seed: 
     return assignment
 
 
-def carve_splits(train: dict, fractions: dict[str, float], seed: int) -> dict[str, dict]:
-    """train's columns divided into train and the splits of `fractions` (those > 0), stratified by label."""
+def carve_splits(train: WrittenSplit, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Row indices of train for train and each split of `fractions` (those > 0), stratified by label."""
     fractions = {split: fraction for split, fraction in fractions.items() if fraction > 0}
-    assignment = stratified_assignment(train["label"], fractions, seed)
-    return {split: {key: [v for v, s in zip(values, assignment) if s == split] for key, values in train.items()}
-            for split in ("train", *fractions)}
+    assignment = stratified_assignment(train.labels, fractions, seed)
+    return {split: np.flatnonzero(assignment == split) for split in ("train", *fractions)}
 
 
 def check_split_layout(splits: list[str], data) -> None:
     """Each of validation and test comes from the source or is carved from train, never both or neither (test)."""
     for split, key in (("validation", "val_fraction"), ("test", "test_fraction")):
         if split in splits and getattr(data, key) > 0:
-            sys.exit(f"error: data.source already has a {split} split; set data.{key}: 0 to use it, "
-                     f"or remove that split from the source to carve one out of train")
+            raise StageError(f"data.source already has a {split} split; set data.{key}: 0 to use it, "
+                             f"or remove that split from the source to carve one out of train")
     if "test" not in splits and data.test_fraction == 0:
-        sys.exit("error: data.source has no test split: set data.test_fraction (e.g. 0.1, or a data.preset that "
-                 "does) to carve a stratified test split out of train")
+        raise StageError("data.source has no test split: set data.test_fraction (e.g. 0.1, or a data.preset that "
+                         "does) to carve a stratified test split out of train")
 
 
 def stats(values: list[int | float]) -> dict:
@@ -194,10 +250,10 @@ def stats(values: list[int | float]) -> dict:
     return {"min": int(min(values)), "mean": round(float(np.mean(values)), 1), "max": int(max(values))}
 
 
-def split_metrics(columns: dict, report: SplitReport | None, num_classes: int) -> dict:
-    per_class = np.bincount(columns["label"], minlength=num_classes).tolist()
+def split_metrics(labels: list[int], report: SplitReport | None, num_classes: int) -> dict:
+    per_class = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
     metrics = {
-        "images": len(columns["label"]),
+        "images": len(labels),
         "images_per_class": stats(per_class),
         "classes_without_images": sum(count == 0 for count in per_class),
     }
@@ -214,55 +270,97 @@ def split_metrics(columns: dict, report: SplitReport | None, num_classes: int) -
     return metrics
 
 
-def save_prepared(columns_by_split: dict, features: datasets.Features, out: Path) -> None:
-    splits = datasets.DatasetDict({
-        name: datasets.Dataset.from_dict(columns, features=features) for name, columns in columns_by_split.items()
-    })
-    with atomic_dir(out) as tmp:
-        splits.save_to_disk(str(tmp), max_shard_size="500MB")
+def duplicates_across_splits(members: dict[str, tuple[list[str], list[str]]]) -> list[dict]:
+    """Images whose source bytes also appear in another split (a test image that is also a train image
+    inflates the test score): one row per image outside train, naming the first copy found elsewhere."""
+    first_seen: dict[str, tuple[str, str]] = {}
+    for split in SPLITS:
+        for image_id, digest in zip(*members.get(split, ([], []))):
+            first_seen.setdefault(digest, (split, image_id))
+    rows = []
+    for split in SPLITS[1:]:
+        for image_id, digest in zip(*members.get(split, ([], []))):
+            other_split, other_id = first_seen[digest]
+            if other_split != split:
+                rows.append({"split": split, "id": image_id, "same_as": f"{other_split}/{other_id}"
+                             if not other_id.startswith(f"{other_split}/") else other_id})
+    return rows
 
 
-def main() -> None:
-    params = load_params_or_exit()
+def left_out_by_fetch() -> list[dict]:
+    return json.loads(LEFT_OUT_FILES.read_text()) if LEFT_OUT_FILES.is_file() else []
+
+
+def prepare(params: Params) -> None:
+    if not (RAW_DIR / "dataset_dict.json").is_file():
+        raise StageError(f"{RAW_DIR} is missing or incomplete: run `dvc repro fetch` (or `dvc pull`)")
     raw = datasets.load_from_disk(str(RAW_DIR))
     check_split_layout(list(raw), params.data)
     names = raw["train"].features["label"].names
+    features = datasets.Features({**FEATURES, "label": datasets.ClassLabel(names=names)})
     workers = params.prepare.num_workers or os.cpu_count() or 1
-    columns_by_split, reports = {}, {}
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-    try:
-        for name, split in raw.items():
-            split = split.cast_column("image", datasets.Image(decode=False))
-            columns_by_split[name], reports[name] = prepare_split(name, split, params.prepare, pool)
-    finally:
-        if pool:
-            pool.close()
-    columns_by_split |= carve_splits(columns_by_split["train"], {"test": params.data.test_fraction,
-                                                                 "validation": params.data.val_fraction},
-                                     params.data.split_seed)
-    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=names)})
-    ordered = {s: columns_by_split[s] for s in ("train", "validation", "test") if s in columns_by_split}
-    save_prepared(ordered, features, PREPARED_DIR)
+    with scratch_dir(PREPARED_DIR.with_name("prepare-work")) as work:
+        written = {name: write_split(name, raw[name], params.prepare, workers, features, work)
+                   for name in SPLITS if name in raw}
+        train = written["train"]
+        carved = carve_splits(train, {"test": params.data.test_fraction, "validation": params.data.val_fraction},
+                              params.data.split_seed)
+        outputs, labels, members = {}, {}, {}
+        for name in SPLITS:
+            if name in carved:
+                rows = carved[name]
+                fingerprint = hashlib.sha256(f"{train.dataset._fingerprint} {name} {rows.tolist()}".encode())
+                outputs[name] = train.dataset.select(rows, new_fingerprint=fingerprint.hexdigest()[:32])
+                labels[name] = [train.labels[i] for i in rows]
+                members[name] = ([train.ids[i] for i in rows], [train.hashes[i] for i in rows])
+            elif name in written:
+                outputs[name] = written[name].dataset
+                labels[name] = written[name].labels
+                members[name] = (written[name].ids, written[name].hashes)
+        with atomic_dir(PREPARED_DIR) as out:
+            datasets.DatasetDict(outputs).save_to_disk(str(out), max_shard_size="500MB")
+    report_data(names, labels, {name: split.report for name, split in written.items()},
+                duplicates_across_splits(members))
 
-    ignored_path = RAW_DIR / IGNORED_FILES
-    ignored = json.loads(ignored_path.read_text()) if ignored_path.is_file() else []
+
+def report_data(names: list[str], labels: dict[str, list[int]], reports: dict[str, SplitReport],
+                duplicates: list[dict]) -> None:
+    left_out = left_out_by_fetch()
     dropped = [row for report in reports.values() for row in report.dropped]
-    dropped += [{"split": name.split("/")[0], "id": name, "reason": "no image file suffix: left out by fetch"}
-                for name in ignored]
-    write_csv(DROPPED_LIST, dropped, ["split", "id", "reason"])
+    write_csv(DROPPED_LIST, dropped + [{**row, "reason": f"fetch: {row['reason']}"} for row in left_out],
+              ["split", "id", "reason"])
+    train_labels = set(labels["train"])
+    without_train = [name for i, name in enumerate(names) if i not in train_labels]
     write_json(DATA_METRICS, {
         "classes": len(names),
-        "dropped": len(dropped) - len(ignored),
-        "ignored_files": len(ignored),
-        "splits": {s: split_metrics(c, reports.get(s), len(names)) for s, c in ordered.items()},
+        "dropped": len(dropped),
+        "ignored_files": len(left_out),
+        "duplicates_across_splits": len(duplicates),
+        "classes_without_train_images": len(without_train),
+        "splits": {name: split_metrics(split_labels, reports.get(name), len(names))
+                   for name, split_labels in labels.items()},
     })
-    sizes = ", ".join(f"{s} {len(c['label'])}" for s, c in ordered.items())
-    print(f"prepare: {sizes} images kept; {len(dropped) - len(ignored)} unreadable dropped, {len(ignored)} "
-          f"non-image files left out (all listed in {DROPPED_LIST})")
+    sizes = ", ".join(f"{name} {len(split_labels)}" for name, split_labels in labels.items())
+    print(f"prepare: {sizes} images kept; {len(dropped)} unreadable or refused dropped, {len(left_out)} files left "
+          f"out by fetch (all listed in {DROPPED_LIST})")
     for row in dropped[:10]:
         print(f"  dropped {row['id']}: {row['reason']}")
+    warn(duplicates, lambda row: f"{row['split']}/{row['id']} is the same image as {row['same_as']}",
+         "image(s) appear in two splits (the same bytes); their test score is not a held-out score. Remove the "
+         "copies from the source")
+    warn(without_train, lambda name: name, "class(es) have no train image left (all dropped or left out); the "
+         "model cannot learn them. Add images or remove the class")
+
+
+def warn(items: list, describe: Callable, what: str) -> None:
+    if items:
+        print(f"prepare: warning: {len(items)} {what}:\n" + "\n".join(f"  {describe(item)}" for item in items[:10])
+              + ("\n  ..." if len(items) > 10 else ""), file=sys.stderr)
+
+
+def main() -> None:
+    prepare(load_params())
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

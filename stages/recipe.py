@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from stages.model import RecipeError
 from stages.params import TrainParams
 
 
@@ -86,7 +87,7 @@ class Freezer:
             if name.startswith(prefix):
                 return index
         top_level = [name for name, child in self.model.named_children() if next(child.parameters(), None) is not None]
-        raise ValueError(f"train.unfreeze_from: {type(self.model).__name__} has no module '{module_path}' with "
+        raise RecipeError(f"train.unfreeze_from: {type(self.model).__name__} has no module '{module_path}' with "
                          f"parameters. Its top-level modules, in order: {', '.join(top_level)}")
 
     def trainable(self, epoch: int) -> set[str]:

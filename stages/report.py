@@ -11,29 +11,31 @@ plots/report/confusion_zoom.png      that block with counts and full class names
 from __future__ import annotations
 
 import csv
-import json
+import re
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import PowerNorm  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from stages.errors import run_stage
+from stages.files import atomic_dir, read_csv, read_json
+from stages.params import Params, load_params
+from stages.paths import (
+    CONFUSION_JSON,
+    DATA_METRICS,
+    EVAL_METRICS,
+    EVAL_REPORT,
+    GRADCAM_DIR,
+    LIVE_CURVES,
+    LIVE_DIR,
+    PER_CLASS_CSV,
+    REPORT_DIR,
+)
 
-from stages.evaluate import (EVAL_METRICS, EVAL_REPORT, PER_CLASS_CSV, PREDICTIONS_CSV,  # noqa: E402
-                             confusion_matrix)
-from stages.files import atomic_dir, read_csv  # noqa: E402
-from stages.params import Params, load_params_or_exit  # noqa: E402
-from stages.prepare import DATA_METRICS  # noqa: E402
-from stages.train import LIVE_DIR  # noqa: E402
-
-REPORT_DIR = Path("plots/report")
-GRADCAM_DIR = Path("plots/gradcam")
-CURVES = LIVE_DIR / "plots" / "metrics"
 ZOOM_SIZE = 16  # classes in the zoomed block: counts and names stay legible
 DPI = 100
 
@@ -54,7 +56,8 @@ def read_curves(curves_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def plot_curves(curves: dict, kept_epoch: int | None, path: Path) -> None:
     panels = [("loss", ["train/loss", "validation/loss"]), ("accuracy", ["train/acc", "validation/acc"]),
               ("learning rate", ["lr", "lr_head"])]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             if name in curves:
@@ -84,9 +87,10 @@ def plot_per_class(rows: list[dict], path: Path) -> None:
     rows = sorted(rows, key=lambda r: (float(r["accuracy"]), int(r["class_id"])))
     accuracy = np.array([float(r["accuracy"]) for r in rows])
     labels = [f"{r['class_name']}  ({r['images']})" for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.16 * len(rows)), layout="constrained")
+    fig = Figure(figsize=(9, 1.6 + 0.16 * len(rows)), layout="constrained")
+    ax = fig.subplots()
     y = np.arange(len(rows))
-    ax.barh(y, accuracy, color=plt.cm.RdYlGn(accuracy), height=0.8)
+    ax.barh(y, accuracy, color=colormaps["RdYlGn"](accuracy), height=0.8)
     ax.axvline(accuracy.mean(), color="black", linestyle="--", linewidth=1,
                label=f"mean per-class accuracy {accuracy.mean():.1%}")
     ax.set_yticks(y, labels, fontsize=7)
@@ -99,13 +103,6 @@ def plot_per_class(rows: list[dict], path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     save(fig, path)
-
-
-def confusion_from_predictions(predictions: list[dict], names: list[str]) -> np.ndarray:
-    index = {name: i for i, name in enumerate(names)}
-    actual = torch.tensor([index[r["actual"]] for r in predictions], dtype=torch.long)
-    predicted = torch.tensor([index[r["predicted"]] for r in predictions], dtype=torch.long)
-    return confusion_matrix(predicted, actual, len(names)).numpy()
 
 
 def most_confused_block(confusion: np.ndarray, size: int) -> int:
@@ -128,7 +125,8 @@ def row_normalised(confusion: np.ndarray) -> np.ndarray:
 def plot_confusion(confusion: np.ndarray, names: list[str], block: tuple[int, int], path: Path) -> None:
     n = len(names)
     side = min(24, max(6, 0.11 * n + 3))
-    fig, ax = plt.subplots(figsize=(side + 1.5, side), layout="constrained")
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
     # gamma < 1 lifts the rare off-diagonal mistakes out of the background next to the bright diagonal.
     image = ax.imshow(row_normalised(confusion), cmap="viridis", norm=PowerNorm(0.4, 0, 1), interpolation="nearest")
     row_points = side * 72 * 0.8 / max(n, 1)  # the matrix takes ~80% of the figure's height
@@ -148,7 +146,8 @@ def plot_confusion(confusion: np.ndarray, names: list[str], block: tuple[int, in
 def plot_confusion_zoom(confusion: np.ndarray, names: list[str], block: tuple[int, int], path: Path) -> None:
     start, size = block
     counts = confusion[start:start + size, start:start + size]
-    fig, ax = plt.subplots(figsize=(4 + 0.6 * size, 3 + 0.55 * size), layout="constrained")
+    fig = Figure(figsize=(4 + 0.6 * size, 3 + 0.55 * size), layout="constrained")
+    ax = fig.subplots()
     ax.imshow(row_normalised(confusion)[start:start + size, start:start + size], cmap="viridis",
               norm=PowerNorm(0.4, 0, 1))
     for (i, j), count in np.ndenumerate(counts):
@@ -167,9 +166,8 @@ def short(name: str, width: int = 32) -> str:
     return name if len(name) <= width else name[:width - 1] + "…"
 
 
-def save(fig, path: Path) -> None:
+def save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI, format="png")
-    plt.close(fig)
 
 
 def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
@@ -182,7 +180,13 @@ def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
 def format_cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.1%}"
-    return str(value).replace("|", "\\|")
+    return markdown_text(str(value))
+
+
+def markdown_text(text: str) -> str:
+    """A class name (any text from the data) as literal Markdown: one line, no markup, no HTML."""
+    text = " ".join(text.split())
+    return re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", text)
 
 
 def headline(params: Params, eval_metrics: dict, train_summary: dict, data: dict) -> list[dict]:
@@ -199,7 +203,8 @@ def headline(params: Params, eval_metrics: dict, train_summary: dict, data: dict
         {"what": "kept epoch", "value": f"{kept} of {params.train.epochs}"
          + (" (best validation accuracy)" if "validation" in splits else " (the last; no validation split)")},
         {"what": "images (train / validation / test)",
-         "value": " / ".join(str(splits[s]["images"]) if s in splits else "-" for s in ("train", "validation", "test"))},
+         "value": " / ".join(str(splits[s]["images"]) if s in splits else "-"
+                             for s in ("train", "validation", "test"))},
         {"what": "classes", "value": data["classes"]},
         {"what": "images dropped by prepare (unreadable)", "value": data["dropped"]},
     ]
@@ -211,7 +216,8 @@ def write_markdown(path: Path, params: Params, eval_metrics: dict, eval_report: 
     m, t = params.model, params.train
     start, size = block
     sections = [
-        f"# Run report: {m.arch} ({m.weights}) on {params.data.source}, {t.resolution} px, {t.epochs} epochs",
+        f"# Run report: {m.arch} ({markdown_text(m.weights)}) on {markdown_text(params.data.source)}, "
+        f"{t.resolution} px, {t.epochs} epochs",
         "Written by `dvc repro` (stage `report`) from this run's metrics; `dvc metrics show` / "
         "`dvc exp show` hold the same numbers, `dvc plots diff` overlays runs.",
         markdown_table(headline(params, eval_metrics, train_summary, data), {"what": "metric", "value": "value"}),
@@ -224,34 +230,28 @@ def write_markdown(path: Path, params: Params, eval_metrics: dict, eval_report: 
         + markdown_table(eval_report["most_confused"], {"true": "true class", "predicted": "predicted as",
                                                         "count": "test images"})
         + f"\n\n![confusion matrix](confusion.png)\n\nThe outlined block, classes {start}-{start + size - 1} "
-        f"({names[start]} … {names[start + size - 1]}):\n\n![most-confused block](confusion_zoom.png)",
+        f"({markdown_text(names[start])} … {markdown_text(names[start + size - 1])}):"
+        "\n\n![most-confused block](confusion_zoom.png)",
     ]
     if gradcam:
         sections.append("## GradCAM\n\n" + "\n\n".join(f"![{name}](../gradcam/{name})" for name in gradcam))
     path.write_text("\n\n".join(sections) + "\n")
 
 
-def class_names_in_order(per_class: list[dict], predictions: list[dict]) -> list[str]:
-    """The model's classes by id; a class only ever predicted (no test image) goes after, by name."""
-    known = {r["class_name"]: int(r["class_id"]) for r in per_class}
-    extra = sorted({r["predicted"] for r in predictions} - set(known))
-    return sorted(known, key=known.get) + extra
-
-
 def main() -> None:
-    params = load_params_or_exit()
-    per_class, predictions = read_csv(PER_CLASS_CSV), read_csv(PREDICTIONS_CSV)
-    eval_metrics, eval_report = json.loads(EVAL_METRICS.read_text()), json.loads(EVAL_REPORT.read_text())
-    train_summary = json.loads((LIVE_DIR / "metrics.json").read_text())
-    data = json.loads(DATA_METRICS.read_text())
-    names = class_names_in_order(per_class, predictions)
-    confusion = confusion_from_predictions(predictions, names)
+    params = load_params()
+    per_class = read_csv(PER_CLASS_CSV)
+    eval_metrics, eval_report = read_json(EVAL_METRICS, "evaluate"), read_json(EVAL_REPORT, "evaluate")
+    confusion_record = read_json(CONFUSION_JSON, "evaluate")
+    train_summary = read_json(LIVE_DIR / "metrics.json", "train")
+    data = read_json(DATA_METRICS, "prepare")
+    names, confusion = confusion_record["class_names"], np.array(confusion_record["counts"], dtype=np.int64)
     block = (most_confused_block(confusion, ZOOM_SIZE), min(ZOOM_SIZE, len(names)))
     gradcam = sorted(p.name for p in GRADCAM_DIR.glob("*.png"))
 
     with atomic_dir(REPORT_DIR) as out:
         out.mkdir(parents=True)
-        plot_curves(read_curves(CURVES), train_summary.get("kept_epoch"), out / "curves.png")
+        plot_curves(read_curves(LIVE_CURVES), train_summary.get("kept_epoch"), out / "curves.png")
         plot_per_class(per_class, out / "per_class_accuracy.png")
         plot_confusion(confusion, names, block, out / "confusion.png")
         plot_confusion_zoom(confusion, names, block, out / "confusion_zoom.png")
@@ -262,4 +262,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.data import to_model_input
+from stages.errors import StageError
+from stages.transforms import Preprocessing, to_model_input
 
 
 def pick_device(local_rank: int = 0) -> torch.device:
@@ -55,7 +56,7 @@ def under_torchrun() -> bool:
 def relaunch_under_torchrun(module: str, devices: int) -> None:
     """Replaces this process by torchrun running `module` in `devices` processes on this machine."""
     if torch.cuda.is_available() and torch.cuda.device_count() < devices:
-        sys.exit(f"error: train.devices={devices} but this machine has {torch.cuda.device_count()} GPU(s): set "
+        raise StageError(f"train.devices={devices} but this machine has {torch.cuda.device_count()} GPU(s): set "
                  f"train.devices to at most that (CUDA_VISIBLE_DEVICES limits which are used)")
     if not torch.cuda.is_available():
         print(f"train: no GPU: {devices} CPU processes (gloo) share this machine's cores; this checks the "
@@ -89,11 +90,12 @@ def seed_everything(seed: int) -> None:
 
 
 class Precision:
-    """Mixed precision on CUDA (bf16, or fp16 with a loss scaler); plain fp32 elsewhere."""
+    """Mixed precision on CUDA (bf16, or fp16 with a loss scaler; auto: bf16); plain fp32 elsewhere."""
 
     def __init__(self, amp: str, device: torch.device):
         self.device = device
         self.dtype = None
+        amp = "bf16" if amp == "auto" else amp
         if device.type == "cuda" and amp != "none":
             if amp == "bf16" and not torch.cuda.is_bf16_supported():
                 print("bf16 is not supported on this GPU: using fp16 with a loss scaler")
@@ -111,12 +113,13 @@ class Precision:
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, loader, device: torch.device, precision: Precision, channels_last: bool,
-                   flip: bool = False, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+                   preprocessing: Preprocessing, flip: bool = False, desc: str = "predict"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 logits (N, classes) and labels (N,) on the CPU, in loader order."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        inputs = to_model_input(images, device, channels_last)
+        inputs = to_model_input(images, device, channels_last, preprocessing.mean, preprocessing.std)
         if flip:
             inputs = inputs.flip(3)
         with precision.autocast():

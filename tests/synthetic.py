@@ -34,7 +34,8 @@ def class_image(label: int, num_classes: int, rng: np.random.Generator) -> Image
     angle = np.pi * label / num_classes
     stripes = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / 3.0) > 0)[..., None]
     colour = np.array([r, g, b]) * 255
-    canvas[y0:y0 + box_h, x0:x0 + box_w] = np.where(stripes, colour, colour * 0.4) + rng.normal(0, 12, (box_h, box_w, 3))
+    noise = rng.normal(0, 12, (box_h, box_w, 3))
+    canvas[y0:y0 + box_h, x0:x0 + box_w] = np.where(stripes, colour, colour * 0.4) + noise
     return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -78,4 +79,5 @@ def add_odd_files(folder: Path, rng: np.random.Generator) -> OddFiles:
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "not_an_image.jpg").write_text("this is text, not a JPEG")
     (folder / "notes.txt").write_text("a stray note in a class folder")
-    return OddFiles(converted=converted, broken=["truncated.jpg", "empty.jpg", "not_an_image.jpg"], ignored=["notes.txt"])
+    return OddFiles(converted=converted, broken=["truncated.jpg", "empty.jpg", "not_an_image.jpg"],
+                    ignored=["notes.txt"])

@@ -11,10 +11,26 @@ from PIL import Image
 from torch import nn
 
 from stages import model as model_module
-from stages.data import (IMAGENET_MEAN, IMAGENET_STD, decode_prepared, eval_transform, resolve_workers, to_model_input,
-                         train_transform)
-from stages.model import (WeightsUnavailable, build_model, channels_last_to_first, constructor_kwargs, gradcam_target,
-                          input_size_problem, load_checkpoint, save_checkpoint, vit_tokens_to_grid)
+from stages.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    decode_prepared,
+    eval_transform,
+    resolve_workers,
+    to_model_input,
+    train_transform,
+)
+from stages.model import (
+    WeightsUnavailable,
+    build_model,
+    channels_last_to_first,
+    constructor_kwargs,
+    gradcam_target,
+    input_size_problem,
+    load_checkpoint,
+    save_checkpoint,
+    vit_tokens_to_grid,
+)
 
 LINEAR_HEAD = {"head": "linear", "head_hidden": 1024, "head_dropout": 0.0}
 

@@ -18,8 +18,7 @@ import yaml
 from PIL import Image
 
 from stages.data import decode_prepared
-from stages.prepare import (carve_splits, check_split_layout, prepare_image, scaled_size, stratified_assignment,
-                            to_rgb)
+from stages.prepare import carve_splits, check_split_layout, prepare_image, scaled_size, stratified_assignment, to_rgb
 from tests.conftest import REPO, tiny_params
 
 

@@ -1,0 +1,100 @@
+"""GradCAM (the grad-cam package) for the gradcam stage and for predict: the target layer of each model family,
+and overlays of the CAM of a chosen class on the image the model saw.
+
+grad-cam's hooks do not fire on a torch.compile'd module, so these take the plain model; constructing a CAM
+puts the model in eval mode.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from stages.errors import StageError
+from stages.transforms import Preprocessing, to_model_input
+
+MIN_MAP_SIDE = 4  # a CAM coarser than 4x4 says nothing about where the model looked
+
+
+def vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """ViT activations (N, 1 + h*w, C), class token first, as a (N, C, h, w) map for GradCAM."""
+    patches = tokens[:, 1:, :]
+    side = int(patches.shape[1] ** 0.5)
+    return patches.reshape(len(patches), side, side, -1).permute(0, 3, 1, 2)
+
+
+def channels_last_to_first(activations: torch.Tensor) -> torch.Tensor:
+    """Swin's stages output (N, h, w, C)."""
+    return activations.permute(0, 3, 1, 2)
+
+
+def gradcam_target(model: nn.Module, spec: str):
+    """(layer, reshape_transform or None) for GradCAM: the last spatial block of each model family (the last
+    residual block for ResNets, as the seeds' eval.py), or the module path given in gradcam.target_layer."""
+    if spec != "auto":
+        module = model
+        try:
+            for part in spec.replace("[", ".").replace("]", "").split("."):
+                module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
+        except (AttributeError, IndexError, TypeError) as error:
+            raise StageError(f"gradcam.target_layer '{spec}' is not a module of {type(model).__name__} ({error}); "
+                             f"use a dotted path such as layer4[-1], or auto") from None
+        return module, None
+    family = type(model).__name__
+    by_family = {
+        "ResNet": lambda: model.layer4[-1],  # also ResNeXt, Wide ResNet
+        "Inception3": lambda: model.Mixed_7c,
+        "GoogLeNet": lambda: model.inception5b,
+        "RegNet": lambda: model.trunk_output,
+        "ShuffleNetV2": lambda: model.conv5,
+        "MNASNet": lambda: model.layers[-1],
+        "VisionTransformer": lambda: model.encoder.layers[-1].ln_1,
+        "SwinTransformer": lambda: model.features[-1],
+    }
+    reshape = {"VisionTransformer": vit_tokens_to_grid, "SwinTransformer": channels_last_to_first}.get(family)
+    if family in by_family:
+        return by_family[family](), reshape
+    if isinstance(getattr(model, "features", None), nn.Sequential):  # VGG, DenseNet, MobileNet, EfficientNet...
+        return model.features[-1], None
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise StageError(f"no convolution in {family}; set gradcam.target_layer to a module path")
+    return convs[-1], None
+
+
+def cam_overlays(model: nn.Module, target, images: torch.Tensor, classes: list[int],
+                 preprocessing: Preprocessing, device) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """(RGB uint8 overlay per image, the CAM's own map size) for uint8 NCHW `images` already transformed for the
+    model, each with the CAM of its class in `classes`. target: (layer, reshape_transform) of gradcam_target."""
+    layer, reshape = target
+    shapes = []
+    hook = layer.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape)))
+    inputs = to_model_input(images, device, False, preprocessing.mean, preprocessing.std)
+    try:
+        with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+            heat = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(c) for c in classes])
+    finally:
+        hook.remove()
+    overlays = [show_cam_on_image(image.permute(1, 2, 0).numpy().astype(np.float32) / 255, mask, use_rgb=True)
+                for image, mask in zip(images, heat)]
+    return overlays, map_size(shapes[0] if shapes else (), reshape is not None)
+
+
+def map_size(shape: tuple, tokens: bool) -> tuple[int, int]:
+    """The CAM's resolution before it is upsampled to the image: the target layer's spatial size."""
+    if tokens or len(shape) != 4:
+        return (0, 0)  # reshaped tokens (ViT/Swin): their grid is the patch grid, fine at any usual size
+    return int(shape[2]), int(shape[3])
+
+
+def warn_if_coarse(size: tuple[int, int], resolution: int, who: str) -> None:
+    if 0 < min(size) < MIN_MAP_SIDE:
+        print(f"{who}: warning: at {resolution} px the GradCAM layer's map is {size[0]}x{size[1]}: too coarse to "
+              f"show where the model looked; use a higher train.resolution or an earlier gradcam.target_layer "
+              f"(e.g. layer3[-1])", file=sys.stderr)

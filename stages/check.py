@@ -1,0 +1,51 @@
+"""Stage `check`: refuses impossible params before any other stage runs.
+
+DVC deletes a stage's outputs just before running it, so a stage that refused its own params would already
+have lost the previous run's model and metrics. Every other stage depends on this one's output, so DVC runs
+it first: a bad value passed with `dvc exp run -S ...` stops the run here with the previous results intact.
+It checks the params schema (stages/params.py), then what needs the model but no data and no compute:
+that model.arch takes train.resolution, that train.unfreeze_from names one of its modules, and that a local
+model.weights file is a state dict that fits it. Its output is one constant line, so passing the check never
+makes a later stage re-run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stages.errors import run_stage
+from stages.files import atomic_path
+from stages.model import build_model, fit_to_resolution
+from stages.params import Params, load_params
+from stages.paths import PARAMS_CHECK
+from stages.recipe import Freezer
+
+PASSED = "params.yaml passed `python -m stages.check` (schema, model and resolution, unfreeze_from, weights file)\n"
+CHECK_CLASSES = 2  # any class count builds the same backbone
+
+
+def check_recipe(params: Params) -> None:
+    """What the schema cannot know: the model's own modules and input sizes. Built on the meta device (shapes
+    only, no memory, no weights read) unless model.weights is a local file, which is loaded and fitted."""
+    m, p = params.model, params.train
+    constructor = fit_to_resolution(m.arch, p.resolution)
+    if Path(m.weights).is_file():
+        model = build_model(m.arch, CHECK_CLASSES, m.weights, m.head, m.head_hidden, m.head_dropout, **constructor)
+    else:
+        with torch.device("meta"):
+            model = build_model(m.arch, CHECK_CLASSES, "none", m.head, m.head_hidden, m.head_dropout, **constructor)
+    Freezer(model, p)
+
+
+def main() -> None:
+    params = load_params()
+    check_recipe(params)
+    with atomic_path(PARAMS_CHECK) as tmp:
+        tmp.write_text(PASSED)
+    print("check: params.yaml is valid")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,105 @@
+"""Reading images safely: every image that reaches a transform is RGB, of bounded size and aspect ratio.
+
+prepare reads the dataset's images through `open_image`, predict reads the user's photos through it, and the
+loaders decode prepared images with `decode_prepared`. One rule for what is refused, with a reason a person
+can read: decompression bombs, files Pillow cannot read or finds truncated, and images whose sides differ
+more than MAX_ASPECT_RATIO times (a 60000x1 strip would ask a shorter-side resize to 224 px for ~12 GB).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MAX_ASPECT_RATIO = 10  # longer side / shorter side; panoramas are ~4, a thin strip is no photo to classify
+MAX_PIXELS = 200_000_000  # Pillow's own bomb guard (Image.MAX_IMAGE_PIXELS) warns at 89M and refuses at 179M
+EXIF_ORIENTATION = 0x0112
+
+
+class ImageRejected(ValueError):
+    """An image that cannot or should not be used; the message is the reason, for lists and reports."""
+
+
+def check_size(width: int, height: int) -> None:
+    if width < 1 or height < 1:
+        raise ImageRejected(f"empty image ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageRejected(f"{width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
+                            f"{MAX_PIXELS / 1e6:.0f}-megapixel limit (a decompression bomb, or a scan to downsize)")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageRejected(f"{width}x{height}: its sides differ {ratio:.0f}x, more than the "
+                            f"{MAX_ASPECT_RATIO}x allowed (crop it to the subject)")
+
+
+def open_header(source: bytes | Path) -> Image.Image:
+    """The image with only its header read; its size checked before any pixel is decoded."""
+    if isinstance(source, bytes) and not source:
+        raise ImageRejected("empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image format Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageRejected(f"{type(error).__name__}: {error}") from None
+    check_size(*image.size)
+    return image
+
+
+def exif_orientation(image: Image.Image) -> int:
+    try:
+        return image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block is no reason to lose the picture
+        return 1
+
+
+def load_pixels(image: Image.Image, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decodes the pixels (a JPEG at 1/2, 1/4 or 1/8 scale in the DCT when draft_size allows: several times
+    faster for big photos); applies the EXIF rotation; returns RGB. Truncated or corrupt data is refused."""
+    try:
+        if image.format == "JPEG" and draft_size:
+            image.draft(None, draft_size)
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+    except ImageRejected:
+        raise
+    except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, ValueError, MemoryError...
+        raise ImageRejected(f"{type(error).__name__}: {error}") from None
+
+
+def open_image(source: bytes | Path) -> Image.Image:
+    """An RGB image, EXIF-rotated, or ImageRejected with the reason."""
+    return load_pixels(open_header(source))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited onto white, 16-bit grey scaled to 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257
+        return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        background.alpha_composite(image.convert("RGBA"))
+        return background.convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_prepared(encoded: bytes):
+    """A prepared image (always a 3-channel JPEG, see prepare) as a uint8 CHW tensor.
+
+    TorchCodec, not PIL: it decodes these JPEGs ~10% faster on one core, and its output goes straight to
+    torchvision's uint8 tensor kernels, which crop and resize at twice PIL's speed (BENCHMARKS.md).
+    """
+    from torchcodec.decoders import decode_jpeg  # here: fetch and predict's readers need no torch
+
+    return decode_jpeg(encoded, mode="RGB")

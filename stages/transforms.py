@@ -1,0 +1,99 @@
+"""The one definition of the train and eval transforms, and the preprocessing a model is saved with.
+
+Images travel as uint8 from decode to the device and are normalized there (`to_model_input`): a uint8 batch
+is a quarter of the float32 one to collate and copy, and the arithmetic is free on a GPU. Both transforms take
+a uint8 tensor or a PIL image (predict's photos); a PIL image becomes a tensor first, so every image is cropped
+and resized by the same tensor kernels as in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torchvision.transforms import v2
+
+from stages.images import MAX_ASPECT_RATIO
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_FRACTION = 0.875  # the usual ImageNet eval: resize the short side to res/0.875, centre-crop res
+TTA_CROP_FRACTIONS = (1.0, EVAL_CROP_FRACTION, 0.75)  # 3 scales (x 2 flips) for test-time augmentation
+COLOR_JITTER = 0.4  # brightness, contrast and saturation range of train.augment: color_jitter (torchvision's usual)
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's inputs are made; saved in its checkpoint, so evaluate, gradcam, predict and export
+    feed it exactly what it was trained on."""
+
+    resolution: int  # the square the model sees
+    resize: str = "shorter_side"  # eval resize before the centre crop: "shorter_side" or "square"
+    crop_fraction: float = EVAL_CROP_FRACTION  # the crop is this share of the resized side
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # of pixel values / 255
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def for_training(cls, resolution: int, crop: str) -> Preprocessing:
+        """train.crop resize_then_crop trains on a square resize, so eval resizes to a square too."""
+        return cls(resolution, resize="square" if crop == "resize_then_crop" else "shorter_side")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Preprocessing:
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    def describe(self) -> str:
+        what = "square" if self.resize == "square" else "shorter side"
+        return f"{what} to {square_side(self.resolution, self.crop_fraction)}, centre crop {self.resolution}"
+
+
+def square_side(resolution: int, crop_fraction: float = EVAL_CROP_FRACTION) -> int:
+    """resize_then_crop's square (512 for 448: the published 94% recipe), also eval's shorter side."""
+    return round(resolution / crop_fraction)
+
+
+def train_transform(resolution: int, crop: str = "random_resized", crop_scale=(0.08, 1.0), crop_padding: int = 0,
+                    augment: str = "none", interpolation: str = "bilinear") -> v2.Compose:
+    """The random crop of train.crop, a horizontal flip, then train.augment; uint8 CHW out."""
+    mode = INTERPOLATIONS[interpolation]
+    if crop == "resize_then_crop":
+        side = square_side(resolution)
+        cropping = [v2.Resize((side, side), interpolation=mode, antialias=True),
+                    v2.RandomCrop(resolution, padding=crop_padding)]
+    else:
+        cropping = [v2.RandomResizedCrop(resolution, scale=tuple(crop_scale), interpolation=mode, antialias=True)]
+    augmenting = {
+        "none": [],
+        "trivial_augment": [v2.TrivialAugmentWide()],
+        "color_jitter": [v2.ColorJitter(brightness=COLOR_JITTER, contrast=COLOR_JITTER, saturation=COLOR_JITTER)],
+    }[augment]
+    return v2.Compose([v2.PILToTensor(), *cropping, v2.RandomHorizontalFlip(), *augmenting])
+
+
+def eval_transform(preprocessing: Preprocessing, crop_fraction: float | None = None) -> v2.Compose:
+    """Resize (the shorter side, or to a square), then centre-crop; crop_fraction overrides the saved one (TTA).
+
+    The longer side is capped at MAX_ASPECT_RATIO times the shorter one: images beyond that ratio are refused
+    where they are read, and the cap keeps any that slip through from asking for gigabytes."""
+    p = preprocessing
+    side = square_side(p.resolution, crop_fraction or p.crop_fraction)
+    mode = INTERPOLATIONS[p.interpolation]
+    resize = (v2.Resize((side, side), interpolation=mode, antialias=True) if p.resize == "square"
+              else v2.Resize(side, interpolation=mode, max_size=side * MAX_ASPECT_RATIO, antialias=True))
+    return v2.Compose([v2.PILToTensor(), resize, v2.CenterCrop(p.resolution)])
+
+
+def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool,
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 NCHW on the host -> normalized float on the device."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
