@@ -275,3 +275,13 @@ def did_you_mean(loc: tuple, raw: dict) -> str:
     close = [initials] if initials in known else difflib.get_close_matches(str(name), known, n=1, cutoff=0.4)
     prefix = f"{section}." if section and len(loc) > 1 else ""
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+if __name__ == "__main__":  # `python -m stages.params` checks params.yaml against the schema, nothing else
+    from stages.errors import run_stage
+
+    def check_schema() -> None:
+        load_params()
+        print("params.yaml is valid")
+
+    run_stage(check_schema)

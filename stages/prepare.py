@@ -41,8 +41,11 @@ CHUNK = 32  # images per task sent to a decode process
 TASKS_IN_FLIGHT_PER_WORKER = 3  # bounds what waits in memory between the processes and the writer
 WRITER_BATCH = 64  # images per Arrow record batch written
 SPLITS = ("train", "validation", "test")
-FEATURES = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
-                              "label": datasets.ClassLabel(names=[])})  # names set per dataset
+
+
+def prepared_features(class_names: list[str]) -> datasets.Features:
+    return datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                              "label": datasets.ClassLabel(names=class_names)})
 
 
 @dataclass
@@ -171,11 +174,14 @@ class WrittenSplit:
     report: SplitReport
 
 
-def write_split(name: str, raw: datasets.Dataset, params: PrepareParams, workers: int, features: datasets.Features,
-                work: Path) -> WrittenSplit:
-    """Prepares a raw split image by image into an Arrow file in `work`, a chunk of images at a time."""
+def write_split(name: str, raw_dir: Path, params: PrepareParams, workers: int, work: Path) -> WrittenSplit:
+    """Prepares split `name` of the raw DatasetDict in `raw_dir` into an Arrow file in `work`, a chunk of images at a
+    time, each chunk decoded by one of `workers` processes."""
+    _OPEN_SPLITS.clear()  # forked processes must open what is on disk now
+    raw = datasets.load_from_disk(str(raw_dir))[name]
+    features = prepared_features(raw.features["label"].names)
     num_classes = features["label"].num_classes
-    tasks = ((str(RAW_DIR), name, start, min(start + CHUNK, len(raw)), params.max_short_side, params.jpeg_quality)
+    tasks = ((str(raw_dir), name, start, min(start + CHUNK, len(raw)), params.max_short_side, params.jpeg_quality)
              for start in range(0, len(raw), CHUNK))
     chunks = ordered_results(prepare_rows, tasks, workers)
     report, digest = SplitReport(), hashlib.sha256(name.encode())
@@ -297,11 +303,9 @@ def prepare(params: Params) -> None:
     raw = datasets.load_from_disk(str(RAW_DIR))
     check_split_layout(list(raw), params.data)
     names = raw["train"].features["label"].names
-    features = datasets.Features({**FEATURES, "label": datasets.ClassLabel(names=names)})
     workers = params.prepare.num_workers or os.cpu_count() or 1
     with scratch_dir(PREPARED_DIR.with_name("prepare-work")) as work:
-        written = {name: write_split(name, raw[name], params.prepare, workers, features, work)
-                   for name in SPLITS if name in raw}
+        written = {name: write_split(name, RAW_DIR, params.prepare, workers, work) for name in SPLITS if name in raw}
         train = written["train"]
         carved = carve_splits(train, {"test": params.data.test_fraction, "validation": params.data.val_fraction},
                               params.data.split_seed)

@@ -186,7 +186,7 @@ def format_cell(value) -> str:
 def markdown_text(text: str) -> str:
     """A class name (any text from the data) as literal Markdown: one line, no markup, no HTML."""
     text = " ".join(text.split())
-    return re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", text)
+    return re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", text)
 
 
 def headline(params: Params, eval_metrics: dict, train_summary: dict, data: dict) -> list[dict]:

@@ -46,6 +46,10 @@ class Interrupted(Exception):
     """SIGTERM (a stopped spot instance, `kill`), handled like Ctrl-C."""
 
 
+class RunStopped(Exception):
+    """Ctrl-C or SIGTERM ended the run between two saved epochs: not an error, main says how to resume."""
+
+
 def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_loader, fingerprint: dict) -> None:
     """Epochs from the first unfinished one to the last: train, validate, keep the best, save the state, log.
 
@@ -116,7 +120,7 @@ def train(params: Params, processes: Processes) -> None:
     try:
         run_epochs(trainer, progress, train_loader, validation_loader, fingerprint)
     except (KeyboardInterrupt, Interrupted):
-        raise StageError(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished "
+        raise RunStopped(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished "
                          f"epoch(s) are saved in {STATE_PATH}: run `dvc repro` again to resume") from None
     except LossNotFinite as error:
         raise StageError(
@@ -187,6 +191,8 @@ def main() -> None:
             sys.stdout = open(os.devnull, "w")
             os.environ["TQDM_DISABLE"] = "1"
         train(params, processes)
+    except RunStopped as stopped:
+        sys.exit(str(stopped))
     finally:
         stop_processes(processes)
 

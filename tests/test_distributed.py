@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from stages.data import SeededEpochSampler
+from stages.errors import StageError
 from tests.conftest import make_project, run, tiny_params
 from tests.test_resume import curve, interrupt_after_first_epoch, run_ok, weights
 
@@ -64,7 +65,7 @@ def test_processes_together_see_the_single_process_batches(size, batch):
 
 
 def test_too_small_a_split_for_one_global_batch_is_refused():
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(StageError, match="fewer than one global batch"):
         SeededEpochSampler(10, seed=0, batch_size=16, rank=0, world_size=2)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from stages.fetch import SourceError, check_image_folder, load_source, save, source_kind, standardize
+from stages.fetch import SourceError, check_image_folder, load_folder, load_source, save, source_kind, standardize
 from stages.params import DataParams
 from tests.synthetic import class_image, make_image_folder
 
@@ -20,7 +20,9 @@ def data_params(source, **overrides) -> DataParams:
 
 def fetch(source, **overrides) -> datasets.DatasetDict:
     params = data_params(source, **overrides)
-    return standardize(load_source(params), params, source_kind(str(source)))
+    if source_kind(str(source)) == "folder":
+        return load_folder(check_image_folder(Path(source)))
+    return standardize(load_source(params), params)
 
 
 def test_source_kinds(tmp_path, image_folder):
@@ -61,7 +63,8 @@ def test_folder_without_train_split_is_refused(tmp_path):
 
 def test_folder_without_test_split_is_fetched_for_prepare_to_carve(tmp_path):
     make_image_folder(tmp_path, num_classes=2, per_class={"train": 2})
-    assert check_image_folder(tmp_path) == []
+    listing = check_image_folder(tmp_path)
+    assert list(listing.files) == ["train"] and len(listing.files["train"]) == 4 and listing.left_out == []
 
 
 def test_empty_class_folder_is_refused(tmp_path):
@@ -132,3 +135,42 @@ def test_wrong_column_param_is_named(tmp_path):
     source = saved_dataset(tmp_path / "saved", datasets.ClassLabel(names=["cat", "dog"]))
     with pytest.raises(SourceError, match="data.image_column 'image' is not a column"):
         fetch(source)
+
+
+def test_hidden_and_symlinked_folders_are_left_out_and_listed(tmp_path):
+    """Before: .x, ..x and symlinked class folders vanished without a word (14 classes became 11)."""
+    root, elsewhere = tmp_path / "source", tmp_path / "elsewhere"
+    make_image_folder(root, num_classes=5, per_class={"train": 2})
+    make_image_folder(elsewhere, num_classes=1, per_class={"train": 2})
+    train = root / "train"
+    (train / "Audi A5 Coupe 2012").rename(train / ".hidden class")
+    (train / "Audi S5 Coupe 2012").rename(train / "..dots")
+    (train / "linked class").symlink_to(elsewhere / "train" / "Audi A5 Coupe 2012")
+    (train / "BMW M3 Coupe 2012" / ".DS_Store").write_bytes(b"\0")
+    listing = check_image_folder(root)
+    assert listing.classes == ["BMW M3 Coupe 2012", "Dodge Caliber Wagon 2007", "Dodge Caliber Wagon 2012"]
+    reasons = {row["id"]: row["reason"] for row in listing.left_out}
+    assert reasons["train/.hidden class"].startswith("hidden folder")
+    assert reasons["train/..dots"].startswith("hidden folder")
+    assert reasons["train/linked class"].startswith("symlinked folder")
+    assert reasons["train/BMW M3 Coupe 2012/.DS_Store"] == "hidden file: left out"
+    assert {row["split"] for row in listing.left_out} == {"train"}
+
+
+def test_a_file_symlink_out_of_the_source_is_refused_one_inside_is_kept(tmp_path):
+    """Before: passwd.jpg -> /etc/passwd was copied into data/raw, the DVC cache and so a remote."""
+    root = tmp_path / "source"
+    make_image_folder(root, num_classes=2, per_class={"train": 2, "test": 1})
+    secret = tmp_path / "secret.jpg"
+    secret.write_text("root:x:0:0")
+    folder = root / "train" / "Audi A5 Coupe 2012"
+    (folder / "passwd.jpg").symlink_to(secret)
+    (folder / "alias.jpg").symlink_to(folder / "000.jpg")
+    listing = check_image_folder(root)
+    reasons = {row["id"]: row["reason"] for row in listing.left_out}
+    assert "outside data.source: refused" in reasons["train/Audi A5 Coupe 2012/passwd.jpg"]
+    save(load_folder(listing), tmp_path / "raw", listing.left_out)
+    train = datasets.load_from_disk(str(tmp_path / "raw"))["train"].cast_column("image", datasets.Image(decode=False))
+    assert "train/Audi A5 Coupe 2012/alias.jpg" in train["id"]
+    assert all(b"root:x" not in row["bytes"] for row in train["image"])
+    assert "passwd" in (tmp_path / "raw" / "left_out.json").read_text()

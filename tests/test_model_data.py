@@ -11,41 +11,40 @@ from PIL import Image
 from torch import nn
 
 from stages import model as model_module
-from stages.data import (
+from stages.cam import channels_last_to_first, gradcam_target, vit_tokens_to_grid
+from stages.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from stages.data import resolve_workers
+from stages.errors import StageError
+from stages.images import decode_prepared
+from stages.model import WeightsUnavailable, build_model, constructor_kwargs, input_size_problem
+from stages.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    decode_prepared,
+    Preprocessing,
     eval_transform,
-    resolve_workers,
     to_model_input,
     train_transform,
-)
-from stages.model import (
-    WeightsUnavailable,
-    build_model,
-    channels_last_to_first,
-    constructor_kwargs,
-    gradcam_target,
-    input_size_problem,
-    load_checkpoint,
-    save_checkpoint,
-    vit_tokens_to_grid,
 )
 
 LINEAR_HEAD = {"head": "linear", "head_hidden": 1024, "head_dropout": 0.0}
 
 
+def record(names: list[str], resolution: int = 64, **fields) -> Checkpoint:
+    return Checkpoint(arch="resnet18", class_names=names, preprocessing=Preprocessing(resolution),
+                      head=fields.pop("head", LINEAR_HEAD), **fields)
+
+
 @pytest.mark.parametrize("resolution", [32, 64, 224])
 def test_transforms_give_uint8_squares_of_the_resolution(resolution):
     image = Image.new("RGB", (97, 61), (10, 20, 30))
-    for transform in (train_transform(resolution), eval_transform(resolution)):
+    for transform in (train_transform(resolution), eval_transform(Preprocessing(resolution))):
         tensor = transform(image)
         assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == (3, resolution, resolution)
 
 
 def test_eval_transform_is_deterministic_and_centred():
     image = Image.effect_noise((120, 90), 40).convert("RGB")
-    assert torch.equal(eval_transform(64)(image), eval_transform(64)(image))
+    assert torch.equal(eval_transform(Preprocessing(64))(image), eval_transform(Preprocessing(64))(image))
 
 
 def test_a_photo_and_the_decoded_dataset_image_are_transformed_alike():
@@ -55,7 +54,7 @@ def test_a_photo_and_the_decoded_dataset_image_are_transformed_alike():
     photo.save(encoded, format="JPEG", quality=95)
     from_pil = Image.open(io.BytesIO(encoded.getvalue())).convert("RGB")
     from_torchcodec = decode_prepared(encoded.getvalue())
-    assert torch.equal(eval_transform(64)(from_pil), eval_transform(64)(from_torchcodec))
+    assert torch.equal(eval_transform(Preprocessing(64))(from_pil), eval_transform(Preprocessing(64))(from_torchcodec))
     for seed in range(3):
         torch.manual_seed(seed)
         expected = train_transform(64, augment="trivial_augment")(from_pil)
@@ -143,7 +142,8 @@ def test_local_imagenet_state_dict_is_loaded_then_head_replaced(tmp_path):
 
 def test_local_checkpoint_with_matching_head_keeps_it(tmp_path):
     trained = build_model("resnet18", 5, "none", head="mlp", head_hidden=16)
-    save_checkpoint(tmp_path / "model.pt", trained, arch="resnet18", class_names=list("abcde"))
+    save_checkpoint(tmp_path / "model.pt", trained, record(list("abcde"), head={**LINEAR_HEAD, "head": "mlp",
+                                                                                "head_hidden": 16}))
     model = build_model("resnet18", 5, str(tmp_path / "model.pt"), head="mlp", head_hidden=16)
     assert torch.equal(model.fc[3].weight, trained.fc[3].weight)
 
@@ -156,10 +156,11 @@ def test_local_state_dict_of_another_model_is_refused_by_name(tmp_path):
 
 def test_checkpoint_round_trip_carries_names_and_weights(tmp_path):
     model = build_model("resnet18", 3, "none").eval()
-    save_checkpoint(tmp_path / "m.pt", model, arch="resnet18", class_names=["a", "b", "c"], resolution=64,
-                    constructor=constructor_kwargs(model), params={"model": LINEAR_HEAD, "train": {"lr": 0.1}})
-    loaded, meta = load_checkpoint(tmp_path / "m.pt")
-    assert meta["class_names"] == ["a", "b", "c"] and meta["resolution"] == 64 and meta["params"]["train"]["lr"] == 0.1
+    save_checkpoint(tmp_path / "m.pt", model, record(["a", "b", "c"], constructor=constructor_kwargs(model),
+                                                     params={"train": {"lr": 0.1}}))
+    loaded, checkpoint = load_checkpoint(tmp_path / "m.pt")
+    assert checkpoint.class_names == ["a", "b", "c"] and checkpoint.preprocessing.resolution == 64
+    assert checkpoint.params["train"]["lr"] == 0.1 and checkpoint.preprocessing.mean == IMAGENET_MEAN
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x))
@@ -235,3 +236,74 @@ def test_persistent_workers_never_hold_the_process_at_exit(how, tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "done" and "Error" not in result.stderr
+
+
+def test_inference_normalizes_with_the_checkpoints_own_mean_and_std(tmp_path):
+    """A model trained with other statistics (e.g. a CLIP-style backbone) is fed what it was trained on."""
+    model = build_model("resnet18", 3, "none").eval()
+    special = Preprocessing(64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bicubic")
+    save_checkpoint(tmp_path / "m.pt", model, Checkpoint("resnet18", ["a", "b", "c"], special, LINEAR_HEAD))
+    _, checkpoint = load_checkpoint(tmp_path / "m.pt")
+    assert checkpoint.preprocessing == special
+    batch = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    inputs = to_model_input(batch, torch.device("cpu"), False, special.mean, special.std)
+    assert torch.allclose(inputs, torch.full_like(inputs, 2.0))  # (1 - 0.5) / 0.25
+
+
+PLANTED = """
+import os, pickle, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+torch.save({{"format": "x", "state_dict": Payload()}}, "{path}")
+"""
+
+
+@pytest.fixture
+def hostile_files(tmp_path):
+    """A pickle that runs code when loaded without weights_only, a truncated file, foreign ones."""
+    marker = tmp_path / "code_ran"
+    planted = tmp_path / "planted.pt"
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", PLANTED.format(marker=marker, path=planted)], check=True)
+    # The file is live: loading it the unsafe way runs its code.
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load('{planted}', weights_only=False)"], check=True)
+    assert marker.exists()
+    marker.unlink()
+    good = build_model("resnet18", 3, "none")
+    save_checkpoint(tmp_path / "good.pt", good, record(["a", "b", "c"]))
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:5000])
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"weights": "not tensors"}, tmp_path / "dict.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    return tmp_path, marker
+
+
+@pytest.mark.parametrize("name", ["planted.pt", "truncated.pt", "list.pt", "dict.pt", "text.pt"])
+def test_hostile_model_files_get_one_message_and_run_nothing(hostile_files, name):
+    folder, marker = hostile_files
+    with pytest.raises(StageError) as caught:
+        load_checkpoint(folder / name)
+    assert str(folder / name) in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(WeightsUnavailable) as caught:
+        build_model("resnet18", 3, str(folder / name))
+    assert str(folder / name) in str(caught.value)
+    assert not marker.exists()
+
+
+def test_missing_model_names_the_stage_to_run(tmp_path):
+    with pytest.raises(StageError, match="run `dvc repro train` first"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_eval_transform_caps_the_longer_side_of_a_thin_image():
+    """A 3000x100 strip would be resized to 7680x256 px by a plain shorter-side resize; images this thin are
+    refused where they are read (stages/images.py), and the cap bounds any that reach a transform anyway."""
+    thin = Image.new("RGB", (3000, 100), (255, 0, 0))
+    transform = eval_transform(Preprocessing(224))
+    resize = transform.transforms[1]
+    assert resize.max_size == 256 * 10
+    assert tuple(resize(transform.transforms[0](thin)).shape) == (3, 85, 2560)
+    assert tuple(transform(thin).shape) == (3, 224, 224)

@@ -126,3 +126,37 @@ def test_exponent_floats_written_by_dvc_load_as_numbers(tmp_path):
 def test_an_unknown_export_format_names_the_choices(defaults):
     message = problems(with_change(defaults, "export", "format", "tflite"))
     assert "export.format" in message and "onnx" in message and "torchscript" in message
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("train", "lr", float("inf"), "train.lr: Input should be a finite number"),
+    ("train", "lr", float("nan"), "train.lr: Input should be a finite number"),
+    ("train", "resolution", 100000, "train.resolution: Input should be less than or equal to 4096"),
+    ("train", "seed", 2**70, "train.seed: Input should be less than or equal to 4294967295"),
+    ("train", "seed", -1, "train.seed: Input should be greater than or equal to 0"),
+    ("train", "num_workers", 10000, "train.num_workers: Input should be less than or equal to 256"),
+    ("prepare", "num_workers", 10000, "prepare.num_workers: Input should be less than or equal to 256"),
+    ("train", "epochs", -1, "train.epochs: Input should be greater than or equal to 1"),
+    ("evaluate", "amp", "fp8", "evaluate.amp: Input should be 'auto', 'bf16', 'fp16' or 'none'"),
+])
+def test_absurd_values_are_refused_before_any_work(defaults, section, key, value, expected):
+    assert expected in problems(with_change(defaults, section, key, value))
+
+
+def test_yaml_values_inf_and_nan_are_read_and_refused(tmp_path, defaults):
+    text = yaml.safe_dump(defaults).replace("lr: 0.1\n", "lr: .inf\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match="train.lr: Input should be a finite number"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("train:\n  lr: [0.1\n", "is not valid YAML at line 3"),
+    ("train: {lr: 0.1\n", "is not valid YAML"),
+    ("- just\n- a list\n", "holds a list, not sections of params"),
+])
+def test_broken_yaml_is_one_message_with_the_line(tmp_path, text, expected):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=expected) as caught:
+        load_params(tmp_path / "params.yaml")
+    assert "git checkout" in str(caught.value) or "sections" in str(caught.value)

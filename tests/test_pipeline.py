@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests.conftest import make_project, run, tiny_params
 
-STAGES = ["fetch", "prepare", "train", "evaluate", "gradcam", "report", "export"]
+STAGES = ["check", "fetch", "prepare", "train", "evaluate", "gradcam", "report", "export"]
 CHANCE = 1 / 6
 
 
@@ -51,7 +51,7 @@ def test_data_metrics_count_what_was_dropped(reproduced):
     dropped = (project / "metrics/dropped_images.csv").read_text()
     for name in ("truncated.jpg", "empty.jpg", "not_an_image.jpg"):
         assert name in dropped
-    assert "train/Audi A5 Coupe 2012/notes.txt,no image file suffix" in dropped
+    assert "train/Audi A5 Coupe 2012/notes.txt,fetch: no image file suffix" in dropped
 
 
 def test_model_learns_well_above_chance(reproduced):
@@ -218,3 +218,58 @@ def test_params_typo_stops_repro_before_any_work(tmp_path, image_folder):
     assert result.returncode != 0
     assert "train.learning_rate: unknown key (did you mean train.lr?)" in result.stdout + result.stderr
     assert not (project / "data/raw").exists()
+
+
+def test_a_refused_param_loses_no_result(reproduced):
+    """Before: `dvc exp run -S train.epochs=-1` was refused only after DVC had deleted models/model.pt and
+    metrics/train/. Now the check stage refuses it before any stage's outputs are touched."""
+    project, _ = reproduced
+    kept = ("models/model.pt", "metrics/train/metrics.json", "metrics/eval.json", "data/prepared/dataset_dict.json")
+    before = {path: (project / path).read_bytes() for path in kept}
+    result = run(["dvc", "exp", "run", "-S", "train.epochs=-1", "-S", "train.lr=.inf"], project, check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "train.epochs: Input should be greater than or equal to 1" in log and "- train.lr: " in log
+    assert "Running stage 'train'" not in log
+    assert {path: (project / path).read_bytes() for path in before} == before
+    run(["git", "checkout", "params.yaml"], project)
+    status = run(["dvc", "status", "--json"], project).stdout
+    assert "models/model.pt" not in status  # nothing to re-run: the previous results stand
+
+
+def test_predict_survives_hostile_images_and_refuses_bad_arguments(reproduced, tmp_path):
+    """Before: one bomb or 60000x1 PNG aborted predict with no output for any image."""
+    project, _ = reproduced
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (90, 70), (200, 30, 30)).save(photos / "a_good.jpg")
+    Image.new("1", (30000, 30000)).save(photos / "bomb.png")
+    Image.new("L", (60000, 1)).save(photos / "thin.png")
+    Image.new("RGB", (80, 60), (30, 30, 200)).save(photos / "z_good.png")
+    out = tmp_path / "preds"
+    result = run([sys.executable, "-m", "stages.predict", str(photos), "--out", str(out)], project)
+    assert "2 image(s) classified, 2 unreadable" in result.stdout
+    rows = {Path(row["file"]).name: row for row in json.loads(out.with_suffix(".json").read_text())["images"]}
+    assert "top" in rows["a_good.jpg"] and "top" in rows["z_good.png"]
+    assert "decompression bomb" in rows["bomb.png"]["error"]
+    assert "60000x1" in rows["thin.png"]["error"] and "allowed" in rows["thin.png"]["error"]
+
+    for arguments, message in [
+        (["--top-k", "0"], "must be 1 or more"),
+        (["--top-k", "-1"], "must be 1 or more"),
+        (["--out", "metrics/eval"], "inside metrics/, where the pipeline keeps its outputs"),
+        (["--out", str(photos / "a_good.jpg" / "predictions")], "is not writable"),
+        (["--model", str(photos / "a_good.jpg")], "is not a readable model file"),
+    ]:
+        failed = run([sys.executable, "-m", "stages.predict", str(photos), *arguments], project, check=False)
+        assert failed.returncode != 0 and message in failed.stderr, (arguments, failed.stderr)
+        assert "Traceback" not in failed.stderr
+    assert json.loads((project / "metrics/eval.json").read_text())["images"] == 90  # untouched
+
+
+def test_predict_exits_nonzero_when_nothing_could_be_classified(reproduced, tmp_path):
+    project, _ = reproduced
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    result = run([sys.executable, "-m", "stages.predict", str(tmp_path / "broken.jpg"), "--out",
+                  str(tmp_path / "p")], project, check=False)
+    assert result.returncode == 1 and "0 image(s) classified, 1 unreadable" in result.stdout

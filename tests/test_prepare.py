@@ -17,8 +17,18 @@ import torch
 import yaml
 from PIL import Image
 
-from stages.data import decode_prepared
-from stages.prepare import carve_splits, check_split_layout, prepare_image, scaled_size, stratified_assignment, to_rgb
+from stages.errors import StageError
+from stages.images import MAX_ASPECT_RATIO, decode_prepared, to_rgb
+from stages.params import PrepareParams
+from stages.prepare import (
+    carve_splits,
+    check_split_layout,
+    ordered_results,
+    prepare_image,
+    scaled_size,
+    stratified_assignment,
+    write_split,
+)
 from tests.conftest import REPO, tiny_params
 
 
@@ -142,21 +152,22 @@ def test_stratified_validation_takes_a_share_of_every_class():
 ])
 def test_split_layout_conflicts_are_refused_with_the_fix(splits, fractions, message):
     data = SimpleNamespace(**({"val_fraction": 0.0, "test_fraction": 0.0} | fractions))
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(StageError, match=message):
         check_split_layout(splits, data)
     check_split_layout(["train"], SimpleNamespace(val_fraction=0.2, test_fraction=0.1))  # the Caltech-101 layout
 
 
 def test_caltech_style_7_2_1_split_is_stratified_and_disjoint():
     labels = [0] * 50 + [1] * 100 + [2] * 30
-    columns = {"id": [f"img{i}" for i in range(len(labels))], "label": labels}
-    splits = carve_splits(columns, {"test": 0.1, "validation": 0.2}, seed=0)
+    train = SimpleNamespace(labels=labels)
+    splits = carve_splits(train, {"test": 0.1, "validation": 0.2}, seed=0)
     assert list(splits) == ["train", "test", "validation"]
-    counts = {name: np.bincount(split["label"], minlength=3).tolist() for name, split in splits.items()}
+    counts = {name: np.bincount(np.asarray(labels)[rows], minlength=3).tolist() for name, rows in splits.items()}
     assert counts == {"train": [35, 70, 21], "test": [5, 10, 3], "validation": [10, 20, 6]}
-    ids = [set(split["id"]) for split in splits.values()]
-    assert set.union(*ids) == set(columns["id"]) and sum(map(len, ids)) == len(labels)
-    assert carve_splits(columns, {"test": 0.0, "validation": 0.0}, seed=0) == {"train": columns}
+    rows = [set(rows.tolist()) for rows in splits.values()]
+    assert set.union(*rows) == set(range(len(labels))) and sum(map(len, rows)) == len(labels)
+    everything = carve_splits(train, {"test": 0.0, "validation": 0.0}, seed=0)
+    assert list(everything) == ["train"] and everything["train"].tolist() == list(range(len(labels)))
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -198,18 +209,79 @@ def test_validation_split_is_carved_from_train(fetched):
     assert data["train"]["images"] + data["validation"]["images"] == 6 * 40 + 5
 
 
-def test_label_outside_the_classes_is_dropped_and_listed():
+def raw_dataset(folder: Path, images: list[bytes], labels: list[int], names=("a", "b")) -> Path:
     import datasets
 
-    from stages.params import PrepareParams
-    from stages.prepare import prepare_split
-
-    image = {"bytes": encode(Image.new("RGB", (40, 30), (1, 2, 3))), "path": None}
     features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(decode=False),
-                                  "label": datasets.ClassLabel(names=["a", "b"])})
-    split = datasets.Dataset.from_dict({"id": ["x", "y"], "image": [image, image], "label": [1, -1]},
+                                  "label": datasets.ClassLabel(names=list(names))})
+    split = datasets.Dataset.from_dict({"id": [f"img{i}" for i in range(len(images))],
+                                        "image": [{"bytes": b, "path": None} for b in images], "label": labels},
                                        features=features)
-    kept, report = prepare_split("test", split, PrepareParams(max_short_side=64, jpeg_quality=90, num_workers=1),
-                                 pool=None)
-    assert kept["id"] == ["x"]
-    assert report.dropped == [{"split": "test", "id": "y", "reason": "label -1 outside the 2 classes"}]
+    datasets.DatasetDict({"test": split}).save_to_disk(str(folder / "raw"))
+    return folder / "raw"
+
+
+def test_label_outside_the_classes_is_dropped_and_listed(tmp_path):
+    image = encode(Image.new("RGB", (40, 30), (1, 2, 3)))
+    raw = raw_dataset(tmp_path, [image, image], [1, -1])
+    written = write_split("test", raw, PrepareParams(max_short_side=64, jpeg_quality=90, num_workers=1), 1, tmp_path)
+    assert written.ids == ["img0"] and written.dataset["id"] == ["img0"]
+    assert written.report.dropped == [{"split": "test", "id": "img1", "reason": "label -1 outside the 2 classes"}]
+
+
+def test_one_bad_image_never_takes_the_others_down(tmp_path):
+    """Each hostile image is dropped with its reason; the valid ones around it are kept, in order."""
+    good = encode(Image.new("RGB", (60, 40), (9, 9, 9)))
+    wide = encode(Image.new("L", (70000, 2)), "PNG")  # a JPEG cannot even hold 70000 px: it failed at save time
+    thin = encode(Image.new("L", (60000, 1)), "PNG")
+    bomb = encode(Image.new("1", (30000, 30000)), "PNG")  # 900 megapixels, a few KB on disk
+    images = [good, wide, good, thin, bomb, good]
+    raw = raw_dataset(tmp_path, images, [0, 1, 1, 0, 1, 0])
+    written = write_split("test", raw, PrepareParams(max_short_side=64, jpeg_quality=90, num_workers=2), 2, tmp_path)
+    assert written.ids == ["img0", "img2", "img5"]
+    reasons = {row["id"]: row["reason"] for row in written.report.dropped}
+    assert f"more than the {MAX_ASPECT_RATIO}x allowed" in reasons["img1"] and "70000x2" in reasons["img1"]
+    assert "60000x1" in reasons["img3"]
+    assert "decompression bomb" in reasons["img4"]
+
+
+def die_on_the_third(index: int) -> int:
+    if index == 3:
+        os.kill(os.getpid(), 9)  # as the kernel's OOM killer would
+    return index * 10
+
+
+def test_a_dead_decode_process_fails_prepare_with_a_message_instead_of_a_hang():
+    results = []
+    with pytest.raises(StageError, match="a prepare process died while working on"):
+        for value in ordered_results(die_on_the_third, [(i,) for i in range(8)], workers=2):
+            results.append(value)
+    assert results == [0, 10, 20]  # everything before the dead task came back in order
+    assert list(ordered_results(die_on_the_third, [(i,) for i in range(3)], workers=2)) == [0, 10, 20]
+
+
+def test_duplicates_and_classes_without_train_images_are_reported(tmp_path, image_folder):
+    """The same bytes in train and test, and a class whose every train image is unreadable, are counted in
+    data.json and named on stderr; prepare still succeeds."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(image_folder, source)
+    classes = sorted(p.name for p in (source / "train").iterdir())
+    leaked = source / "test" / classes[1] / "000.jpg"
+    shutil.copy(source / "train" / classes[1] / "007.jpg", leaked)
+    for image in (source / "train" / classes[2]).iterdir():
+        image.write_bytes(b"broken")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(source)))
+    (work / "data").mkdir()
+    orphan = work / "data" / ".prepared.tmp999999"  # left by a killed run (no such process)
+    orphan.mkdir()
+    run_stage("fetch", work)
+    result = run_stage("prepare", work)
+    data = json.loads((work / "metrics/data.json").read_text())
+    assert data["duplicates_across_splits"] == 1 and data["classes_without_train_images"] == 1
+    assert f"test/{classes[1]}/000.jpg is the same image as train/{classes[1]}/007.jpg" in result.stderr
+    assert "1 class(es) have no train image left" in result.stderr and f"  {classes[2]}" in result.stderr
+    assert not orphan.exists()

@@ -15,7 +15,7 @@ import yaml
 from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
 from stages.params import load_params
-from stages.train import Trainer
+from stages.trainer import Trainer
 from tests.conftest import REPO, make_project, run, tiny_params
 from tests.synthetic import make_image_folder
 

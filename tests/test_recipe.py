@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stages.data import train_transform
+from stages.model import RecipeError
 from stages.params import ParamsError, parse_params
 from stages.recipe import Freezer, build_optimizer, build_scheduler, param_groups
-from stages.train import RecipeError, Trainer
+from stages.trainer import Trainer
+from stages.transforms import train_transform
 from tests.conftest import tiny_params
 
 CPU = torch.device("cpu")

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from stages.errors import StageError
 from stages.files import atomic_path
 from tests.conftest import REPO, tiny_params
 
@@ -131,15 +132,26 @@ def test_worker_count_does_not_change_the_result(workdir, uninterrupted):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_diverging_loss_stops_with_the_likely_cause(workdir):
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params["train"]["lr"] = 1.0e8
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    code, out = finish(stage("train", workdir))
-    assert code == 1
-    assert "the training loss became nan" in out.lower() or "the training loss became inf" in out.lower()
-    assert "learning rate is likely too high" in out and "train.lr=100000000.0" in out
-    assert not (workdir / "models/model.pt").exists()
+def test_diverging_loss_stops_with_the_likely_cause(workdir, monkeypatch):
+    """A loss that turns NaN (here from the second epoch on; lr beyond the schema's 10 is refused up front) stops
+    the run with the cause, keeping the last good epoch for a resume."""
+    from stages import train, trainer
+
+    real_epoch = trainer.Trainer.train_epoch
+
+    def diverging(self, loader, epoch):
+        if epoch == 1:
+            raise trainer.LossNotFinite(float("nan"))
+        return real_epoch(self, loader, epoch)
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", diverging)
+    with pytest.raises(StageError) as stopped:
+        train.main()
+    message = str(stopped.value)
+    assert "the training loss became nan in epoch 2" in message and "learning rate is likely too high" in message
+    assert "train.lr=0.05" in message and "The last good epoch (1) is kept" in message
+    assert not (workdir / "models/model.pt").exists() and (workdir / STATE).exists()
 
 
 def test_crash_mid_write_leaves_the_old_file(tmp_path):
@@ -181,7 +193,7 @@ def test_cuda_out_of_memory_names_the_batch_size_and_the_fix(workdir, monkeypatc
 
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(train.Trainer, "train_epoch", out_of_memory)
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(StageError) as stopped:
         train.main()
     message = str(stopped.value)
     assert "CUDA out of memory at train.batch_size=32, train.resolution=64" in message
@@ -215,3 +227,35 @@ def test_crash_while_saving_a_dataset_leaves_the_old_one(tmp_path):
         tmp.mkdir()
         (tmp / "new.arrow").write_text("new")
     assert [p.name for p in old.iterdir()] == ["new.arrow"] and list(tmp_path.iterdir()) == [old]
+
+
+PLANTED_STATE = """
+import os, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+torch.save({{"format": "transfer-learning-train-state/2", "fingerprint": Payload()}}, "{path}")
+"""
+
+
+@pytest.mark.parametrize("kind", ["planted", "truncated", "foreign", "not torch"])
+def test_a_hostile_or_broken_state_file_runs_nothing_and_is_ignored(workdir, uninterrupted, kind):
+    """Before: a planted checkpoints/train_state.pt ran its own code when train started (weights_only=False), and
+    a truncated or foreign one crashed train with a KeyError."""
+    state, marker = workdir / STATE, workdir / "code_ran"
+    state.parent.mkdir(exist_ok=True)
+    if kind == "planted":
+        subprocess.run([sys.executable, "-c", PLANTED_STATE.format(marker=marker, path=state)], check=True)
+    elif kind == "truncated":
+        interrupt_after_first_epoch(workdir, signal.SIGKILL)
+        state.write_bytes(state.read_bytes()[:20000])
+    elif kind == "foreign":
+        torch.save({"epoch": 3, "model": {}}, state)
+    else:
+        state.write_text("not a checkpoint")
+    out = run_ok("train", workdir)
+    assert not marker.exists()
+    ignored = [line for line in out.splitlines() if line.startswith("train: ignoring checkpoints/train_state.pt")]
+    assert len(ignored) == 1 and ignored[0].endswith("starting fresh"), out
+    expected, got = weights(uninterrupted), weights(workdir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # a fresh run, as if no file had been there
