@@ -1,9 +1,11 @@
-# `make repro`: set up and run the pipeline. `make test`: set up and run the tests.
+# `make repro`: set up and run the pipeline. `make test`: set up, lint, and run the whole test suite (~25 min on
+# 2 CPU cores). `make test-fast`: the tests not marked slow (~2 min).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup repro test
+.PHONY: setup repro lint test test-fast
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +15,13 @@ $(BIN)/.installed: requirements.txt
 setup: $(BIN)/.installed
 
 repro: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(RUN) $(BIN)/dvc repro
 
-test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(RUN) $(BIN)/python -m pytest
+
+test-fast: lint
+	$(RUN) $(BIN)/python -m pytest -m "not slow"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from benchmarks.speed import cars_like_jpegs
@@ -22,6 +23,7 @@ def test_generated_jpegs_have_stanford_cars_sizes():
     assert sizes.min() >= 62 and sizes[:, 0].max() <= 2405
 
 
+@pytest.mark.slow
 def test_benchmark_writes_the_report(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "benchmarks.speed", "--fraction", "0.003", "--resolutions", "32", "--arch",

@@ -15,6 +15,8 @@ from stages.errors import StageError
 from tests.conftest import make_project, run, tiny_params
 from tests.test_resume import curve, interrupt_after_first_epoch, run_ok, weights
 
+pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
+
 EPOCHS = 3
 PROCESSES = 2
 

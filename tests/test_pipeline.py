@@ -16,6 +16,8 @@ from PIL import Image
 
 from tests.conftest import make_project, run, tiny_params
 
+pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
+
 STAGES = ["check", "fetch", "prepare", "train", "evaluate", "gradcam", "report", "export"]
 CHANCE = 1 / 6
 

@@ -190,6 +190,7 @@ def fetched(tmp_path_factory, image_folder) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_prepare_is_byte_identical_and_leaves_raw_untouched(fetched):
     raw_before = tree_digest(fetched / "data/raw")
     run_stage("prepare", fetched)
@@ -201,6 +202,7 @@ def test_prepare_is_byte_identical_and_leaves_raw_untouched(fetched):
     assert len([f for f in first if f.endswith(".arrow")]) == 3  # a few large files, not one per image
 
 
+@pytest.mark.slow
 def test_validation_split_is_carved_from_train(fetched):
     run_stage("prepare", fetched)
     data = json.loads((fetched / "metrics/data.json").read_text())["splits"]
@@ -260,6 +262,7 @@ def test_a_dead_decode_process_fails_prepare_with_a_message_instead_of_a_hang():
     assert list(ordered_results(die_on_the_third, [(i,) for i in range(3)], workers=2)) == [0, 10, 20]
 
 
+@pytest.mark.slow
 def test_duplicates_and_classes_without_train_images_are_reported(tmp_path, image_folder):
     """The same bytes in train and test, and a class whose every train image is unreadable, are counted in
     data.json and named on stderr; prepare still succeeds."""

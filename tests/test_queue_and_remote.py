@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import make_project, run, tiny_params
 
+pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
+
 QUEUED = {"lr-low": "0.005", "lr-high": "0.02"}
 
 

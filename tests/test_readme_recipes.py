@@ -19,6 +19,8 @@ from stages.trainer import Trainer
 from tests.conftest import REPO, make_project, run, tiny_params
 from tests.synthetic import make_image_folder
 
+pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
+
 # What the CPU-size run changes; everything else stays as the README wrote it.
 SHRUNK = {"train.epochs", "train.batch_size", "train.resolution", "train.freeze_epochs", "model.weights",
           "data.source", "train.warmup_epochs"}

@@ -19,6 +19,8 @@ from stages.errors import StageError
 from stages.files import atomic_path
 from tests.conftest import REPO, tiny_params
 
+pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
+
 EPOCHS = 4
 STATE = Path("checkpoints/train_state.pt")
 
