@@ -36,7 +36,7 @@ def write_image_folder(root: Path, count: int) -> int:
     total, index = 0, 0
     while index < count:
         for encoded in cars_like_jpegs(min(CHUNK, count - index), seed=index):
-            split = "test" if index % round(1 / TEST_SHARE) == 0 else "train"
+            split = "test" if (index // CLASSES) % round(1 / TEST_SHARE) == 0 else "train"
             folder = root / split / f"class {index % CLASSES:03d}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{index:06d}.jpg").write_bytes(encoded)

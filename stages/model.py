@@ -34,7 +34,9 @@ def build_model(arch: str, num_classes: int, weights: str = "none", head: str = 
     The names of the new head modules are kept in `model.head_paths` (they get head_lr_multiplier and
     stay trainable while the backbone is frozen).
     """
-    new_heads = lambda model: replace_heads(model, num_classes, head, head_hidden, head_dropout)  # noqa: E731
+    def new_heads(model: nn.Module) -> nn.Module:
+        return replace_heads(model, num_classes, head, head_hidden, head_dropout)
+
     if weights == "none":
         model = new_heads(torchvision.models.get_model(arch, weights=None, **constructor))
     elif Path(weights).is_file():

@@ -1,0 +1,50 @@
+"""The check stage refuses what would fail in train only after DVC deleted the previous results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from stages.check import check_recipe
+from stages.errors import StageError
+from stages.model import build_model
+from stages.params import parse_params
+from tests.conftest import REPO
+
+
+def params_with(**changes):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    return parse_params(raw)
+
+
+def test_the_shipped_recipe_passes_without_reading_weights_or_data():
+    check_recipe(params_with(**{"model.weights": "none"}))
+    check_recipe(params_with())  # IMAGENET1K_V2: a name, not a download: the meta device builds no weights
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"train.unfreeze_from": "Mixed_7a"}, "train.unfreeze_from: ResNet has no module 'Mixed_7a'"),
+    ({"model.arch": "inception_v3", "model.weights": "none", "train.resolution": 64}, "inception_v3 cannot take train.resolution=64"),
+    ({"model.arch": "vit_b_16", "model.weights": "none", "train.resolution": 256}, "vit_b_16 cannot take train.resolution=256"),
+])
+def test_model_dependent_mistakes_are_refused(changes, message):
+    with pytest.raises(StageError, match=message):
+        check_recipe(params_with(**changes))
+
+
+def test_a_truncated_or_foreign_weights_file_is_refused_up_front(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(build_model("resnet50", 1000, "none").state_dict(), good)
+    check_recipe(params_with(**{"model.weights": str(good)}))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:100_000])
+    with pytest.raises(StageError, match=f"{truncated} is not a readable PyTorch weights file"):
+        check_recipe(params_with(**{"model.weights": str(truncated)}))
+    other = tmp_path / "other.pt"
+    torch.save(build_model("resnet18", 1000, "none").state_dict(), other)
+    with pytest.raises(StageError, match="does not fit resnet50"):
+        check_recipe(params_with(**{"model.weights": str(other)}))
