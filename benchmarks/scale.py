@@ -2,10 +2,12 @@
 
 Generates folders of Stanford-Cars-sized JPEGs (benchmarks.speed.cars_like_jpegs: photo-like, 609x406 on
 average), runs `python -m stages.fetch` and `python -m stages.prepare` on each exactly as DVC would, and samples
-the resident memory of the stage's whole process tree (the stage and its decode processes) every 50 ms.
-Reported per stage: wall time, images/s, peak RSS of the tree, and peak anonymous RSS (RSS less memory-mapped
-file pages, which the kernel can drop at will: Arrow files are read memory-mapped). Then the growth from N to
-10N: memory should stay flat (target: within 1.3x), time should grow ~10x.
+the memory of the stage's whole process tree (the stage and its decode processes) every 50 ms, as PSS
+(proportional set size: a page shared by forked processes counts once, split between them, where summing
+RSS would count it in every process). Reported per stage: wall time, images/s, peak PSS of the tree, and
+peak anonymous PSS (less memory-mapped file pages, which the kernel can drop at will: Arrow files are read
+memory-mapped). Then the growth from N to 10N: memory should stay flat (target: within 1.3x), time should
+grow ~10x.
 """
 
 from __future__ import annotations
@@ -46,17 +48,17 @@ def write_image_folder(root: Path, count: int) -> int:
 
 
 def tree_memory(process: psutil.Process) -> tuple[int, int]:
-    """(RSS, anonymous RSS) summed over the process and its descendants, in bytes."""
-    rss = anon = 0
+    """(PSS, anonymous PSS) summed over the process and its descendants, in bytes (Linux smaps_rollup)."""
+    pss = anon = 0
     for member in [process, *process.children(recursive=True)]:
         try:
-            status = Path(f"/proc/{member.pid}/status").read_text()
+            rollup = Path(f"/proc/{member.pid}/smaps_rollup").read_text()
         except OSError:
             continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        rss += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-        anon += int(fields.get("RssAnon", "0 kB").split()[0]) * 1024
-    return rss, anon
+        fields = dict(line.split(":", 1) for line in rollup.splitlines()[1:] if ":" in line)
+        pss += int(fields.get("Pss", "0 kB").split()[0]) * 1024
+        anon += int(fields.get("Pss_Anon", "0 kB").split()[0]) * 1024
+    return pss, anon
 
 
 def run_measured(stage: str, workdir: Path) -> dict:
@@ -65,24 +67,29 @@ def run_measured(stage: str, workdir: Path) -> dict:
     child = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     watched = psutil.Process(child.pid)
-    peak_rss = peak_anon = 0
+    peak_pss = peak_anon = 0
     while child.poll() is None:
         try:
-            rss, anon = tree_memory(watched)
+            pss, anon = tree_memory(watched)
         except psutil.NoSuchProcess:
             break
-        peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
+        peak_pss, peak_anon = max(peak_pss, pss), max(peak_anon, anon)
         time.sleep(0.05)
     output = child.communicate()[0].decode(errors="replace")
     if child.returncode != 0:
         sys.exit(f"error: {stage} failed:\n{output[-3000:]}")
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss / 2**20),
-            "peak_anon_rss_mb": round(peak_anon / 2**20)}
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_pss_mb": round(peak_pss / 2**20),
+            "peak_anon_pss_mb": round(peak_anon / 2**20)}
 
 
 def measure(count: int, workdir: Path, workers: int) -> dict:
-    images = workdir / "images"
-    source_bytes = write_image_folder(images, count)
+    images, marker = workdir / "images", workdir / "images.json"
+    if marker.is_file() and json.loads(marker.read_text())["images"] == count:  # --workdir kept from a run before
+        source_bytes = json.loads(marker.read_text())["bytes"]
+    else:
+        shutil.rmtree(images, ignore_errors=True)
+        source_bytes = write_image_folder(images, count)
+        marker.write_text(json.dumps({"images": count, "bytes": source_bytes}))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(preset="none", source=str(images), val_fraction=0.0, test_fraction=0.0)
     params["prepare"]["num_workers"] = workers
@@ -106,13 +113,14 @@ def main() -> None:
     try:
         for count in args.counts:
             workdir = base / f"n{count}"
-            shutil.rmtree(workdir, ignore_errors=True)
-            workdir.mkdir(parents=True)
+            workdir.mkdir(parents=True, exist_ok=True)
+            for output in ("data", "metrics"):
+                shutil.rmtree(workdir / output, ignore_errors=True)
             results.append(measure(count, workdir, args.workers))
             r = results[-1]
             print(f"{count:>7} images ({r['source_mb']} MB): " + "; ".join(
-                f"{stage} {r[stage]['seconds']} s ({r[stage]['images_per_s']} img/s), peak RSS "
-                f"{r[stage]['peak_rss_mb']} MB (anonymous {r[stage]['peak_anon_rss_mb']} MB)"
+                f"{stage} {r[stage]['seconds']} s ({r[stage]['images_per_s']} img/s), peak PSS "
+                f"{r[stage]['peak_pss_mb']} MB (anonymous {r[stage]['peak_anon_pss_mb']} MB)"
                 for stage in ("fetch", "prepare")), flush=True)
             if not args.workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -125,8 +133,8 @@ def main() -> None:
         for stage in ("fetch", "prepare"):
             time_growth = last[stage]["seconds"] / first[stage]["seconds"]
             print(f"{stage}: {scale:g}x the images -> {time_growth:.2f}x the time, "
-                  f"{last[stage]['peak_rss_mb'] / first[stage]['peak_rss_mb']:.2f}x the peak RSS, "
-                  f"{last[stage]['peak_anon_rss_mb'] / first[stage]['peak_anon_rss_mb']:.2f}x the anonymous RSS")
+                  f"{last[stage]['peak_pss_mb'] / first[stage]['peak_pss_mb']:.2f}x the peak PSS, "
+                  f"{last[stage]['peak_anon_pss_mb'] / first[stage]['peak_anon_pss_mb']:.2f}x the anonymous PSS")
     args.out.write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2) + "\n")
 
 
