@@ -168,6 +168,7 @@ class WrittenSplit:
     """A prepared split on disk, memory-mapped, with its kept rows' labels and source hashes."""
 
     dataset: datasets.Dataset
+    fingerprint: str  # of the content: ids, labels and prepared bytes
     labels: list[int]
     ids: list[str]
     hashes: list[str]
@@ -211,9 +212,10 @@ def write_split(name: str, raw_dir: Path, params: PrepareParams, workers: int, w
     writer.close()
     # The fingerprint is the content's: DVC sees byte-identical output for the same input, and train's resume
     # check compares it.
+    fingerprint = digest.hexdigest()[:32]
     dataset = datasets.Dataset(MemoryMappedTable.from_file(str(path)), info=datasets.DatasetInfo(features=features),
-                               fingerprint=digest.hexdigest()[:32])
-    return WrittenSplit(dataset, labels, ids, hashes, report)
+                               fingerprint=fingerprint)
+    return WrittenSplit(dataset, fingerprint, labels, ids, hashes, report)
 
 
 def stratified_assignment(labels: list[int], fractions: dict[str, float], seed: int) -> np.ndarray:
@@ -288,9 +290,13 @@ def duplicates_across_splits(members: dict[str, tuple[list[str], list[str]]]) ->
         for image_id, digest in zip(*members.get(split, ([], []))):
             other_split, other_id = first_seen[digest]
             if other_split != split:
-                rows.append({"split": split, "id": image_id, "same_as": f"{other_split}/{other_id}"
-                             if not other_id.startswith(f"{other_split}/") else other_id})
+                rows.append({"image": qualified(split, image_id), "same_as": qualified(other_split, other_id)})
     return rows
+
+
+def qualified(split: str, image_id: str) -> str:
+    """An image id with its split in front (a folder's ids already start with it)."""
+    return image_id if image_id.startswith(f"{split}/") else f"{split}/{image_id}"
 
 
 def left_out_by_fetch() -> list[dict]:
@@ -313,7 +319,7 @@ def prepare(params: Params) -> None:
         for name in SPLITS:
             if name in carved:
                 rows = carved[name]
-                fingerprint = hashlib.sha256(f"{train.dataset._fingerprint} {name} {rows.tolist()}".encode())
+                fingerprint = hashlib.sha256(f"{train.fingerprint} {name} {rows.tolist()}".encode())
                 outputs[name] = train.dataset.select(rows, new_fingerprint=fingerprint.hexdigest()[:32])
                 labels[name] = [train.labels[i] for i in rows]
                 members[name] = ([train.ids[i] for i in rows], [train.hashes[i] for i in rows])
@@ -349,7 +355,7 @@ def report_data(names: list[str], labels: dict[str, list[int]], reports: dict[st
           f"out by fetch (all listed in {DROPPED_LIST})")
     for row in dropped[:10]:
         print(f"  dropped {row['id']}: {row['reason']}")
-    warn(duplicates, lambda row: f"{row['split']}/{row['id']} is the same image as {row['same_as']}",
+    warn(duplicates, lambda row: f"{row['image']} is the same image as {row['same_as']}",
          "image(s) appear in two splits (the same bytes); their test score is not a held-out score. Remove the "
          "copies from the source")
     warn(without_train, lambda name: name, "class(es) have no train image left (all dropped or left out); the "

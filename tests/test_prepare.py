@@ -285,6 +285,6 @@ def test_duplicates_and_classes_without_train_images_are_reported(tmp_path, imag
     result = run_stage("prepare", work)
     data = json.loads((work / "metrics/data.json").read_text())
     assert data["duplicates_across_splits"] == 1 and data["classes_without_train_images"] == 1
-    assert f"test/{classes[1]}/000.jpg is the same image as train/{classes[1]}/007.jpg" in result.stderr
+    assert f"\n  test/{classes[1]}/000.jpg is the same image as train/{classes[1]}/007.jpg\n" in result.stderr
     assert "1 class(es) have no train image left" in result.stderr and f"  {classes[2]}" in result.stderr
     assert not orphan.exists()
