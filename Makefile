@@ -1,11 +1,12 @@
 # `make repro`: set up and run the pipeline. `make test`: set up, lint, and run the whole test suite (~25 min on
-# 2 CPU cores). `make test-fast`: the tests not marked slow (~2 min).
+# 2 CPU cores). `make test-fast`: the tests not marked slow (~1 min). `make gpu-check`: on a CUDA machine, the
+# whole pipeline with the default GPU settings on generated data, one PASS/FAIL line per path.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup repro lint test test-fast
+.PHONY: setup repro lint test test-fast gpu-check
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,3 +26,6 @@ test: lint
 
 test-fast: lint
 	$(RUN) $(BIN)/python -m pytest -m "not slow"
+
+gpu-check: setup
+	$(RUN) $(BIN)/python -m benchmarks.gpu_check

@@ -5,24 +5,28 @@ have lost the previous run's model and metrics. Every other stage depends on thi
 it first: a bad value passed with `dvc exp run -S ...` stops the run here with the previous results intact.
 It checks the params schema (stages/params.py), then what needs the model but no data and no compute:
 that model.arch takes train.resolution, that train.unfreeze_from names one of its modules, and that a local
-model.weights file is a state dict that fits it. Its output is one constant line, so passing the check never
-makes a later stage re-run.
+model.weights file is a state dict that fits it; and what the machine must have: a usable GPU for
+train.device: cuda, a C++ compiler for torch.compile on the CPU. Its output is one constant line, so passing
+the check never makes a later stage re-run.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
-from stages.errors import run_stage
+from stages.errors import StageError, run_stage
 from stages.files import atomic_path
 from stages.model import build_model, fit_to_resolution
 from stages.params import Params, load_params
 from stages.paths import PARAMS_CHECK
 from stages.recipe import Freezer
+from stages.runtime import cuda_unavailable_reason
 
-PASSED = "params.yaml passed `python -m stages.check` (schema, model and resolution, unfreeze_from, weights file)\n"
+PASSED = ("params.yaml passed `python -m stages.check` (schema, model and resolution, unfreeze_from, weights file, "
+          "device and compiler)\n")
 CHECK_CLASSES = 2  # any class count builds the same backbone
 
 
@@ -39,9 +43,21 @@ def check_recipe(params: Params) -> None:
     Freezer(model, p)
 
 
+def check_machine(params: Params) -> None:
+    p = params.train
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise StageError(f"train.device: cuda, but no GPU is usable ({cuda_unavailable_reason()}). See README "
+                         f"'GPU drivers', or set train.device: auto or cpu")
+    compiles_on_cpu = p.compile is True and (p.device == "cpu" or not torch.cuda.is_available())
+    if compiles_on_cpu and not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
+        raise StageError("train.compile: true on the CPU needs a C++ compiler (inductor builds C++ kernels): "
+                         "install one (Debian/Ubuntu: apt-get install g++), or set train.compile: auto")
+
+
 def main() -> None:
     params = load_params()
     check_recipe(params)
+    check_machine(params)
     with atomic_path(PARAMS_CHECK) as tmp:
         tmp.write_text(PASSED)
     print("check: params.yaml is valid")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -158,9 +158,11 @@ class TrainParams(Section):
     crop_padding: int = Field(ge=0, le=MAX_RESOLUTION)  # resize_then_crop: zero padding around the random crop
     augment: Literal["none", "trivial_augment", "color_jitter"]
     seed: int = Field(ge=0, le=MAX_SEED)
-    amp: Literal["bf16", "fp16", "none"]
-    channels_last: bool
-    compile: bool
+    device: Literal["auto", "cuda", "cpu"]  # auto: CUDA when usable, else the CPU for short runs only (see runtime)
+    amp: Literal["auto", "bf16", "fp16", "none"]  # auto: bf16 on CUDA, fp32 on the CPU; explicit: on any device
+    channels_last: Literal["auto"] | bool  # auto: on CUDA only
+    compile: Literal["auto"] | bool  # torch.compile (inductor); auto: on CUDA only
+    num_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_WORKERS)]  # PyTorch CPU threads per process
     num_workers: int = Field(ge=-1, le=MAX_WORKERS)  # -1: chosen from the CPUs present
     eval_every: int = Field(ge=0, le=10000)  # validation every N epochs; 0: only after the last
     devices: int = Field(ge=1, le=1024)  # processes (one per GPU) under torchrun; batch_size and lr stay global

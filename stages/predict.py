@@ -22,7 +22,7 @@ from stages.errors import StageError, run_stage
 from stages.files import atomic_path, write_csv, write_json
 from stages.images import IMAGE_SUFFIXES, ImageRejected, open_image
 from stages.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS
-from stages.runtime import pick_device
+from stages.runtime import Precision, pick_device
 from stages.transforms import eval_transform, to_model_input
 
 
@@ -52,7 +52,8 @@ def check_output(out: str) -> None:
         raise StageError(f"--out {out}: {parent} is not writable ({error.strerror}); pick another --out") from None
 
 
-def predict_files(files: list[Path], model, checkpoint: Checkpoint, top_k: int, device) -> list[dict]:
+def predict_files(files: list[Path], model, checkpoint: Checkpoint, top_k: int, device,
+                  precision: Precision) -> list[dict]:
     """One row per file: its top-k classes, or the error that kept it from being classified."""
     preprocessing = checkpoint.preprocessing
     transform = eval_transform(preprocessing)
@@ -62,7 +63,7 @@ def predict_files(files: list[Path], model, checkpoint: Checkpoint, top_k: int, 
     for path in files:
         try:
             image = transform(open_image(path)).unsqueeze(0)
-            with torch.inference_mode():
+            with torch.inference_mode(), precision.autocast():
                 logits = model(to_model_input(image, device, False, preprocessing.mean, preprocessing.std))
             probs = logits.float().softmax(1)[0].cpu()
         except Exception as error:  # missing, unreadable, refused (bomb, aspect ratio), or failing in the model
@@ -110,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="predictions", help="writes OUT.json and OUT.csv (default predictions)")
     parser.add_argument("--gradcam", metavar="DIR", help="also write a GradCAM overlay PNG per image into DIR")
     parser.add_argument("--gradcam-layer", default="auto", help="module path, as gradcam.target_layer")
+    parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
+                        help="precision: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or none (fp32)")
     return parser.parse_args(argv)
 
 
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     files = image_files(args.images)
     if not files:
         raise StageError(f"no image files in {', '.join(args.images)} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
-    rows = predict_files(files, model, checkpoint, args.top_k, device)
+    rows = predict_files(files, model, checkpoint, args.top_k, device, Precision(args.amp, device))
     if args.gradcam:
         classified = [(Path(row["file"]), row) for row in rows if "top" in row]
         write_gradcam(classified, model, checkpoint, args.gradcam_layer, Path(args.gradcam), device)

@@ -20,7 +20,9 @@ from stages.errors import StageError
 from stages.files import save_torch
 
 FORMAT = "transfer-learning-train-state/2"
-NOT_AFFECTING_RESULTS = ("num_workers",)  # train params a resumed run may change
+# Train params a resumed run may change: loader processes, CPU threads (they change the order of float sums, so a
+# resume is bit-exact only with the same thread count, but not the recipe), and the device choice.
+NOT_AFFECTING_RESULTS = ("num_workers", "num_threads", "device")
 
 
 @dataclass

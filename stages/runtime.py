@@ -1,4 +1,9 @@
-"""Device, processes, precision, seeding and the inference loop shared by train, evaluate and gradcam."""
+"""Device, processes, precision, CPU threads, seeding and the inference loop shared by the stages that run models.
+
+`auto` settings mean what suits the device: bf16 autocast, channels_last and torch.compile on CUDA, plain fp32
+on the CPU. An explicit setting applies on any device (bf16 or fp16 autocast, channels_last and inductor's
+torch.compile all run on the CPU), which is how the CUDA code paths are exercised by tests without a GPU.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,9 +23,62 @@ from tqdm import tqdm
 from stages.errors import StageError
 from stages.transforms import Preprocessing, to_model_input
 
+CPU_RUN_LIMIT_HOURS = 2.0  # train.device: auto refuses a CPU run projected longer than this
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+
 
 def pick_device(local_rank: int = 0) -> torch.device:
+    """CUDA when usable, else the CPU: for inference, where the CPU is slow but never wrong."""
     return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def cuda_unavailable_reason() -> str:
+    """Why torch sees no usable GPU: torch's own reason, the CUDA version the wheel was built for, and the
+    driver's version when an NVIDIA driver is loaded (an older driver than the wheel needs is the usual cause)."""
+    try:
+        torch.cuda.init()
+        reason = "torch.cuda.is_available() is false"
+    except Exception as error:  # torch raises RuntimeError or AssertionError with its explanation
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    build = f"this torch {torch.__version__} is built for CUDA {torch.version.cuda}" if torch.version.cuda else (
+        f"this torch {torch.__version__} is a CPU-only build")
+    driver = "no NVIDIA driver is loaded"
+    if NVIDIA_DRIVER_FILE.is_file():
+        driver = "NVIDIA driver: " + NVIDIA_DRIVER_FILE.read_text().splitlines()[0].strip()
+    return f"{reason}; {build}; {driver}"
+
+
+def training_device(requested: str, local_rank: int = 0) -> torch.device:
+    """train.device: cuda (refused without a usable GPU), cpu, or auto (CUDA if usable, else the CPU with the
+    reason printed; train then stops a CPU run projected over CPU_RUN_LIMIT_HOURS)."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    if requested == "cuda":
+        raise StageError(f"train.device: cuda, but no GPU is usable ({cuda_unavailable_reason()}). "
+                         f"See README 'GPU drivers' for the torch build that matches your driver, or set "
+                         f"train.device: cpu")
+    print(f"train: no usable GPU ({cuda_unavailable_reason()}): training on the CPU", flush=True)
+    return torch.device("cpu")
+
+
+def resolve_switch(value: str | bool, device: torch.device) -> bool:
+    """train.channels_last / train.compile: auto means on CUDA only; true/false mean so on any device."""
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
+def resolve_threads(requested: str | int, loader_workers: int, processes_on_machine: int = 1) -> int:
+    """PyTorch's intra-op threads per training process. auto: the cores left once every loader worker has one,
+    shared by the training processes, at least 1. Measured on 2 cores with one loader worker (ResNet-18,
+    BENCHMARKS.md): with another process busy on the machine, 2 threads trained 2.0x (64 px) and 1.6x (224 px)
+    slower than 1, their OpenMP threads spinning against the loader and the other load; idle, 2 threads were
+    1.3x and 1.75x faster. The rule takes the safe side; set train.num_threads on a machine you have to yourself.
+    """
+    if requested != "auto":
+        return int(requested)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, (cores - loader_workers * processes_on_machine) // processes_on_machine)
 
 
 @dataclass(frozen=True)
@@ -90,17 +149,16 @@ def seed_everything(seed: int) -> None:
 
 
 class Precision:
-    """Mixed precision on CUDA (bf16, or fp16 with a loss scaler; auto: bf16); plain fp32 elsewhere."""
+    """Autocast to bf16, or to fp16 with a loss scaler, on CUDA or the CPU; auto: bf16 on CUDA, fp32 on the CPU."""
 
     def __init__(self, amp: str, device: torch.device):
         self.device = device
-        self.dtype = None
-        amp = "bf16" if amp == "auto" else amp
-        if device.type == "cuda" and amp != "none":
-            if amp == "bf16" and not torch.cuda.is_bf16_supported():
-                print("bf16 is not supported on this GPU: using fp16 with a loss scaler")
-                amp = "fp16"
-            self.dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        if amp == "auto":
+            amp = "bf16" if device.type == "cuda" else "none"
+        if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            print("bf16 is not supported on this GPU: using fp16 with a loss scaler")
+            amp = "fp16"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
     @property

@@ -30,11 +30,12 @@ from stages.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR, STATE_DIR, STATE_FI
 from stages.resume import Progress, load_state, run_fingerprint, save_state
 from stages.runtime import (
     Processes,
-    pick_device,
     relaunch_under_torchrun,
+    resolve_threads,
     seed_everything,
     start_processes,
     stop_processes,
+    training_device,
     under_torchrun,
 )
 from stages.trainer import LossNotFinite, Trainer, make_loaders
@@ -105,16 +106,18 @@ def log_epoch(live: Live | None, metrics: dict) -> None:
 def train(params: Params, processes: Processes) -> None:
     p = params.train
     seed_everything(p.seed)
-    device = pick_device(processes.local_rank)
+    device = training_device(p.device, processes.local_rank)
     train_split = open_split("train")
     names = class_names(train_split)
     validation_split = open_split("validation") if "validation" in split_names() else None
     trainer = Trainer(params, len(names), device, processes)
     workers = resolve_workers(p.num_workers, processes.world_size)
+    threads = resolve_threads(p.num_threads, workers, processes.world_size)
+    torch.set_num_threads(threads)
     train_loader, validation_loader = make_loaders(p, train_split, validation_split, workers, processes)
     fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints())
     progress = load_state(STATE_PATH, trainer, fingerprint)
-    print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers))
+    print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers, threads))
 
     signal.signal(signal.SIGTERM, raise_interrupted)
     try:
@@ -160,16 +163,21 @@ def prepared_fingerprints() -> dict:
 
 
 def start_line(params: Params, trainer: Trainer, processes: Processes, train_images: int, validation_split,
-               classes: int, workers: int) -> str:
+               classes: int, workers: int, threads: int) -> str:
     p = params.train
     validation = f"{len(validation_split)} validation" if validation_split is not None else (
         "no validation (data.val_fraction: 0: the last epoch is kept)")
     where = (f"{processes.world_size} processes x {trainer.device.type}" if processes.distributed
              else str(trainer.device))
     per_process = f" ({p.batch_size // processes.world_size} per process)" if processes.distributed else ""
-    return (f"train: {params.model.arch} ({params.model.weights}) on {where} ({trainer.precision.name}), "
+    switches = [trainer.precision.name] + ["channels_last"] * trainer.channels_last + [
+        "torch.compile (inductor)"] * trainer.compiled
+    each = " per process" if processes.distributed else ""
+    threads_rule = "train.num_threads: auto, the cores left by the loader workers" if p.num_threads == "auto" else (
+        "train.num_threads")
+    return (f"train: {params.model.arch} ({params.model.weights}) on {where} ({', '.join(switches)}), "
             f"{train_images} train / {validation} images, {classes} classes, {p.resolution}px, batch {p.batch_size}"
-            f"{per_process}, {workers} loader workers" + (" per process" if processes.distributed else ""))
+            f"{per_process}, {workers} loader workers{each}, {threads} CPU thread(s){each} ({threads_rule})")
 
 
 def raise_interrupted(signum, frame):

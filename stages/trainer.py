@@ -17,17 +17,23 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.data import ImageSplit, SeededEpochSampler, make_loader
+from stages.errors import StageError
 from stages.model import AUX_LOSS_WEIGHT, RecipeError, build_model, fit_to_resolution
 from stages.params import Params, TrainParams
 from stages.recipe import Freezer, build_optimizer, build_scheduler
-from stages.runtime import Precision, Processes, predict_logits
+from stages.runtime import CPU_RUN_LIMIT_HOURS, Precision, Processes, predict_logits, resolve_switch
 from stages.transforms import Preprocessing, eval_transform, to_model_input, train_transform
 
 LOG_EVERY_STEPS = 20  # how often the running loss is shown and checked (each check costs a host sync)
+PROJECT_AFTER_STEPS = 5  # steps timed (after the first, which compiles and warms up) to project the run's length
 
 
 class LossNotFinite(Exception):
     pass
+
+
+def format_hours(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
 
 
 @dataclass
@@ -46,7 +52,8 @@ class Trainer:
         self.device = device
         self.processes = processes
         self.on_cuda = device.type == "cuda"
-        self.channels_last = p.channels_last and self.on_cuda
+        self.channels_last = resolve_switch(p.channels_last, device)
+        self.compiled = resolve_switch(p.compile, device)
         m = params.model
         constructor = fit_to_resolution(m.arch, p.resolution)
         if constructor.get("aux_logits") is False and processes.is_main:
@@ -64,12 +71,15 @@ class Trainer:
         self.freezer = Freezer(self.model, p)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.eval_model = torch.compile(self.model) if p.compile and self.on_cuda else self.model
+        self.eval_model = torch.compile(self.model) if self.compiled else self.model
         self.step_model, self.wrapped_for = self.eval_model, None
         self.precision = Precision(p.amp, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
         self.optimizer = build_optimizer(self.model, p)
         self.scheduler = build_scheduler(self.optimizer, p)
+        # A CPU run that train.device: auto fell back to is stopped when its projection is over the limit.
+        self.hours_limit = CPU_RUN_LIMIT_HOURS if device.type == "cpu" and p.device == "auto" else None
+        self.projected = False
 
     def weights_copy(self) -> dict:
         """The weights now, on the host: the best epoch's, kept while training goes on."""
@@ -113,7 +123,7 @@ class Trainer:
         if not self.processes.distributed or trainable == self.wrapped_for:
             return
         ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.on_cuda else None)
-        self.step_model = torch.compile(ddp) if self.p.compile and self.on_cuda else ddp
+        self.step_model = torch.compile(ddp) if self.compiled else ddp
         self.wrapped_for = trainable
 
     def set_trainable(self, epoch: int) -> None:
@@ -136,10 +146,14 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
-        start = time.perf_counter()
+        start = first_step_done = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="batch", leave=False)
         for step, (images, labels) in enumerate(bar):
             labels = labels.to(self.device, non_blocking=True)
+            if step == 1:
+                first_step_done = time.perf_counter()  # the first step includes compilation and warm-up
+            elif step == 1 + PROJECT_AFTER_STEPS and not self.projected:
+                self.project_run(time.perf_counter() - first_step_done, PROJECT_AFTER_STEPS, len(loader), epoch)
             loss, logits = self.step(images, labels)
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
@@ -157,8 +171,28 @@ class Trainer:
         loss_value, seen = (total_loss / total_seen.clamp(min=1)).item(), int(total_seen.item())
         if not math.isfinite(loss_value):
             raise LossNotFinite(loss_value)
+        if not self.projected:  # an epoch too short to project from its first steps
+            self.project_run(time.perf_counter() - start, len(loader), len(loader), epoch)
         self.scheduler.step()
         return EpochResult(loss_value, total_correct.item() / max(seen, 1), seen, time.perf_counter() - start)
+
+    def project_run(self, seconds: float, steps: int, steps_per_epoch: int, epoch: int) -> None:
+        """Prints the projected training time of the rest of the run (steps only, validation aside), averaged
+        over the processes so that all of them take the same decision; stops a CPU fallback run over the limit."""
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        (total,) = self.processes.sum(torch.tensor(seconds / max(steps, 1)))
+        per_step = total.item() / self.processes.world_size
+        hours = per_step * steps_per_epoch * (self.p.epochs - epoch) / 3600
+        self.projected = True
+        print(f"train: {per_step:.2f} s per step: the remaining {self.p.epochs - epoch} epoch(s) should take "
+              f"{format_hours(hours)} on {self.device.type}")
+        if self.hours_limit is not None and hours > self.hours_limit:
+            raise StageError(
+                f"no usable GPU (see above), and on this CPU the run would take about {format_hours(hours)} "
+                f"({per_step:.2f} s per step x {steps_per_epoch} steps x {self.p.epochs - epoch} epochs), more than "
+                f"the {self.hours_limit:g} h train.device: auto allows. Fix the GPU (README 'GPU drivers'), shrink "
+                f"the run (README 'Try it on a CPU'), or set train.device: cpu to train on the CPU anyway")
 
     def validate(self, loader) -> tuple[float, float]:
         """Loss and accuracy over the whole validation split (each process predicts its share)."""

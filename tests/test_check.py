@@ -28,8 +28,10 @@ def test_the_shipped_recipe_passes_without_reading_weights_or_data():
 
 @pytest.mark.parametrize("changes,message", [
     ({"train.unfreeze_from": "Mixed_7a"}, "train.unfreeze_from: ResNet has no module 'Mixed_7a'"),
-    ({"model.arch": "inception_v3", "model.weights": "none", "train.resolution": 64}, "inception_v3 cannot take train.resolution=64"),
-    ({"model.arch": "vit_b_16", "model.weights": "none", "train.resolution": 256}, "vit_b_16 cannot take train.resolution=256"),
+    ({"model.arch": "inception_v3", "model.weights": "none", "train.resolution": 64},
+     "inception_v3 cannot take train.resolution=64"),
+    ({"model.arch": "vit_b_16", "model.weights": "none", "train.resolution": 256},
+     "vit_b_16 cannot take train.resolution=256"),
 ])
 def test_model_dependent_mistakes_are_refused(changes, message):
     with pytest.raises(StageError, match=message):

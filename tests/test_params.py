@@ -55,7 +55,7 @@ def test_unknown_section_is_reported(defaults):
     ("train", "lr", -0.1, "train.lr: Input should be greater than 0"),
     ("train", "epochs", 0, "train.epochs: Input should be greater than or equal to 1"),
     ("train", "batch_size", "64", "train.batch_size: Input should be a valid integer (got '64')"),
-    ("train", "amp", "fp8", "train.amp: Input should be 'bf16', 'fp16' or 'none'"),
+    ("train", "amp", "fp8", "train.amp: Input should be 'auto', 'bf16', 'fp16' or 'none'"),
     ("data", "val_fraction", 1.0, "data.val_fraction: Input should be less than 1"),
     ("evaluate", "tta", "yes", "evaluate.tta: Input should be a valid boolean"),
 ])

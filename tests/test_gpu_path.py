@@ -1,0 +1,158 @@
+"""The CUDA code paths (autocast, channels_last, torch.compile) run on the CPU, where explicit settings apply; the
+device choice never falls back to days of CPU training without a word."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages import runtime
+from stages.errors import StageError
+from stages.params import parse_params
+from stages.runtime import Precision, resolve_switch, resolve_threads, training_device
+from stages.trainer import Trainer
+from tests.conftest import REPO, make_project, run, tiny_params
+from tests.test_resume import interrupt_after_first_epoch, run_ok, weights
+
+CPU = torch.device("cpu")
+FORCED = {"train.compile": True, "train.amp": "bf16", "train.channels_last": True}
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a usable GPU")
+
+
+def test_auto_follows_the_device_and_explicit_settings_apply_on_the_cpu():
+    assert Precision("auto", CPU).dtype is None and Precision("none", CPU).name == "fp32"
+    bf16 = Precision("bf16", CPU)
+    with bf16.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    fp16 = Precision("fp16", CPU)
+    assert fp16.scaler.is_enabled() and not bf16.scaler.is_enabled()
+    with fp16.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
+    assert resolve_switch("auto", CPU) is False and resolve_switch("auto", torch.device("cuda", 0)) is True
+    assert resolve_switch(True, CPU) is True and resolve_switch(False, torch.device("cuda", 0)) is False
+
+
+@pytest.mark.parametrize("cores,workers,processes,expected", [(2, 1, 1, 1), (2, 0, 1, 2), (16, 15, 1, 1),
+                                                               (16, 4, 1, 12), (16, 3, 2, 5), (2, 4, 1, 1)])
+def test_auto_threads_are_the_cores_the_loader_workers_leave(monkeypatch, cores, workers, processes, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert resolve_threads("auto", workers, processes) == expected
+    assert resolve_threads(3, workers, processes) == 3
+
+
+@no_gpu
+def test_cuda_asked_for_without_a_gpu_is_refused_with_the_reason():
+    with pytest.raises(StageError) as caught:
+        training_device("cuda")
+    message = str(caught.value)
+    assert "no GPU is usable" in message and f"built for CUDA {torch.version.cuda}" in message
+    assert "train.device: cpu" in message and "GPU drivers" in message
+
+
+@no_gpu
+def test_auto_falls_back_to_the_cpu_saying_why(capsys):
+    assert training_device("auto") == CPU and training_device("cpu") == CPU
+    out = capsys.readouterr().out
+    assert out.count("no usable GPU") == 1 and "training on the CPU" in out and "NVIDIA driver" in out
+
+
+def trainer_on_cpu(device_param: str, epochs: int = 90) -> Trainer:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["model"].update(arch="resnet18", weights="none")
+    raw["train"].update(resolution=32, epochs=epochs, device=device_param)
+    return Trainer(parse_params(raw), 3, CPU)
+
+
+def test_a_cpu_fallback_run_projected_over_two_hours_stops_with_the_fix(capsys):
+    """The default run on a machine whose GPU torch cannot use: ~58 h on this CPU. It must not start silently."""
+    trainer = trainer_on_cpu("auto")
+    with pytest.raises(StageError) as caught:
+        trainer.project_run(seconds=20.0, steps=5, steps_per_epoch=63, epoch=0)  # 4 s per step, 63 x 90 steps
+    message = str(caught.value)
+    assert "the run would take about 6.3 h (4.00 s per step x 63 steps x 90 epochs)" in message
+    assert "more than the 2 h" in message and "train.device: cpu" in message and "GPU drivers" in message
+    assert "train: 4.00 s per step: the remaining 90 epoch(s) should take 6.3 h on cpu" in capsys.readouterr().out
+
+
+def test_the_projection_stops_only_auto_runs_and_only_long_ones(capsys):
+    trainer_on_cpu("auto").project_run(seconds=0.5, steps=5, steps_per_epoch=63, epoch=0)  # 16 min: goes on
+    trainer_on_cpu("cpu").project_run(seconds=50.0, steps=5, steps_per_epoch=63, epoch=0)  # 15.8 h, asked for
+    out = capsys.readouterr().out
+    assert "should take 16 min on cpu" in out and "should take 15.8 h on cpu" in out
+
+
+@pytest.mark.slow
+def test_forced_gpu_settings_run_the_whole_pipeline_on_the_cpu(tmp_path, image_folder, monkeypatch):
+    """compile + bf16 + channels_last through a real `dvc exp run`, with the trainable set changing after the first
+    epoch (a recompile), then evaluate, gradcam and export from that model."""
+    inductor = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor))
+    params = tiny_params(image_folder, **{"train.epochs": 3, "train.freeze_epochs": 1, "train.lr_step_epochs": 3})
+    project = make_project(tmp_path / "project", params)
+    result = run(["dvc", "exp", "run", *[arg for key, value in FORCED.items()
+                                         for arg in ("-S", f"{key}={str(value).lower()}")]], project)
+    log = result.stdout + result.stderr
+    for stage in ("train", "evaluate", "gradcam", "export", "report"):
+        assert f"Running stage '{stage}'" in log
+    assert "(bf16, channels_last, torch.compile (inductor))" in log
+    assert "from epoch 2, 62 of 62 parameter tensors train (every layer)" in log
+    assert list(inductor.rglob("*.py")), "inductor generated no kernels: nothing was compiled"
+    live = json.loads((project / "metrics/train/metrics.json").read_text())
+    assert 0 < live["train"]["loss"] < 10
+    assert json.loads((project / "metrics/eval.json").read_text())["top1"] > 2 / 6  # chance: 1/6
+    assert json.loads((project / "metrics/export.json").read_text())["top1_agreement"] == 1
+    assert (project / "plots/gradcam/samples.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def compiled_prepared(tmp_path_factory, image_folder) -> Path:
+    work = tmp_path_factory.mktemp("compiled")
+    params = tiny_params(image_folder, **{"train.epochs": 3, "train.lr_step_epochs": 2, "data.val_fraction": 0.2,
+                                          **FORCED})
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    run_ok("fetch", work)
+    run_ok("prepare", work)
+    return work
+
+
+@pytest.mark.slow
+def test_a_compiled_run_killed_after_its_first_epoch_resumes_to_the_same_weights(compiled_prepared, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    shutil.copytree(compiled_prepared, whole)
+    shutil.copytree(compiled_prepared, killed)
+    assert "torch.compile (inductor)" in run_ok("train", whole)
+    code, _ = interrupt_after_first_epoch(killed, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert "train: resuming after epoch 1/3" in run_ok("train", killed)
+    expected, got = weights(whole), weights(killed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_compile_on(compiled_prepared, tmp_path):
+    work = tmp_path / "ddp"
+    shutil.copytree(compiled_prepared, work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["train"].update(devices=2, epochs=2)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_ok("train", work)
+    assert "2 processes x cpu (bf16, channels_last, torch.compile (inductor))" in out
+    live = json.loads((work / "metrics/train/metrics.json").read_text())
+    assert live["step"] == 1 and 0 < live["train"]["loss"] < 10
+
+
+def test_gpu_check_says_why_it_cannot_run_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: `make gpu-check` runs for real")
+    result = run([sys.executable, "-m", "benchmarks.gpu_check"], REPO, check=False)
+    assert result.returncode == 2 and "gpu_check: no usable GPU" in result.stdout
+    assert runtime.cuda_unavailable_reason().split(";")[0] in result.stdout
+
