@@ -1,8 +1,9 @@
 """Stage `evaluate`: the kept model on the test split, as the seeds' eval.py reported it (the seeds: the
 project's source documents, whose eval script printed these tables).
 
-metrics/eval.json      top-1, top-5, mean per-class accuracy (and the same under TTA)
-metrics/eval_report.json  the 10 worst and best classes and the 10 most-confused pairs, by name
+metrics/eval.json      the headline `dvc exp show` lists: top-1, top-5, mean per-class accuracy, the kept epoch
+                       (and the three accuracies under TTA)
+metrics/eval_report.json  test image counts, the 10 worst and best classes and the 10 most-confused pairs, by name
 plots/per_class_accuracy.csv, plots/confused_pairs.csv, plots/predictions.csv  for `dvc plots`
 plots/confusion.json   the class names in model order and the confusion counts, for `report`
 The model and its input transform come from the checkpoint; batch size, precision and workers from evaluate.*.
@@ -115,7 +116,7 @@ def main() -> None:
     loader = make_loader(ImageSplit(test, eval_transform(preprocessing)), e.batch_size, workers)
     logits, labels = predict_logits(model, loader, device, precision, channels_last, preprocessing, desc="test")
     probs = logits.softmax(1)
-    metrics = {**summarize(probs, labels), "images": len(labels)}
+    metrics = {**summarize(probs, labels), "kept_epoch": checkpoint.epoch}
     if e.tta:
         metrics["tta"] = summarize(tta_probs(model, test, preprocessing, e.batch_size, workers, device, precision,
                                              channels_last), labels)
@@ -129,9 +130,10 @@ def main() -> None:
     predictions = [{"id": ids[i], "actual": names[labels[i]], "predicted": names[predicted[i]],
                     "confidence": round(probs[i, predicted[i]].item(), 4)} for i in range(len(labels))]
 
-    metrics["classes_without_test_images"] = len(names) - len(per_class)
     write_json(EVAL_METRICS, metrics)
     write_json(EVAL_REPORT, {
+        "test_images": len(labels),
+        "classes_without_test_images": len(names) - len(per_class),
         "worst_classes": per_class[:TABLE_ROWS],
         "best_classes": per_class[::-1][:TABLE_ROWS],
         "most_confused": confused,

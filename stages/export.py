@@ -2,6 +2,7 @@
 
 onnx (default): models/export/model.onnx, run by onnxruntime (or TensorRT, OpenVINO...) without PyTorch.
 torchscript: models/export/model.torchscript.pt for LibTorch; PyTorch 2.14 deprecates TorchScript.
+models/export/MODEL_CARD.md travels with it: data, classes, recipe, test metrics, preprocessing, intended use, limits.
 Either way the input is float32 NCHW, already normalized, any batch size, and models/export/model.json
 holds the class names in output order, the input size, mean/std and the resize rule. The export is loaded
 back by its own runtime and compared with the PyTorch model on a batch of test images; the largest logit
@@ -19,9 +20,10 @@ from torch import nn
 from stages.checkpoint import Checkpoint, load_checkpoint
 from stages.data import ImageSplit, make_loader, open_split
 from stages.errors import StageError, run_stage
-from stages.files import write_json
+from stages.files import atomic_path, read_json, write_json
+from stages.markdown import markdown_table, markdown_text
 from stages.params import load_params
-from stages.paths import EXPORT_DIR, EXPORT_METRICS, MODEL_PATH
+from stages.paths import DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS, MODEL_PATH
 from stages.transforms import eval_transform, to_model_input
 
 EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -80,6 +82,51 @@ def serving_notes(checkpoint: Checkpoint, export_format: str) -> dict:
     }
 
 
+def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, data: dict, check: dict) -> str:
+    """What a person receiving the model needs to know, in one page."""
+    params, p = checkpoint.params, checkpoint.preprocessing
+    t, d = params.get("train", {}), params.get("data", {})
+    splits = data.get("splits", {})
+    names = checkpoint.class_names
+    shown = ", ".join(markdown_text(name) for name in names[:20]) + (f", … ({len(names) - 20} more)" if len(names) > 20
+                                                                     else "")
+    metrics = [{"what": "test top-1", "value": evaluation["top1"]}, {"what": "test top-5", "value": evaluation["top5"]},
+               {"what": "test mean per-class accuracy", "value": evaluation["mean_class_accuracy"]}]
+    metrics += [{"what": "test top-1 with TTA (3 scales x 2 flips)", "value": evaluation["tta"]["top1"]}
+                ] if "tta" in evaluation else []
+    return "\n\n".join([
+        f"# Model card: {checkpoint.arch} fine-tuned on {markdown_text(str(d.get('source')))}",
+        f"A {checkpoint.arch} image classifier ({len(names)} classes), initialised from "
+        f"`{markdown_text(str(params.get('model', {}).get('weights')))}` and fine-tuned by this project's "
+        f"`dvc repro` (stage `train`, epoch {checkpoint.epoch} of {t.get('epochs')} kept). File: "
+        f"`{EXPORT_FILES[export_format]}` ({export_format}); `model.json` beside it holds the class names in output "
+        f"order and the input specification.",
+        "## Data\n\n" + f"Source: `{markdown_text(str(d.get('source')))}`. Images (train / validation / test): "
+        + " / ".join(str(splits[s]["images"]) if s in splits else "-" for s in ("train", "validation", "test"))
+        + f". Dropped as unreadable or refused: {data.get('dropped', 0)}; the same image in two splits: "
+          f"{data.get('duplicates_across_splits', 0)}.\n\nClasses: {shown}.",
+        "## Results on the test split\n\n" + markdown_table(metrics, {"what": "metric", "value": "value"})
+        + f"\n\nThe export was checked against the PyTorch model on {check['images']} test images: top-1 agreement "
+          f"{check['top1_agreement']:.0%}, largest logit difference {check['relative_logit_difference']:.1e} of "
+          f"the largest logit.",
+        "## Recipe\n\n" + markdown_table([{"param": f"train.{key}", "value": str(t.get(key))} for key in (
+            "resolution", "batch_size", "epochs", "optimizer", "lr", "weight_decay", "lr_schedule", "freeze_epochs",
+            "crop", "augment", "label_smoothing", "amp", "seed")], {"param": "param", "value": "value"}),
+        f"## Input\n\nRGB, resized ({p.describe()}, {p.interpolation}), pixel values / 255, then normalised with "
+        f"mean {list(p.mean)} and std {list(p.std)}; NCHW float32, any batch size. Output: logits, one per class "
+        f"in `class_names` order (softmax for probabilities).",
+        "## Intended use and limits\n\n"
+        f"- Classifying images like those of the training data into its {len(names)} classes. It always answers "
+        "with one of them: it cannot say \"none of these\", and its probabilities are not calibrated.\n"
+        "- The test figures hold for images drawn like the test split; other cameras, crops, lighting or "
+        "classes will score lower. Check it on your own images before relying on it.\n"
+        "- Classes with few training images are the least reliable: see `plots/report/report.md` for the "
+        "per-class accuracy and the most-confused pairs.\n"
+        "- It inherits the biases of its pretraining data (ImageNet for torchvision weights) and of the "
+        "fine-tuning data.",
+    ]) + "\n"
+
+
 def main() -> None:
     export_format = load_params().export.format
     model, checkpoint = load_checkpoint(MODEL_PATH, "cpu")
@@ -96,13 +143,16 @@ def main() -> None:
     with torch.inference_mode():
         check = compare(expected, load_exported(path, export_format)(batch))
     write_json(EXPORT_METRICS, check)
-    print(f"export: wrote {path} and {EXPORT_DIR / 'model.json'}; reloaded with "
+    with atomic_path(EXPORT_DIR / "MODEL_CARD.md") as tmp:
+        tmp.write_text(model_card(checkpoint, export_format, read_json(EVAL_METRICS, "evaluate"),
+                                  read_json(DATA_METRICS, "prepare"), check))
+    print(f"export: wrote {path}, {EXPORT_DIR / 'model.json'} and {EXPORT_DIR / 'MODEL_CARD.md'}; reloaded with "
           f"{'onnxruntime' if export_format == 'onnx' else 'torch.jit'} on {len(batch)} test images: max logit "
           f"difference {check['max_abs_logit_difference']:.2e}, top-1 agreement {check['top1_agreement']:.1%}")
     if check["relative_logit_difference"] > RELATIVE_TOLERANCE or check["top1_agreement"] < 1:
         raise StageError(f"the exported model disagrees with models/model.pt (logit difference "
-                 f"{check['relative_logit_difference']:.2e} of the largest logit > {RELATIVE_TOLERANCE:g}); "
-                 f"do not ship it")
+                         f"{check['relative_logit_difference']:.2e} of the largest logit > {RELATIVE_TOLERANCE:g}); "
+                         f"do not ship it")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from stages.cam import cam_overlays, gradcam_target, warn_if_coarse
 from stages.checkpoint import Checkpoint, load_checkpoint
@@ -24,6 +25,8 @@ from stages.images import IMAGE_SUFFIXES, ImageRejected, open_image
 from stages.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS
 from stages.runtime import Precision, pick_device
 from stages.transforms import eval_transform, to_model_input
+
+OVERLAY_SIDE = 320  # px: a GradCAM overlay a person can read, whatever the model's input size
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -78,7 +81,7 @@ def predict_files(files: list[Path], model, checkpoint: Checkpoint, top_k: int, 
 
 def write_gradcam(files_and_rows: list[tuple[Path, dict]], model, checkpoint: Checkpoint, layer_spec: str,
                   out_dir: Path, device) -> None:
-    """One PNG per classified image: the CAM of its top class over the model's input crop."""
+    """One PNG per classified image: the CAM of its top class over the model's input crop, labelled."""
     transform = eval_transform(checkpoint.preprocessing)
     target = gradcam_target(model, layer_spec)
     names = checkpoint.class_names
@@ -90,9 +93,25 @@ def write_gradcam(files_and_rows: list[tuple[Path, dict]], model, checkpoint: Ch
         if index == 0:
             warn_if_coarse(size, checkpoint.preprocessing.resolution, "predict")
         out = out_dir / f"{index:03d}_{path.stem}.png"
+        top = row["top"][0]
         with atomic_path(out) as tmp:
-            Image.fromarray(overlays[0]).save(tmp, format="PNG")
+            labelled(overlays[0], f"{top['class_name']}  {top['probability']:.1%}").save(tmp, format="PNG")
         row["gradcam"] = str(out)
+
+
+def labelled(overlay, caption: str) -> Image.Image:
+    """The overlay enlarged to OVERLAY_SIDE px (the model's crop can be 64 px) with its top class under it."""
+    image = Image.fromarray(overlay)
+    scale = OVERLAY_SIDE / image.width
+    image = image.resize((OVERLAY_SIDE, round(image.height * scale)), Image.Resampling.BICUBIC)
+    font = ImageFont.load_default(size=15)
+    lines = textwrap.wrap(caption, 36) or [""]
+    canvas = Image.new("RGB", (image.width, image.height + 8 + 20 * len(lines)), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for number, line in enumerate(lines):
+        draw.text((6, image.height + 4 + 20 * number), line, fill="black", font=font)
+    return canvas
 
 
 def positive_int(text: str) -> int:

@@ -11,7 +11,6 @@ plots/report/confusion_zoom.png      that block with counts and full class names
 from __future__ import annotations
 
 import csv
-import re
 import textwrap
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from matplotlib.patches import Rectangle
 
 from stages.errors import run_stage
 from stages.files import atomic_dir, read_csv, read_json
+from stages.markdown import markdown_table, markdown_text
 from stages.params import Params, load_params
 from stages.paths import (
     CONFUSION_JSON,
@@ -168,25 +168,6 @@ def short(name: str, width: int = 32) -> str:
 
 def save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI, format="png")
-
-
-def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
-    """columns: row key -> header."""
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(format_cell(row[key]) for key in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def format_cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.1%}"
-    return markdown_text(str(value))
-
-
-def markdown_text(text: str) -> str:
-    """A class name (any text from the data) as literal Markdown: one line, no markup, no HTML."""
-    text = " ".join(text.split())
-    return re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", text)
 
 
 def headline(params: Params, eval_metrics: dict, train_summary: dict, data: dict) -> list[dict]:

@@ -64,7 +64,7 @@ def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_lo
             train_loader.sampler.set_epoch(epoch)
             lrs = trainer.learning_rates()
             result = trainer.train_epoch(train_loader, epoch)
-            metrics = {"epoch": epoch + 1, **lrs, "train/loss": result.loss, "train/acc": result.accuracy,
+            metrics = {**lrs, "train/loss": result.loss, "train/acc": result.accuracy,
                        "train/images_per_s": result.images / result.seconds}
             if validation_loader is not None and should_validate(epoch, p):
                 loss, accuracy = trainer.validate(validation_loader)

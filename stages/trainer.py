@@ -24,7 +24,7 @@ from stages.recipe import Freezer, build_optimizer, build_scheduler
 from stages.runtime import CPU_RUN_LIMIT_HOURS, Precision, Processes, predict_logits, resolve_switch
 from stages.transforms import Preprocessing, eval_transform, to_model_input, train_transform
 
-LOG_EVERY_STEPS = 20  # how often the running loss is shown and checked (each check costs a host sync)
+LOG_EVERY_STEPS = 5  # how often the running loss is shown and checked (each check costs one host sync)
 PROJECT_AFTER_STEPS = 5  # steps timed (after the first, which compiles and warms up) to project the run's length
 
 
@@ -34,6 +34,13 @@ class LossNotFinite(Exception):
 
 def format_hours(hours: float) -> str:
     return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
+
+
+def format_duration(seconds: float) -> str:
+    """1:02:03 (h:mm:ss) or 2:03 (m:ss): the training time left in the run, validation aside."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 @dataclass
@@ -80,6 +87,7 @@ class Trainer:
         # A CPU run that train.device: auto fell back to is stopped when its projection is over the limit.
         self.hours_limit = CPU_RUN_LIMIT_HOURS if device.type == "cpu" and p.device == "auto" else None
         self.projected = False
+        self.run_started, self.run_steps = time.perf_counter(), 0  # for the whole run's time left on the bar
 
     def weights_copy(self) -> dict:
         """The weights now, on the host: the best epoch's, kept while training goes on."""
@@ -158,13 +166,16 @@ class Trainer:
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
-            if step % LOG_EVERY_STEPS == 0:
+            self.run_steps += 1
+            if step % LOG_EVERY_STEPS == 0 or step == len(loader) - 1:
                 # Summed over the processes, so every one of them sees the same value and stops together.
                 total_loss, total_seen = self.processes.sum(loss_sum, torch.tensor(seen, device=self.device))
                 running = (total_loss / total_seen).item()
                 if not math.isfinite(running):
                     raise LossNotFinite(running)
-                bar.set_postfix(loss=f"{running:.3f}")
+                steps_left = len(loader) * (self.p.epochs - epoch) - step - 1
+                seconds_left = (time.perf_counter() - self.run_started) / self.run_steps * steps_left
+                bar.set_postfix(loss=f"{running:.3f}", run_left=format_duration(seconds_left))
         # The epoch's one host sync (and, with several processes, one collective).
         total_loss, total_correct, total_seen = self.processes.sum(loss_sum, correct,
                                                                    torch.tensor(seen, device=self.device))

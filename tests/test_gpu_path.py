@@ -157,3 +157,11 @@ def test_gpu_check_says_why_it_cannot_run_without_a_gpu():
     assert result.returncode == 2 and "gpu_check: no usable GPU" in result.stdout
     assert runtime.cuda_unavailable_reason().split(";")[0] in result.stdout
 
+
+
+@pytest.mark.parametrize("seconds,shown", [(0, "0:00"), (59.6, "1:00"), (754, "12:34"), (3723, "1:02:03"),
+                                           (58 * 3600, "58:00:00")])
+def test_the_progress_bar_shows_the_runs_time_left_as_a_clock(seconds, shown):
+    from stages.trainer import format_duration
+
+    assert format_duration(seconds) == shown

@@ -59,7 +59,8 @@ def test_data_metrics_count_what_was_dropped(reproduced):
 def test_model_learns_well_above_chance(reproduced):
     project, _ = reproduced
     metrics = json.loads((project / "metrics/eval.json").read_text())
-    assert metrics["images"] == 90
+    assert list(metrics) == ["top1", "top5", "mean_class_accuracy", "kept_epoch"]  # the headline, in order
+    assert json.loads((project / "metrics/eval_report.json").read_text())["test_images"] == 90
     assert metrics["top1"] > 2.5 * CHANCE
     assert metrics["top5"] >= metrics["top1"]
     assert 0 < metrics["mean_class_accuracy"] <= 1
@@ -114,7 +115,13 @@ def test_export_loads_back_and_matches_the_model(reproduced):
     info = json.loads((project / "models/export/model.json").read_text())
     assert info["class_names"][0] == "Audi A5 Coupe 2012" and info["input"]["size"] == 64
     assert (info["format"], info["file"]) == ("onnx", "model.onnx")
-    assert sorted(path.name for path in (project / "models/export").iterdir()) == ["model.json", "model.onnx"]
+    assert sorted(path.name for path in (project / "models/export").iterdir()) == ["MODEL_CARD.md", "model.json",
+                                                                                    "model.onnx"]
+    card = (project / "models/export/MODEL_CARD.md").read_text()
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    assert card.startswith("# Model card: resnet18 fine-tuned on ")
+    assert f"| test top-1 | {evaluation['top1']:.1%} |" in card and "Audi A5 Coupe 2012" in card
+    assert "## Intended use and limits" in card and "| train.lr | 0.05 |" in card
     session = onnxruntime.InferenceSession(str(project / "models/export/model.onnx"))  # as a server would, no torch
     logits = session.run(["logits"], {"image": np.random.rand(3, 3, 64, 64).astype(np.float32)})[0]
     assert logits.shape == (3, 6)  # any batch size, not only the traced one
@@ -149,15 +156,16 @@ def test_predict_names_classes_and_reports_broken_files(reproduced, image_folder
     assert csv_lines[0] == "file,rank,class_name,probability,error" and len(csv_lines) == 1 + 5 * 3 + 1
     cams = sorted((tmp_path / "cams").glob("*.png"))
     assert len(cams) == 5
-    with Image.open(cams[0]) as cam:
-        assert cam.format == "PNG" and cam.size == (64, 64)
+    with Image.open(cams[0]) as cam:  # the 64-px crop the model saw, enlarged, with its label under it
+        assert cam.format == "PNG" and cam.width == 320 and cam.height > 320
 
 
 def test_dvc_plots_and_metrics_read_the_outputs(reproduced):
     project, _ = reproduced
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
     flat = json.dumps(metrics)
-    assert "top1" in flat and "images_per_class" in flat and "train" in flat
+    assert "top1" in flat and "kept_epoch" in flat and "train" in flat
+    assert "images_per_class" not in flat  # dataset statistics are a file beside the metrics, not columns
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
     assert not plots.get("errors")
     names = set(plots["data"])
@@ -174,14 +182,20 @@ def test_experiment_reuses_data_stages_and_reports_the_change(reproduced):
     assert "Running stage 'fetch'" not in log and "Running stage 'prepare'" not in log
     assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
-    changed = diff["metrics/train/metrics.json"]
-    assert changed["step"]["new"] == 2 and changed["step"]["old"] == 5
+    assert diff["metrics/eval.json"]["kept_epoch"] == {"old": 6, "new": 3, "diff": -3}
     # --all: both runs may reach the same test top-1 (100% on this easy data), and an unchanged
     # metric is left out of a plain diff
     every = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], project).stdout)
     assert set(every["metrics/eval.json"]["top1"]) >= {"old", "new"}
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     assert "0.02" in json.dumps(shown)
+    # What a person reads: in a 150-column terminal, the headline metrics and the changed params, whole.
+    table = run(["dvc", "exp", "show", "--only-changed", "--drop", ".*/.*", "--no-pager"], project,
+                env={"COLUMNS": "150"}).stdout
+    header = next(line for line in table.splitlines() if "Experiment" in line)
+    for column in ("top1", "top5", "mean_class_accuracy", "kept_epoch", "train.lr", "train.epochs"):
+        assert column in header, table
+    assert "…" not in table and max(map(len, table.splitlines())) <= 150, table
 
 
 def test_export_format_param_reruns_only_export(reproduced):
@@ -189,7 +203,7 @@ def test_export_format_param_reruns_only_export(reproduced):
     result = run(["dvc", "exp", "run", "export", "-S", "export.format=torchscript"], project)
     log = result.stdout + result.stderr
     assert "Running stage 'export'" in log and "Running stage 'train'" not in log
-    assert sorted(path.name for path in (project / "models/export").iterdir()) == ["model.json",
+    assert sorted(path.name for path in (project / "models/export").iterdir()) == ["MODEL_CARD.md", "model.json",
                                                                                     "model.torchscript.pt"]
     assert json.loads((project / "models/export/model.json").read_text())["format"] == "torchscript"
     scripted = torch.jit.load(str(project / "models/export/model.torchscript.pt"))
@@ -266,7 +280,7 @@ def test_predict_survives_hostile_images_and_refuses_bad_arguments(reproduced, t
         failed = run([sys.executable, "-m", "stages.predict", str(photos), *arguments], project, check=False)
         assert failed.returncode != 0 and message in failed.stderr, (arguments, failed.stderr)
         assert "Traceback" not in failed.stderr
-    assert json.loads((project / "metrics/eval.json").read_text())["images"] == 90  # untouched
+    assert json.loads((project / "metrics/eval_report.json").read_text())["test_images"] == 90  # untouched
 
 
 def test_predict_exits_nonzero_when_nothing_could_be_classified(reproduced, tmp_path):

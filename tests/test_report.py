@@ -8,6 +8,7 @@ from dvclive import Live
 from PIL import Image
 
 from stages import report
+from stages.markdown import markdown_table, markdown_text
 
 CLASSES = 196
 
@@ -55,8 +56,8 @@ def test_block_is_where_the_mistakes_are(cars_like):
     ("Ford F-150 (2012)", "Ford F-150 (2012)"),
 ])
 def test_class_names_are_written_to_markdown_literally(name, expected):
-    assert report.markdown_text(name) == expected
-    table = report.markdown_table([{"class": name}], {"class": "class"})
+    assert markdown_text(name) == expected
+    table = markdown_table([{"class": name}], {"class": "class"})
     assert table.count("\n") == 2 and table.splitlines()[2] == f"| {expected} |"
 
 
