@@ -19,6 +19,7 @@ from matplotlib import colormaps
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from stages.errors import run_stage
 from stages.files import atomic_dir, read_csv, read_json
@@ -72,6 +73,7 @@ def plot_curves(curves: dict, kept_epoch: int | None, path: Path) -> None:
         if kept_epoch:
             ax.axvline(kept_epoch, color="grey", linestyle=":", label=f"kept (epoch {kept_epoch})")
         ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save(fig, path)
@@ -91,16 +93,16 @@ def plot_per_class(rows: list[dict], path: Path) -> None:
     ax = fig.subplots()
     y = np.arange(len(rows))
     ax.barh(y, accuracy, color=colormaps["RdYlGn"](accuracy), height=0.8)
-    ax.axvline(accuracy.mean(), color="black", linestyle="--", linewidth=1,
-               label=f"mean per-class accuracy {accuracy.mean():.1%}")
+    ax.axvline(accuracy.mean(), color="black", linestyle="--", linewidth=1)
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(0, 1)
     ax.xaxis.set_ticks_position("both")
     ax.tick_params(axis="x", labeltop=True)
     ax.set_xlabel("test accuracy (images of the class classified as it)")
-    ax.set_title(f"Per-class test accuracy, {len(rows)} classes, worst first (test images in brackets)")
-    ax.legend(loc="lower right", fontsize=8)
+    # The mean goes in the title, not a legend: a legend box would cover the best classes' bars.
+    ax.set_title(f"Per-class test accuracy, {len(rows)} classes, worst first (test images in brackets)\n"
+                 f"dashed line: mean per-class accuracy {accuracy.mean():.1%}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     save(fig, path)
 
@@ -135,10 +137,16 @@ def plot_confusion(confusion: np.ndarray, names: list[str], block: tuple[int, in
     ax.set_xticks(ticks, [short(name) for name in names], rotation=90, fontsize=fontsize)
     ax.set_yticks(ticks, [short(name) for name in names], fontsize=fontsize)
     start, size = block
-    ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="red", linewidth=1.5))
+    if size < n:  # a white-edged red square: visible on the dark background and on the bright diagonal
+        for colour, width in (("white", 4), ("red", 2)):
+            ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor=colour,
+                                   linewidth=width))
+        zoom = f"red square: the {size}-class block shown with counts in confusion_zoom.png"
+    else:
+        zoom = "confusion_zoom.png shows it with counts"
     ax.set(xlabel="predicted class", ylabel="true class")
-    ax.set_title(f"Confusion matrix (test), rows normalised; red: the {size}-class block zoomed in "
-                 f"confusion_zoom.png", fontsize=11)
+    title = f"Confusion matrix (test), rows normalised; {zoom}"
+    ax.set_title("\n".join(textwrap.wrap(title, int(side * 9))), fontsize=11)  # ~9 characters an inch at 11 pt
     fig.colorbar(image, ax=ax, shrink=0.6, label="share of the true class's test images")
     save(fig, path)
 
