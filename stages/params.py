@@ -216,6 +216,179 @@ class Params(Section):
     export: ExportParams
 
 
+LABEL_COLUMNS = "column names in the source; the label should be a ClassLabel (its names become the class names)"
+# One line of docs/params.md per param (params sharing a text share a row): `python -m stages.params --table`
+# writes the table, and tests/test_params.py keeps docs/params.md equal to it.
+DESCRIPTIONS = {
+    'data.preset': (
+        '`stanford_cars`, `caltech101`, `flowers102` or `none`: fills in `data.source`, '
+        '`data.val_fraction` and `data.test_fraction` where they are `null` (see [Datasets](recipes.md#datasets))'
+    ),
+    'data.source': (
+        "`null`: the preset's. A hub dataset id, or a local folder: `split/class name/image` (splits "
+        '`train`, optional `test` and `validation`/`val`), or a folder written by '
+        '`DatasetDict.save_to_disk`'
+    ),
+    'data.revision': 'hub revision (commit, tag, branch) to pin; `null`: default branch',
+    'data.image_column': LABEL_COLUMNS,
+    'data.label_column': LABEL_COLUMNS,
+    'data.val_fraction': (
+        "`null`: the preset's. The share of each train class carved out as a validation split (then it "
+        'picks the kept epoch)'
+    ),
+    'data.test_fraction': (
+        "`null`: the preset's. The share of each train class carved out as the test split, for sources "
+        'without one'
+    ),
+    'data.split_seed': 'seed of those splits',
+    'prepare.max_short_side': 'stored images have their shorter side at most this (enough for 448-px crops)',
+    'prepare.jpeg_quality': 'quality of re-encoded images',
+    'prepare.num_workers': (
+        'decode processes; `0`: one per CPU core (each holds a few images at a time: lower it only if a '
+        'process is killed for memory)'
+    ),
+    'model.arch': 'any torchvision classification model (`torchvision.models.list_models`) with a linear head',
+    'model.weights': (
+        'torchvision weights name of that arch (or `DEFAULT`), `none` for random init, or a path to a '
+        'state dict (an ImageNet one, a `torch.compile`d one, or a `models/model.pt` of this pipeline)'
+    ),
+    'model.head': (
+        'the new classifier: `linear`, or `mlp` = Linear(features, `head_hidden`) + ReLU + '
+        'Dropout(`head_dropout`) + Linear. Auxiliary heads (Inception, GoogLeNet) are replaced by linear '
+        'ones'
+    ),
+    'model.head_hidden': '`mlp` only',
+    'model.head_dropout': '`mlp` only',
+    'train.resolution': (
+        'training crop size and eval crop size. inception_v3 wants 299 (its auxiliary head is switched '
+        'off below 299, with a message); sizes a model cannot take are refused before training'
+    ),
+    'train.batch_size': 'images per step',
+    'train.epochs': 'passes over the train split',
+    'train.optimizer': '`sgd` or `adamw` (default betas)',
+    'train.lr': (
+        "the backbone's learning rate (every layer's with `head_lr_multiplier: 1`); scale it with the "
+        'batch size (0.1 per 128 for SGD)'
+    ),
+    'train.head_lr_multiplier': 'the new head\'s lr = `lr` × this (the seeds\' "differential lr"); logged as `lr_head`',
+    'train.momentum': 'SGD only',
+    'train.nesterov': 'SGD only',
+    'train.weight_decay': 'decoupled for AdamW, L2 for SGD',
+    'train.no_weight_decay_on_norm_and_bias': '`true`: norm weights and biases (every 1-d param) get no weight decay',
+    'train.lr_schedule': (
+        'per epoch, after warmup: `step` (× `lr_gamma` every `lr_step_epochs`), `exponential` (× '
+        '`lr_gamma` every epoch), `cosine` (to ~0 at the last epoch), `constant`'
+    ),
+    'train.lr_step_epochs': 'see `lr_schedule`',
+    'train.lr_gamma': 'see `lr_schedule`',
+    'train.warmup_epochs': 'linear warmup: epoch k (0-based) of W runs at (k+1)/(W+1) of the lr',
+    'train.label_smoothing': 'of the training loss (validation loss is plain cross-entropy)',
+    'train.freeze_epochs': (
+        'the first N epochs train only the new head(s). Frozen params get no gradient (so no update, no '
+        'weight decay, no momentum) and frozen BatchNorm layers stay in eval mode (their ImageNet '
+        'statistics are kept)'
+    ),
+    'train.unfreeze_from': (
+        'after `freeze_epochs` (from the start if 0), train only the modules from this one on, in '
+        'definition order, e.g. `layer4` (ResNet) or `Mixed_7a` (Inception); `null`: every layer. An '
+        "unknown name is refused with the model's module list"
+    ),
+    'train.crop': (
+        '`random_resized`: RandomResizedCrop(`resolution`, scale=`crop_scale`); `resize_then_crop`: '
+        'resize to a square of `resolution`/0.875 (512 for 448), then a random `resolution` crop with '
+        '`crop_padding`. Eval follows: shorter side (or square) to `resolution`/0.875, centre crop'
+    ),
+    'train.crop_scale': "`random_resized` only: the crop's area range",
+    'train.crop_padding': '`resize_then_crop` only',
+    'train.augment': (
+        'after crop and flip: `none`, `trivial_augment` (TrivialAugmentWide) or `color_jitter` '
+        '(brightness, contrast, saturation 0.4)'
+    ),
+    'train.seed': 'seeds torch, numpy, random and the loader shuffle',
+    'train.device': (
+        "`auto`: CUDA when torch can use a GPU; otherwise `train` prints why (torch's reason, the CUDA "
+        "version of the installed torch, the NVIDIA driver's version when one is loaded), trains on the "
+        'CPU, prints the projected run time after the first steps, and **stops when that projection is '
+        'over 2 hours** (so a broken driver never turns `make repro` into days of CPU training). `cuda`: '
+        'refused by `check` without a usable GPU. `cpu`: train on the CPU whatever the length'
+    ),
+    'train.amp': (
+        '`auto`: bf16 autocast on CUDA (fp16 with a loss scaler where bf16 is missing), fp32 on the CPU; '
+        '`bf16`, `fp16` (with a loss scaler) or `none` apply on any device, the CPU included'
+    ),
+    'train.channels_last': '`auto`: on CUDA only; `true`/`false` on any device',
+    'train.compile': (
+        '`torch.compile` (inductor) of the training and validation model: `auto` on CUDA only; `true` '
+        'compiles on the CPU too (needs a C++ compiler, which `check` looks for). Freezing and unfreezing'
+        ' recompile once'
+    ),
+    'train.num_threads': (
+        "PyTorch's CPU threads per training process; `auto`: the cores left once each loader worker has "
+        'one (at least 1), printed at start-up. Measured: see BENCHMARKS.md. A resume is bit-exact only '
+        'with the same thread count (it changes the order of float sums)'
+    ),
+    'train.num_workers': (
+        'loader processes (per training process); `-1`: one per core minus one per training process, '
+        'shared between them, at most 16. Does not change the result, so a resumed run may use another '
+        'value'
+    ),
+    'train.eval_every': (
+        'validation loss/accuracy every N epochs (when there is a validation split); `0`: after the last '
+        'epoch only'
+    ),
+    'train.devices': (
+        'training processes on this machine, one per GPU (PyTorch DDP under `torchrun`, which `train` '
+        'starts itself); `batch_size` and `lr` stay global: see "More than one GPU"'
+    ),
+    'train.sync_batchnorm': (
+        "with `devices` > 1 on GPUs: BatchNorm statistics over the global batch instead of each GPU's "
+        'share'
+    ),
+    'evaluate.tta': 'also report 3 scales × 2 flips test-time augmentation under `tta.*`',
+    'evaluate.batch_size': 'images per inference batch (no effect on the results)',
+    'evaluate.amp': 'precision of evaluation: `auto` (bf16 on CUDA, fp32 on the CPU), `bf16`, `fp16` or `none` (fp32)',
+    'evaluate.num_workers': 'loader processes; `-1`: one per core minus one, at most 16',
+    'gradcam.num_samples': 'random test images in `samples.png`',
+    'gradcam.num_misclassified': 'misclassified images in `worst.png`, one from each of the worst classes',
+    'gradcam.target_layer': (
+        '`auto`: per family: `layer4[-1]` (ResNet, ResNeXt, Wide ResNet), `Mixed_7c` (Inception v3), '
+        '`inception5b` (GoogLeNet), `trunk_output` (RegNet), `conv5` (ShuffleNet), `layers[-1]` '
+        "(MNASNet), the last encoder block's `ln_1` (ViT) or last stage (Swin) with their tokens reshaped"
+        ' to a map, `features[-1]` (VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt), else the last '
+        'conv; or a module path such as `layer3[-1]`'
+    ),
+    'gradcam.seed': 'which images are drawn',
+    'export.format': (
+        '`onnx`: `models/export/model.onnx`, run by onnxruntime, TensorRT, OpenVINO… without PyTorch; '
+        '`torchscript`: `models/export/model.torchscript.pt` for LibTorch (C++). PyTorch 2.14 deprecates '
+        'TorchScript; it stays for those who already serve it'
+    ),
+}
+
+
+def yaml_value(value) -> str:
+    if value is None:
+        return "null"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def params_table(defaults: dict) -> str:
+    """The Markdown table of every param in schema order: name(s), default(s) from params.yaml, meaning."""
+    rows: list[tuple[list[str], list[str], str]] = []
+    for section, field in Params.model_fields.items():
+        for name in field.annotation.model_fields:
+            key = f"{section}.{name}"
+            default, text = f"`{yaml_value(defaults[section][name])}`", DESCRIPTIONS[key]
+            if rows and rows[-1][2] == text:  # params that share a text share a row
+                rows[-1][0].append(f"`{key}`")
+                rows[-1][1].append(default)
+            else:
+                rows.append(([f"`{key}`"], [default], text))
+    lines = ["| Param | Default | Meaning |", "|---|---|---|"]
+    lines += [f"| {', '.join(keys)} | {', '.join(defaults_)} | {text} |" for keys, defaults_, text in rows]
+    return "\n".join(lines)
+
+
 class ParamsError(StageError):
     """params.yaml is malformed; the message lists every problem found."""
 
@@ -279,11 +452,16 @@ def did_you_mean(loc: tuple, raw: dict) -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
-if __name__ == "__main__":  # `python -m stages.params` checks params.yaml against the schema, nothing else
+if __name__ == "__main__":  # `python -m stages.params` checks params.yaml against the schema; --table: docs table
+    import sys
+
     from stages.errors import run_stage
 
     def check_schema() -> None:
         load_params()
-        print("params.yaml is valid")
+        if "--table" in sys.argv:
+            print(params_table(yaml.load(PARAMS_FILE.read_text(), Loader=ParamsLoader)))
+        else:
+            print("params.yaml is valid")
 
     run_stage(check_schema)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_project, run, tiny_params
+from tests.conftest import REPO, make_project, run, tiny_params
 
 pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
 
@@ -69,6 +70,34 @@ def test_queued_sweep_runs_each_experiment_with_its_own_params_and_metrics(basel
         logs = run(["dvc", "queue", "logs", name], baseline).stdout
         assert "Stage 'prepare' didn't change, skipping" in logs and "Running stage 'train'" in logs
     assert len(accuracies) == len(QUEUED)  # each experiment measured its own model
+
+
+def readme_block(heading: str) -> list[str]:
+    """The commands of the first ```bash block under a README heading, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def test_the_readmes_comparing_commands_work_after_two_experiments(baseline, tmp_path):
+    """Run after the queued sweep above: its two experiments are the ones compared, by their names."""
+    names = sorted(experiments_by_name(baseline))
+    assert set(QUEUED) <= set(names)
+    first, second = QUEUED
+    for command in readme_block("### Comparing runs"):
+        command = command.replace("<exp-1>", first).replace("<exp-2>", second)
+        result = run(shlex.split(command), baseline, check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0 and "ERROR" not in output, f"{command}:\n{output}"
+        if command.startswith("dvc exp list"):
+            assert all(name in result.stdout for name in QUEUED)
+        if command.startswith("dvc metrics diff"):
+            assert "metrics/eval.json" in result.stdout and "kept_epoch" in result.stdout
+        if command.startswith("dvc plots diff"):
+            page = (baseline / "dvc_plots/index.html").read_text()
+            assert "<script src=" not in page and page.count("vegaEmbed('#") >= 3
+    run(["git", "checkout", "--", "."], baseline)  # `dvc exp apply` changed the workspace: back to the baseline
+    run(["dvc", "checkout", "--force"], baseline)
 
 
 def test_pushed_run_is_pulled_elsewhere_without_rerunning_anything(baseline, tmp_path):

@@ -26,12 +26,19 @@ SHRUNK = {"train.epochs", "train.batch_size", "train.resolution", "train.freeze_
           "data.source", "train.warmup_epochs"}
 
 
+DOCUMENTS = ("README.md", "docs/recipes.md", "docs/operations.md")
+
+
 def readme_commands(section: str | None = None) -> list[str]:
-    """The distinct `dvc exp run` commands of the README, or of one of its `## ` sections, in order."""
-    text = (REPO / "README.md").read_text()
-    if section:
-        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return sorted(set(re.findall(r"`(dvc exp run [^`]+)`", text)), key=text.index)
+    """The distinct `dvc exp run` commands of the README and docs, or of the document titled `section`, in order."""
+    texts = {name: (REPO / name).read_text() for name in DOCUMENTS}
+    text = "\n".join(texts.values()) if section is None else next(
+        body for body in texts.values() if body.startswith(f"# {section}\n"))
+    inline = re.findall(r"`(dvc exp run [^`]+)`", text)
+    in_blocks = [line.split(" # ")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                 for line in block.replace("\\\n", " ").splitlines() if line.startswith("dvc exp run ")]
+    return sorted(set(inline + [" ".join(command.split()) for command in in_blocks]), key=lambda c: (
+        text.index(c) if c in text else len(text)))
 
 
 def overrides_of(command: str) -> list[str]:
