@@ -329,8 +329,8 @@ DESCRIPTIONS = {
     ),
     'train.num_workers': (
         'loader processes (per training process); `-1`: one per core minus one per training process, '
-        'shared between them, at most 16. Does not change the result, so a resumed run may use another '
-        'value'
+        'shared between them, at most 16. Does not change the result (with `train.num_threads` fixed: '
+        '`auto` threads follow the workers), so a resumed run may use another value'
     ),
     'train.eval_every': (
         'validation loss/accuracy every N epochs (when there is a validation split); `0`: after the last '
