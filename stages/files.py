@@ -23,6 +23,15 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def fresh_temporary_sibling(path: Path) -> Path:
+    """This process's temporary name beside `path`, nothing there, and the leftovers of dead processes gone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    tmp = temporary_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    return tmp
+
+
 def remove_stale_siblings(path: Path) -> list[Path]:
     """Deletes `.NAME.tmpPID` leftovers of processes that are gone (a killed stage); returns them."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp(\d+)")
@@ -61,9 +70,7 @@ def disk_full_as_stage_error(path: Path) -> Iterator[None]:
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
-    tmp = temporary_sibling(path)
+    tmp = fresh_temporary_sibling(path)
     try:
         with disk_full_as_stage_error(path):
             yield tmp
@@ -76,10 +83,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yields a fresh temporary folder beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
-    tmp = temporary_sibling(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_temporary_sibling(path)
     try:
         with disk_full_as_stage_error(path):
             yield tmp
@@ -93,10 +97,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
 def scratch_dir(path: Path | str) -> Iterator[Path]:
     """A fresh temporary folder beside `path` (named as atomic_dir names its own), always deleted afterwards."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
-    tmp = temporary_sibling(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_temporary_sibling(path)
     tmp.mkdir()
     try:
         with disk_full_as_stage_error(path):

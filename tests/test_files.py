@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages import files
 from stages.errors import StageError
 from stages.files import atomic_dir, remove_stale_siblings, save_torch, temporary_sibling, write_json
 
@@ -19,11 +20,13 @@ needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev
     lambda path: save_torch(path, {"weights": torch.zeros(100_000)}),
     lambda path: write_json(path, {"top1": 0.5, "padding": "x" * 100_000}),
 ], ids=["torch", "json"])
-def test_a_full_disk_is_one_message_naming_the_file(tmp_path, write):
+def test_a_full_disk_is_one_message_naming_the_file(tmp_path, write, monkeypatch):
     """Before: torch.save on a full disk raised 'enforce fail at inline_container.cc ... unexpected pos'."""
     target = tmp_path / "model.pt"
     target.write_text("the previous model")
-    temporary_sibling(target).symlink_to("/dev/full")  # where the atomic write will put its bytes
+    full = temporary_sibling(target)
+    full.symlink_to("/dev/full")  # every write there fails with ENOSPC
+    monkeypatch.setattr(files, "fresh_temporary_sibling", lambda path: full)  # where the atomic write puts its bytes
     with pytest.raises(StageError) as caught:
         write(target)
     message = str(caught.value)
