@@ -91,8 +91,8 @@ def test_the_readmes_comparing_commands_work_after_two_experiments(baseline, tmp
         assert result.returncode == 0 and "ERROR" not in output, f"{command}:\n{output}"
         if command.startswith("dvc exp list"):
             assert all(name in result.stdout for name in QUEUED)
-        if command.startswith("dvc metrics diff"):
-            assert "metrics/eval.json" in result.stdout and "kept_epoch" in result.stdout
+        if command.startswith("dvc metrics diff"):  # --all: every headline metric, changed or not
+            assert all(word in result.stdout for word in ("metrics/eval.json", "top1", "kept_epoch", first, second))
         if command.startswith("dvc plots diff"):
             page = (baseline / "dvc_plots/index.html").read_text()
             assert "<script src=" not in page and page.count("vegaEmbed('#") >= 3
