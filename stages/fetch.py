@@ -77,7 +77,7 @@ def check_image_folder(root: Path) -> FolderListing:
                 raise SourceError(f"{root} has two {split} folders ({splits[split].name}, {entry.name}); keep one")
             else:
                 splits[split] = entry
-        elif entry.is_file() and not entry.is_symlink():
+        elif not entry.is_dir():
             listing.leave_out(entry, "a file outside the split/class folders: left out")
     if "train" not in splits:
         found = ", ".join(p.name for p in root.iterdir() if p.is_dir()) or "no folders"
@@ -92,8 +92,8 @@ def check_image_folder(root: Path) -> FolderListing:
     for split, folder in splits.items():
         listing.files[split] = []
         for class_dir in sorted(folder.iterdir()):
-            if not usable_folder(class_dir, listing):
-                if class_dir.is_file() or class_dir.is_symlink() and not class_dir.is_dir():
+            if not usable_folder(class_dir, listing):  # a hidden or symlinked folder is listed by usable_folder
+                if not class_dir.is_dir():
                     listing.leave_out(class_dir, "a file outside the class folders: left out")
                 continue
             if class_dir.name not in listing.classes:

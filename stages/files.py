@@ -28,8 +28,13 @@ def fresh_temporary_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(path)
     tmp = temporary_sibling(path)
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    remove(tmp)
     return tmp
+
+
+def remove(path: Path) -> None:
+    """A file or a folder, whichever `path` is, if it exists."""
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def remove_stale_siblings(path: Path) -> list[Path]:
@@ -39,7 +44,7 @@ def remove_stale_siblings(path: Path) -> list[Path]:
     for candidate in path.parent.glob(f".{path.name}.tmp*") if path.parent.is_dir() else []:
         match = pattern.fullmatch(candidate.name)
         if match and not process_alive(int(match.group(1))):
-            shutil.rmtree(candidate, ignore_errors=True) if candidate.is_dir() else candidate.unlink(missing_ok=True)
+            remove(candidate)
             removed.append(candidate)
     return removed
 

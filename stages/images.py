@@ -65,8 +65,6 @@ def load_pixels(image: Image.Image, draft_size: tuple[int, int] | None = None) -
             image.draft(None, draft_size)
         image.load()
         return to_rgb(ImageOps.exif_transpose(image))
-    except ImageRejected:
-        raise
     except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, ValueError, MemoryError...
         raise ImageRejected(f"{type(error).__name__}: {error}") from None
 

@@ -114,7 +114,8 @@ def train(params: Params, processes: Processes) -> None:
     workers = resolve_workers(p.num_workers, processes.world_size)
     threads = resolve_threads(p.num_threads, workers, processes.world_size)
     torch.set_num_threads(threads)
-    train_loader, validation_loader = make_loaders(p, train_split, validation_split, workers, processes)
+    train_loader, validation_loader = make_loaders(p, trainer.preprocessing, train_split, validation_split, workers,
+                                                   processes)
     fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints())
     progress = load_state(STATE_PATH, trainer, fingerprint)
     print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers, threads))

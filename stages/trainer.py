@@ -215,8 +215,10 @@ class Trainer:
         return (loss_sum / count).item(), (correct / count).item()
 
 
-def make_loaders(p: TrainParams, train_split, validation_split, workers: int, processes: Processes):
-    """(train loader, validation loader or None) for this process.
+def make_loaders(p: TrainParams, preprocessing: Preprocessing, train_split, validation_split, workers: int,
+                 processes: Processes):
+    """(train loader, validation loader or None) for this process; validation through the eval transform of the
+    preprocessing the model will be saved with.
 
     One process: drop_last, so every step sees a full batch (no 1-image batch for BatchNorm, no recompile for
     torch.compile); the reshuffle each epoch still shows every image. Several: the sampler hands each process
@@ -229,7 +231,6 @@ def make_loaders(p: TrainParams, train_split, validation_split, workers: int, pr
     if validation_split is None:
         return train_loader, None
     shard = range(processes.rank, len(validation_split), processes.world_size) if processes.distributed else None
-    validation_loader = make_loader(ImageSplit(validation_split, eval_transform(Preprocessing.for_training(
-                                        p.resolution, p.crop))),
+    validation_loader = make_loader(ImageSplit(validation_split, eval_transform(preprocessing)),
                                     p.batch_size * 2 // processes.world_size, workers, sampler=shard)
     return train_loader, validation_loader
