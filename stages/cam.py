@@ -8,6 +8,7 @@ puts the model in eval mode.
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import numpy as np
 import torch
@@ -22,9 +23,9 @@ from stages.transforms import Preprocessing, to_model_input
 MIN_MAP_SIDE = 4  # a CAM coarser than 4x4 says nothing about where the model looked
 
 
-def vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
-    """ViT activations (N, 1 + h*w, C), class token first, as a (N, C, h, w) map for GradCAM."""
-    patches = tokens[:, 1:, :]
+def vit_tokens_to_grid(tokens: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
+    """ViT activations (N, prefix + h*w, C), class (and register) tokens first, as a (N, C, h, w) map for GradCAM."""
+    patches = tokens[:, prefix_tokens:, :]
     side = int(patches.shape[1] ** 0.5)
     return patches.reshape(len(patches), side, side, -1).permute(0, 3, 1, 2)
 
@@ -46,6 +47,8 @@ def gradcam_target(model: nn.Module, spec: str):
             raise StageError(f"gradcam.target_layer '{spec}' is not a module of {type(model).__name__} ({error}); "
                              f"use a dotted path such as layer4[-1], or auto") from None
         return module, None
+    if hasattr(model, "pretrained_cfg"):
+        return timm_target(model)
     family = type(model).__name__
     by_family = {
         "ResNet": lambda: model.layer4[-1],  # also ResNeXt, Wide ResNet
@@ -66,6 +69,17 @@ def gradcam_target(model: nn.Module, spec: str):
     if not convs:
         raise StageError(f"no convolution in {family}; set gradcam.target_layer to a module path")
     return convs[-1], None
+
+
+def timm_target(model: nn.Module):
+    """A timm model's: the last block's first norm for ViT-style models (ViT, DeiT, EVA, DINOv2: patch tokens after
+    the class/register tokens), else the last stage its feature_info names (ConvNeXt stages.3, ResNet layer4,
+    EfficientNet's last block...), permuted for the models whose stages output channels last (timm's Swin)."""
+    prefix_tokens = getattr(model, "num_prefix_tokens", None)
+    if prefix_tokens is not None and hasattr(model, "blocks"):
+        return model.blocks[-1].norm1, partial(vit_tokens_to_grid, prefix_tokens=prefix_tokens)
+    layer = model.get_submodule(model.feature_info[-1]["module"])
+    return layer, channels_last_to_first if getattr(model, "output_fmt", "NCHW") == "NHWC" else None
 
 
 def cam_overlays(model: nn.Module, target, images: torch.Tensor, classes: list[int],

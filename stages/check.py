@@ -34,12 +34,14 @@ def check_recipe(params: Params) -> None:
     """What the schema cannot know: the model's own modules and input sizes. Built on the meta device (shapes
     only, no memory, no weights read) unless model.weights is a local file, which is loaded and fitted."""
     m, p = params.model, params.train
-    constructor = fit_to_resolution(m.arch, p.resolution)
+    constructor = fit_to_resolution(m.arch, p.resolution, m.weights)
     if Path(m.weights).is_file():
-        model = build_model(m.arch, CHECK_CLASSES, m.weights, m.head, m.head_hidden, m.head_dropout, **constructor)
+        model = build_model(m.arch, CHECK_CLASSES, m.weights, m.head, m.head_hidden, m.head_dropout, m.drop_path,
+                            **constructor)
     else:
         with torch.device("meta"):
-            model = build_model(m.arch, CHECK_CLASSES, "none", m.head, m.head_hidden, m.head_dropout, **constructor)
+            model = build_model(m.arch, CHECK_CLASSES, "none", m.head, m.head_hidden, m.head_dropout, m.drop_path,
+                                **constructor)
     Freezer(model, p)
 
 

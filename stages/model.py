@@ -9,7 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
+from stages import timm_models
 from stages.errors import StageError
+from stages.transforms import Preprocessing
 
 
 class WeightsUnavailable(StageError):
@@ -25,30 +27,48 @@ AUX_LOSS_WEIGHT = 0.4  # torchvision's Inception/GoogLeNet recipe: loss = main +
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none", head: str = "linear", head_hidden: int = 1024,
-                head_dropout: float = 0.0, **constructor) -> nn.Module:
-    """A torchvision classifier whose ImageNet head(s) are replaced by fresh `num_classes` ones.
+                head_dropout: float = 0.0, drop_path: float = 0.0, **constructor) -> nn.Module:
+    """A torchvision or timm (`timm/<name>`) classifier whose original head(s) are replaced by fresh
+    `num_classes` ones.
 
     weights: a torchvision weights name (downloaded by torchvision into the torch hub cache, or taken from
-    it), "none" for random init, or a path to a state dict (ImageNet-headed, or one of this pipeline's).
-    constructor: torchvision model kwargs such as aux_logits=False (see constructor_kwargs).
+    it), `pretrained` for a timm model's hub weights, "none" for random init, or a path to a state dict
+    (original-headed, or one of this pipeline's). drop_path: timm's stochastic depth rate.
+    constructor: model kwargs such as aux_logits=False or img_size (see constructor_kwargs, fit_to_resolution).
     The names of the new head modules are kept in `model.head_paths` (they get head_lr_multiplier and
     stay trainable while the backbone is frozen).
     """
     def new_heads(model: nn.Module) -> nn.Module:
         return replace_heads(model, num_classes, head, head_hidden, head_dropout)
 
+    def original(pretrained_weights: str | None) -> nn.Module:
+        return original_model(arch, pretrained_weights, drop_path, **constructor)
+
     if weights == "none":
-        model = new_heads(torchvision.models.get_model(arch, weights=None, **constructor))
-    elif Path(weights).is_file():
-        model = load_local_weights(arch, Path(weights), new_heads, constructor)
-    else:
-        model = new_heads(download_pretrained(arch, weights, constructor))
-    return model
+        return new_heads(original(None))
+    if Path(weights).is_file():
+        return load_local_weights(arch, Path(weights), original, new_heads)
+    return new_heads(download_pretrained(arch, weights, original))
 
 
-def download_pretrained(arch: str, weights: str, constructor: dict) -> nn.Module:
+def original_model(arch: str, pretrained_weights: str | None, drop_path: float = 0.0, **constructor) -> nn.Module:
+    """The model as its library defines it, original head(s) included; random init when pretrained_weights is None."""
+    if timm_models.is_timm(arch):
+        return timm_models.create(arch, pretrained_weights is not None, drop_path, **constructor)
+    if drop_path:
+        raise RecipeError(f"model.drop_path applies to timm models (model.arch: timm/...); {arch} is a "
+                          f"torchvision model: set model.drop_path: 0")
+    return torchvision.models.get_model(arch, weights=pretrained_weights, **constructor)
+
+
+def download_pretrained(arch: str, weights: str, original) -> nn.Module:
+    if timm_models.is_timm(arch):
+        try:
+            return original(weights)
+        except timm_models.download_error_types() as error:
+            raise WeightsUnavailable(timm_models.unavailable_message(arch, error)) from None
     try:
-        return torchvision.models.get_model(arch, weights=weights, **constructor)
+        return original(weights)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise WeightsUnavailable(
@@ -59,15 +79,19 @@ def download_pretrained(arch: str, weights: str, constructor: dict) -> nn.Module
         ) from None
 
 
-def constructor_kwargs(model: nn.Module) -> dict:
-    """The torchvision kwargs a checkpoint must be rebuilt with: pretrained Inception/GoogLeNet weights switch
-    on transform_input, and train may switch off aux_logits."""
-    return {key: getattr(model, key) for key in ("aux_logits", "transform_input") if hasattr(model, key)}
+def constructor_kwargs(model: nn.Module, fitted: dict | None = None) -> dict:
+    """The kwargs a checkpoint must be rebuilt with: those fit_to_resolution chose (aux_logits, a timm ViT's
+    img_size), and pretrained Inception/GoogLeNet weights switch on transform_input."""
+    kept = {key: getattr(model, key) for key in ("aux_logits", "transform_input") if hasattr(model, key)}
+    return {**(fitted or {}), **kept}
 
 
 def classifier_paths(model: nn.Module) -> tuple[str, list[str]]:
     """(main head, auxiliary heads): the last nn.Linear in definition order (fc, classifier[-1], heads.head...)
-    and any other Linear that outputs the ImageNet classes (Inception's AuxLogits.fc, GoogLeNet's aux*.fc2)."""
+    and any other Linear that outputs the ImageNet classes (Inception's AuxLogits.fc, GoogLeNet's aux*.fc2);
+    for timm models, the heads their pretrained_cfg names."""
+    if hasattr(model, "pretrained_cfg"):
+        return timm_models.classifier_paths(model)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear head to replace; pick another model.arch")
@@ -116,16 +140,17 @@ def read_state_dict(path: Path) -> dict:
     return strip_wrapper_prefixes(state)
 
 
-def load_local_weights(arch: str, path: Path, new_heads, constructor: dict) -> nn.Module:
-    """A state dict with the ImageNet head(s) (replaced after loading), or with this run's heads (kept)."""
+def load_local_weights(arch: str, path: Path, original, new_heads) -> nn.Module:
+    """A state dict with the original head(s) (replaced after loading), or with this run's heads (kept).
+    original(None): the model with its original heads and random weights."""
     state = read_state_dict(path)
-    imagenet_headed = torchvision.models.get_model(arch, weights=None, **constructor)
+    original_headed = original(None)
     try:
-        imagenet_headed.load_state_dict(state)
-        return new_heads(imagenet_headed)
+        original_headed.load_state_dict(state)
+        return new_heads(original_headed)
     except RuntimeError:
-        pass  # not ImageNet-headed: one of this pipeline's models
-    model = new_heads(torchvision.models.get_model(arch, weights=None, **constructor))
+        pass  # not original-headed: one of this pipeline's models
+    model = new_heads(original(None))
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -138,29 +163,55 @@ def input_size_problem(arch: str, resolution: int, training: bool, **constructor
     """Why `arch` cannot take resolution x resolution inputs (None if it can), found by a forward pass on the
     meta device: shapes only, no memory, no compute. Inception's auxiliary head, for one, needs 299 px."""
     with torch.device("meta"):
-        model = torchvision.models.get_model(arch, weights=None, **constructor)
-        model.train(training)
         try:
+            model = original_model(arch, None, **constructor)
+            model.train(training)
             model(torch.empty(2, 3, resolution, resolution))
         except (RuntimeError, ValueError, AssertionError) as error:
             return str(error).splitlines()[0]
     return None
 
 
-def fit_to_resolution(arch: str, resolution: int) -> dict:
+def fit_to_resolution(arch: str, resolution: int, weights: str = "none") -> dict:
     """Constructor kwargs for `arch` at `resolution`, checked before anything heavy: an input the model cannot
-    take is an error; Inception's auxiliary classifier (which needs 299 px) is switched off below its size."""
-    problem = input_size_problem(arch, resolution, training=False)
+    take is an error; Inception's auxiliary classifier (which needs 299 px) is switched off below its size; a
+    timm model built for one input size (ViT, EVA: position embeddings) is built for this one (timm resamples
+    the pretrained position embeddings when it loads them)."""
+    fitted = {}
+    if timm_models.is_timm(arch):
+        problem = timm_models.arch_problem(arch, timm_models.is_pretrained(weights))
+        if problem:
+            raise RecipeError(f"model.arch: {problem}")
+        native, fixed = timm_models.native_size(arch)
+        if fixed and resolution != native:
+            fitted = {"img_size": resolution}
+    problem = input_size_problem(arch, resolution, training=False, **fitted)
     if problem:
         raise RecipeError(f"model.arch {arch} cannot take train.resolution={resolution}: {problem}. "
                           f"Pick a resolution the model accepts (inception_v3: >= 75, its auxiliary head: 299; "
-                          f"ViT/Swin: the size their weights were trained at)")
-    training_problem = input_size_problem(arch, resolution, training=True)
+                          f"ViT/Swin: the size their weights were trained at; ViTs: a multiple of the patch size)")
+    training_problem = input_size_problem(arch, resolution, training=True, **fitted)
     if training_problem is None:
-        return {}
+        return fitted
     try:
         if input_size_problem(arch, resolution, training=True, aux_logits=False) is None:
             return {"aux_logits": False}
     except TypeError:  # no aux_logits switch: the failure is elsewhere
         pass
     raise RecipeError(f"model.arch {arch} cannot train at train.resolution={resolution}: {training_problem}")
+
+
+def model_preprocessing(model: nn.Module, resolution: int, crop: str) -> Preprocessing:
+    """How this model's inputs are made: a timm model's own (its weights' mean/std, interpolation and eval crop
+    fraction, from timm's data config: ImageNet's constants are wrong for CLIP/SigLIP/Inception-style weights);
+    torchvision's classifiers all use ImageNet's. train.crop resize_then_crop makes eval resize to a square."""
+    preprocessing = Preprocessing.for_training(resolution, crop)
+    if not hasattr(model, "pretrained_cfg"):
+        return preprocessing
+    config = timm_models.model_preprocessing(model)
+    squash = config.get("crop_mode") == "squash" or crop == "resize_then_crop"
+    interpolation = config.get("interpolation", "bilinear")
+    return Preprocessing(resolution, resize="square" if squash else "shorter_side",
+                         crop_fraction=float(config.get("crop_pct", preprocessing.crop_fraction)),
+                         mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
+                         interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear")

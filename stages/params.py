@@ -42,6 +42,10 @@ MAX_WORKERS = 256  # data-loading processes; more only exhausts memory and file 
 MAX_RESOLUTION = 4096  # far above any fine-tuning recipe; a typo such as 100000 would ask for terabytes
 
 
+TIMM_PREFIX = "timm/"  # model.arch: timm/<model name>[.<pretrained tag>] (stages/timm_models.py)
+TIMM_PRETRAINED = ("pretrained", "DEFAULT")  # model.weights values meaning the timm model's own weights
+
+
 class Section(BaseModel):
     # extra="forbid": an unknown key (a typo such as train.learning_rate) is an error, not silently ignored.
     # allow_inf_nan=False: `lr: .inf` or `.nan` is refused here, not discovered as a NaN loss an epoch later.
@@ -107,10 +111,13 @@ class ModelParams(Section):
     head: Literal["linear", "mlp"]  # mlp: Linear(features, head_hidden) + ReLU + Dropout(head_dropout) + Linear
     head_hidden: int = Field(ge=1, le=65536)
     head_dropout: float = Field(ge=0.0, lt=1.0)
+    drop_path: float = Field(ge=0.0, lt=1.0)  # timm models: stochastic depth rate
 
     @field_validator("arch")
     @classmethod
     def known_arch(cls, arch: str) -> str:
+        if arch.startswith(TIMM_PREFIX):
+            return arch  # checked with the weights (known_weights): timm is imported only for timm archs
         allowed = classification_archs()
         if arch not in allowed:
             close = difflib.get_close_matches(arch, allowed, n=3)
@@ -120,6 +127,11 @@ class ModelParams(Section):
 
     @model_validator(mode="after")
     def known_weights(self) -> ModelParams:
+        if self.arch.startswith(TIMM_PREFIX):
+            return self.known_timm_model()
+        if self.drop_path:
+            raise ValueError(f"model.drop_path applies to timm models (model.arch: timm/...); {self.arch} is a "
+                             f"torchvision model: set model.drop_path: 0")
         allowed = weights_names(self.arch)
         if self.weights in allowed or self.weights == "none" or Path(self.weights).is_file():
             return self
@@ -127,6 +139,14 @@ class ModelParams(Section):
             f"model.weights '{self.weights}' is neither a weights name of {self.arch} nor an existing file. "
             f"Allowed: {', '.join(allowed)}, none (random init), or a path to a local state dict"
         )
+
+    def known_timm_model(self) -> ModelParams:
+        """The weights value only: whether timm knows the model and its tag is checked by stage `check`
+        (stages/model.py), so that the schema never pays timm's import."""
+        if self.weights in TIMM_PRETRAINED or self.weights == "none" or Path(self.weights).is_file():
+            return self
+        raise ValueError(f"model.weights '{self.weights}' is neither pretrained (the timm weights of {self.arch}), "
+                         f"none (random init) nor an existing file")
 
     @model_validator(mode="after")
     def dropout_needs_mlp(self) -> ModelParams:
@@ -150,13 +170,22 @@ class TrainParams(Section):
     lr_step_epochs: int = Field(ge=1, le=10000)  # step: lr * lr_gamma every lr_step_epochs epochs
     lr_gamma: float = Field(gt=0, le=1)  # step and exponential (exponential: lr * lr_gamma every epoch)
     warmup_epochs: int = Field(ge=0, le=10000)  # linear warmup before the schedule starts
+    lr_schedule_unit: Literal["epoch", "step"]  # the lr changes once per epoch, or at every optimizer step
+    layer_decay: float = Field(gt=0, le=1)  # layer-wise lr decay: each layer below the head gets this x the lr above
+    accumulate_steps: int = Field(ge=1, le=1024)  # batch_size images per step, in this many forward/backward passes
+    grad_clip_norm: float = Field(ge=0, le=1e6)  # 0: off
+    ema_decay: float = Field(ge=0, lt=1)  # 0: off; else an EMA of the weights is validated and saved
     label_smoothing: float = Field(ge=0, lt=1)
+    mixup_alpha: float = Field(ge=0, le=100)  # 0: off
+    cutmix_alpha: float = Field(ge=0, le=100)  # 0: off
     freeze_epochs: int = Field(ge=0, le=10000)  # epochs training only the new head
     unfreeze_from: str | None  # after freeze_epochs: train layers from this module on (null: all layers)
     crop: Literal["random_resized", "resize_then_crop"]
     crop_scale: list[float]  # random_resized: the area range [min, max] of the crop
     crop_padding: int = Field(ge=0, le=MAX_RESOLUTION)  # resize_then_crop: zero padding around the random crop
-    augment: Literal["none", "trivial_augment", "color_jitter"]
+    hflip: bool  # random horizontal flip (off for text, digits, anything with a handedness)
+    augment: Literal["none", "randaugment", "autoaugment", "trivial_augment", "color_jitter"]
+    random_erasing: float = Field(ge=0, le=1)  # probability per image
     seed: int = Field(ge=0, le=MAX_SEED)
     device: Literal["auto", "cuda", "cpu"]  # auto: CUDA when usable, else the CPU for short runs only (see runtime)
     amp: Literal["auto", "bf16", "fp16", "none"]  # auto: bf16 on CUDA, fp32 on the CPU; explicit: on any device
@@ -180,9 +209,11 @@ class TrainParams(Section):
         for name in ("warmup_epochs", "freeze_epochs"):
             if getattr(self, name) > self.epochs:
                 raise ValueError(f"train.{name}={getattr(self, name)} is more than train.epochs={self.epochs}")
-        if self.batch_size % self.devices:
-            raise ValueError(f"train.batch_size={self.batch_size} does not split evenly over train.devices="
-                             f"{self.devices}: the batch size is the global one; pick a multiple of {self.devices}")
+        parts = self.devices * self.accumulate_steps
+        if self.batch_size % parts:
+            raise ValueError(f"train.batch_size={self.batch_size} does not split evenly into train.devices="
+                             f"{self.devices} x train.accumulate_steps={self.accumulate_steps} passes: the batch "
+                             f"size is the global one, per optimizer step; pick a multiple of {parts}")
         return self
 
 
@@ -247,10 +278,16 @@ DESCRIPTIONS = {
         'decode processes; `0`: one per CPU core (each holds a few images at a time: lower it only if a '
         'process is killed for memory)'
     ),
-    'model.arch': 'any torchvision classification model (`torchvision.models.list_models`) with a linear head',
+    'model.arch': (
+        'any torchvision classification model (`torchvision.models.list_models`) with a linear head, or a '
+        'timm model as `timm/<name>[.<pretrained tag>]`, its Hugging Face hub id (e.g. '
+        '`timm/convnext_tiny.fb_in22k`): see [timm backbones](recipes.md#timm-backbones). A timm model '
+        'brings its own preprocessing (mean/std, interpolation, eval crop fraction), saved with the model'
+    ),
     'model.weights': (
-        'torchvision weights name of that arch (or `DEFAULT`), `none` for random init, or a path to a '
-        'state dict (an ImageNet one, a `torch.compile`d one, or a `models/model.pt` of this pipeline)'
+        'torchvision weights name of that arch (or `DEFAULT`); for a timm model `pretrained` (the hub '
+        'weights of its name; `DEFAULT` means the same); `none` for random init; or a path to a state dict '
+        '(an ImageNet one, a `torch.compile`d one, or a `models/model.pt` of this pipeline)'
     ),
     'model.head': (
         'the new classifier: `linear`, or `mlp` = Linear(features, `head_hidden`) + ReLU + '
@@ -259,6 +296,10 @@ DESCRIPTIONS = {
     ),
     'model.head_hidden': '`mlp` only',
     'model.head_dropout': '`mlp` only',
+    'model.drop_path': (
+        "timm models only: stochastic depth rate (timm's `drop_path_rate`), 0.1–0.2 is usual for "
+        'ConvNeXt/ViT fine-tuning'
+    ),
     'train.resolution': (
         'training crop size and eval crop size. inception_v3 wants 299 (its auxiliary head is switched '
         'off below 299, with a message); sizes a model cannot take are refused before training'
@@ -282,7 +323,36 @@ DESCRIPTIONS = {
     'train.lr_step_epochs': 'see `lr_schedule`',
     'train.lr_gamma': 'see `lr_schedule`',
     'train.warmup_epochs': 'linear warmup: epoch k (0-based) of W runs at (k+1)/(W+1) of the lr',
-    'train.label_smoothing': 'of the training loss (validation loss is plain cross-entropy)',
+    'train.lr_schedule_unit': (
+        '`epoch`: warmup and schedule change the lr once per epoch; `step`: after every optimizer step '
+        '(the same curves, smooth: warmup step s of S runs at (s+1)/(S+1) of the lr)'
+    ),
+    'train.layer_decay': (
+        'layer-wise lr decay: the head and the layers after the trunk get `lr`, each block below gets '
+        '`layer_decay` × the lr of the one above (blocks: timm\'s own grouping; torchvision ResNets: '
+        '`layer1`–`layer4`; others: the children of `features` or a ViT\'s encoder layers). `1`: off. '
+        'Logged `lr` is the top layer\'s'
+    ),
+    'train.accumulate_steps': (
+        '`batch_size` stays the images per optimizer step (the batch the lr rule refers to), run in this '
+        'many forward/backward passes of `batch_size`/(`devices` × `accumulate_steps`) images each, to fit '
+        'memory. Identical to one big batch for models without BatchNorm (BatchNorm sees the smaller '
+        'batches)'
+    ),
+    'train.grad_clip_norm': "clip the gradients' global L2 norm before each step (fp16: after unscaling); `0`: off",
+    'train.ema_decay': (
+        'exponential moving average of the weights (and BatchNorm statistics), updated after every '
+        'optimizer step: the EMA is what is validated, picked and saved (resumable). ~0.9998 for runs of '
+        'tens of thousands of steps; `0`: off'
+    ),
+    'train.label_smoothing': (
+        'of the training loss (validation loss is plain cross-entropy); applies to mixed targets too'
+    ),
+    'train.mixup_alpha': (
+        "torchvision's MixUp of the batch with Beta(alpha, alpha) weights (0.2 or 0.8 are usual); `0`: "
+        'off. Train accuracy of a mixed image counts the share of its target held by the predicted class'
+    ),
+    'train.cutmix_alpha': "torchvision's CutMix (1.0 is usual); with `mixup_alpha` one of the two per batch; `0`: off",
     'train.freeze_epochs': (
         'the first N epochs train only the new head(s). Frozen params get no gradient (so no update, no '
         'weight decay, no momentum) and frozen BatchNorm layers stay in eval mode (their ImageNet '
@@ -300,9 +370,14 @@ DESCRIPTIONS = {
     ),
     'train.crop_scale': "`random_resized` only: the crop's area range",
     'train.crop_padding': '`resize_then_crop` only',
+    'train.hflip': 'random horizontal flip; `false` for text, digits, or anything whose left and right differ',
     'train.augment': (
-        'after crop and flip: `none`, `trivial_augment` (TrivialAugmentWide) or `color_jitter` '
-        '(brightness, contrast, saturation 0.4)'
+        'after crop and flip: `none`, `randaugment` (2 ops, magnitude 9), `autoaugment` (ImageNet policy), '
+        '`trivial_augment` (TrivialAugmentWide) or `color_jitter` (brightness, contrast, saturation 0.4)'
+    ),
+    'train.random_erasing': (
+        'probability of erasing a random box of each training image (filled with the mean pixel, i.e. 0 '
+        'after normalization, as torchvision\'s recipes); `0`: off'
     ),
     'train.seed': 'seeds torch, numpy, random and the loader shuffle',
     'train.device': (

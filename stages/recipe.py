@@ -1,8 +1,9 @@
-"""The training recipe knobs of `train`: optimizer and its param groups, the lr schedule, layer freezing.
+"""The training recipe knobs of `train`: optimizer and its param groups (layer-wise lr decay included), the lr
+schedule, layer freezing, the EMA of the weights and batch mixing (MixUp/CutMix).
 
-Each is a function of TrainParams alone, so the same params always give the same recipe (and a resumed
-run rebuilds exactly what it saved). With the defaults this is the seeds' run 7: one SGD lr for every
-layer, weight decay everywhere, lr / 10 every 30 epochs, nothing frozen.
+Each is a function of TrainParams (and the model) alone, so the same params always give the same recipe (and a
+resumed run rebuilds exactly what it saved). With the defaults this is the seeds' run 7: one SGD lr for every
+layer, weight decay everywhere, lr / 10 every 30 epochs, nothing frozen, no EMA, no mixing.
 """
 
 from __future__ import annotations
@@ -20,19 +21,73 @@ def is_head_param(name: str, head_paths: tuple[str, ...]) -> bool:
     return any(name.startswith(f"{path}.") for path in head_paths)
 
 
+def trunk_blocks(model: nn.Module) -> list[str]:
+    """The module paths of a torchvision model's successive blocks, for layer-wise lr decay: ResNet's stages
+    (layer1..layer4), else the children of the outermost nn.Sequential with at least 4 children that have
+    parameters (the `features` of ConvNeXt, EfficientNet, MobileNet, VGG, Swin, DenseNet; a ViT's
+    `encoder.layers`), else its top-level children."""
+    stages = [name for name in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, name)]
+    if stages:
+        return stages
+    sequences = []
+    for name, module in model.named_modules():
+        with_params = sum(next(child.parameters(), None) is not None for child in module.children())
+        if name and isinstance(module, nn.Sequential | nn.ModuleList) and with_params >= 4:
+            sequences.append((name.count("."), -with_params, name))
+    if sequences:
+        *_, trunk = min(sequences)
+        return [f"{trunk}.{child}" for child, module in model.get_submodule(trunk).named_children()
+                if next(module.parameters(), None) is not None]
+    return [name for name, child in model.named_children() if next(child.parameters(), None) is not None]
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Each parameter's depth, 0 for the stem up to the head's: timm models by their own group_matcher (ViT
+    blocks, ConvNeXt/ResNet stages and blocks), torchvision ones by trunk_blocks (params before the first block:
+    0; in block i: i + 1; after the last, and the head: the top)."""
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    blocks = trunk_blocks(model)
+    ids, depth = {}, 0
+    for name, _ in model.named_parameters():
+        inside = [i for i, block in enumerate(blocks) if name.startswith(f"{block}.")]
+        if inside:
+            depth = inside[0] + 1
+        elif depth:  # past the trunk: the final norm, the head
+            depth = len(blocks) + 1
+        ids[name] = depth
+    return ids
+
+
+def lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """Each parameter's lr multiple under layer-wise lr decay: layer_decay ** (layers between it and the top)."""
+    if layer_decay == 1:
+        return {name: 1.0 for name, _ in model.named_parameters()}
+    ids = layer_ids(model)
+    top = max(ids.values())
+    return {name: layer_decay ** (top - ids.get(name, top)) for name, _ in model.named_parameters()}
+
+
 def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:
     """backbone and head groups (the head at lr * head_lr_multiplier), each split into decayed and
-    not-decayed params when train.no_weight_decay_on_norm_and_bias is set (norm weights and biases: 1-d)."""
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    not-decayed params when train.no_weight_decay_on_norm_and_bias is set (norm weights and biases: 1-d), and
+    the backbone into one group per lr scale under train.layer_decay. `lr_scale` is each group's lr / train.lr."""
+    scales = lr_scales(model, p.layer_decay)
+    groups: dict[tuple[str, float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        part = "head" if is_head_param(name, model.head_paths) else "backbone"
+        head = is_head_param(name, model.head_paths)
+        scale = p.head_lr_multiplier if head else scales[name]
         decayed = not (p.no_weight_decay_on_norm_and_bias and param.ndim <= 1)
-        groups.setdefault((part, decayed), []).append(param)
+        groups.setdefault(("head" if head else "backbone", scale, decayed), []).append(param)
+    ordered = sorted(groups, key=lambda key: (key[0] == "head", key[1], not key[2]))  # stem first, head last
+    layered = p.layer_decay < 1
     return [
-        {"name": part if decayed else f"{part}/no_decay", "params": groups[part, decayed],
-         "lr": p.lr * (p.head_lr_multiplier if part == "head" else 1.0),
+        {"name": part + (f"/x{scale:.3g}" if layered and part == "backbone" else "") + ("" if decayed else "/no_decay"),
+         "params": groups[part, scale, decayed], "lr": p.lr * scale, "lr_scale": scale,
          "weight_decay": p.weight_decay if decayed else 0.0}
-        for part in ("backbone", "head") for decayed in (True, False) if (part, decayed) in groups
+        for part, scale, decayed in ordered
     ]
 
 
@@ -43,24 +98,53 @@ def build_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, nesterov=p.nesterov and p.momentum > 0)
 
 
-def lr_factor(epoch: int, p: TrainParams) -> float:
-    """The multiple of each group's base lr used during `epoch` (0-based): a linear warmup over
-    warmup_epochs ((e + 1) / (warmup + 1) of the lr), then the schedule, counted from the end of warmup."""
-    if epoch < p.warmup_epochs:
-        return (epoch + 1) / (p.warmup_epochs + 1)
-    t, length = epoch - p.warmup_epochs, p.epochs - p.warmup_epochs
+def lr_factor(t: int, p: TrainParams, steps_per_epoch: int = 1) -> float:
+    """The multiple of each group's base lr used during unit `t` (0-based): epochs, or optimizer steps with
+    train.lr_schedule_unit: step. A linear warmup over warmup_epochs ((t + 1) / (warmup + 1) of the lr, warmup
+    in units), then the schedule, counted from the end of warmup."""
+    per_epoch = steps_per_epoch if p.lr_schedule_unit == "step" else 1
+    warmup, length = p.warmup_epochs * per_epoch, (p.epochs - p.warmup_epochs) * per_epoch
+    if t < warmup:
+        return (t + 1) / (warmup + 1)
+    t -= warmup
     if p.lr_schedule == "step":
-        return p.lr_gamma ** (t // p.lr_step_epochs)
+        return p.lr_gamma ** (t // (p.lr_step_epochs * per_epoch))
     if p.lr_schedule == "exponential":
-        return p.lr_gamma ** t
+        return p.lr_gamma ** (t / per_epoch)
     if p.lr_schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t / length))
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, p: TrainParams) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per epoch. The lambda is rebuilt from the params on resume (LambdaLR saves no functions)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, p))
+def build_scheduler(optimizer: torch.optim.Optimizer, p: TrainParams,
+                    steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per epoch, or after every optimizer step with train.lr_schedule_unit: step. The lambda is
+    rebuilt from the params on resume (LambdaLR saves no functions)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, p, steps_per_epoch))
+
+
+def build_ema(model: nn.Module, p: TrainParams) -> torch.optim.swa_utils.AveragedModel | None:
+    """train.ema_decay > 0: an exponential moving average of the weights and BatchNorm statistics, updated
+    after every optimizer step (ema = decay * ema + (1 - decay) * weights; the first update copies)."""
+    if p.ema_decay == 0:
+        return None
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(p.ema_decay), use_buffers=True)
+
+
+def build_mixer(p: TrainParams, num_classes: int):
+    """train.mixup_alpha / cutmix_alpha: torchvision's MixUp / CutMix on the normalized batch (one of them, drawn
+    per batch, when both are on); (images, labels) -> (mixed images, mixed one-hot targets). None when off."""
+    from torchvision.transforms import v2
+
+    mixes = []
+    if p.mixup_alpha:
+        mixes.append(v2.MixUp(alpha=p.mixup_alpha, num_classes=num_classes))
+    if p.cutmix_alpha:
+        mixes.append(v2.CutMix(alpha=p.cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 class Freezer:

@@ -19,7 +19,7 @@ import torch
 from stages.errors import StageError
 from stages.files import save_torch
 
-FORMAT = "transfer-learning-train-state/2"
+FORMAT = "transfer-learning-train-state/3"  # 3: with the EMA weights
 # Train params a resumed run may change: loader processes, CPU threads (they change the order of float sums, so a
 # resume is bit-exact only with the same thread count, but not the recipe), and the device choice.
 NOT_AFFECTING_RESULTS = ("num_workers", "num_threads", "device")
@@ -72,6 +72,7 @@ def save_state(path: Path, trainer, progress: Progress, fingerprint: dict) -> No
         "fingerprint": fingerprint,
         "progress": progress.__dict__,
         "model": trainer.model.state_dict(),
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.precision.scaler.state_dict(),
@@ -120,10 +121,12 @@ def load_state(path: Path, trainer, fingerprint: dict) -> Progress:
     try:
         trainer.optimizer.load_state_dict(state["optimizer"])  # checks the groups before changing anything
         trainer.model.load_state_dict(saved)
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(state["ema"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.precision.scaler.load_state_dict(state["scaler"])
         restore_rng_states(state["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
         raise StageError(f"{path} matched this run but could not be restored ({error}); delete it and run "
                          f"again") from None
     progress = Progress(**state["progress"])

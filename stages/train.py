@@ -110,7 +110,7 @@ def train(params: Params, processes: Processes) -> None:
     train_split = open_split("train")
     names = class_names(train_split)
     validation_split = open_split("validation") if "validation" in split_names() else None
-    trainer = Trainer(params, len(names), device, processes)
+    trainer = Trainer(params, len(names), device, processes, train_images=len(train_split))
     workers = resolve_workers(p.num_workers, processes.world_size)
     threads = resolve_threads(p.num_threads, workers, processes.world_size)
     torch.set_num_threads(threads)
@@ -145,14 +145,15 @@ def train(params: Params, processes: Processes) -> None:
 
 
 def save_model(params: Params, trainer: Trainer, progress: Progress, names: list[str]) -> None:
-    if progress.best_state is not None:
-        trainer.model.load_state_dict(progress.best_state)
+    """The best validation epoch's weights (the EMA's with train.ema_decay), else the last epoch's."""
+    trainer.model.load_state_dict(progress.best_state if progress.best_state is not None else trainer.weights_copy())
     kept_epoch = progress.best_epoch or params.train.epochs
     m = params.model
     save_checkpoint(MODEL_PATH, trainer.model, Checkpoint(
         arch=m.arch, class_names=names, preprocessing=trainer.preprocessing,
         head={"head": m.head, "head_hidden": m.head_hidden, "head_dropout": m.head_dropout},
-        constructor=constructor_kwargs(trainer.model), epoch=kept_epoch, params=params.model_dump()))
+        constructor=constructor_kwargs(trainer.model, trainer.constructor), epoch=kept_epoch,
+        params=params.model_dump()))
     STATE_PATH.unlink(missing_ok=True)  # a finished run is never resumed; it would only take disk space
     print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
 
@@ -172,13 +173,16 @@ def start_line(params: Params, trainer: Trainer, processes: Processes, train_ima
              else str(trainer.device))
     per_process = f" ({p.batch_size // processes.world_size} per process)" if processes.distributed else ""
     switches = [trainer.precision.name] + ["channels_last"] * trainer.channels_last + [
-        "torch.compile (inductor)"] * trainer.compiled
+        "torch.compile (inductor)"] * trainer.compiled + [f"EMA {p.ema_decay:g}"] * (trainer.ema is not None)
+    accumulated = (f" in {p.accumulate_steps} passes of {p.batch_size // (processes.world_size * p.accumulate_steps)}"
+                   if p.accumulate_steps > 1 else "")
     each = " per process" if processes.distributed else ""
     threads_rule = "train.num_threads: auto, the cores left by the loader workers" if p.num_threads == "auto" else (
         "train.num_threads")
     return (f"train: {params.model.arch} ({params.model.weights}) on {where} ({', '.join(switches)}), "
             f"{train_images} train / {validation} images, {classes} classes, {p.resolution}px, batch {p.batch_size}"
-            f"{per_process}, {workers} loader workers{each}, {threads} CPU thread(s){each} ({threads_rule})")
+            f"{per_process}{accumulated}, {workers} loader workers{each}, {threads} CPU thread(s){each} "
+            f"({threads_rule})")
 
 
 def raise_interrupted(signum, frame):

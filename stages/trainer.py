@@ -1,15 +1,18 @@
-"""The training machinery of stage `train`: the model and optimizer set up for a recipe, one optimizer step,
-one epoch, validation, and the loaders that feed them. stages/train.py runs the epochs.
+"""The training machinery of stage `train`: the model and optimizer set up for a recipe, one optimizer step
+(over train.accumulate_steps loader batches), one epoch, validation, and the loaders that feed them.
+stages/train.py runs the epochs.
 
-`self.model` is what gets saved and GradCAM'd; the steps run `step_model` (the same parameters, wrapped for
-several processes and compiled), evaluation runs `eval_model` (compiled, never wrapped: a DDP forward
-broadcasts buffers, a collective that validation shards of unequal size would deadlock).
+`self.model` holds the trained parameters; the steps run `step_model` (the same parameters, wrapped for several
+processes and compiled). `kept_model` is what is validated and saved: the model, or its EMA (train.ema_decay).
+Evaluation runs `eval_model` (kept_model compiled, never wrapped: a DDP forward broadcasts buffers, a collective
+that validation shards of unequal size would deadlock).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +21,9 @@ from tqdm import tqdm
 
 from stages.data import ImageSplit, SeededEpochSampler, make_loader
 from stages.errors import StageError
-from stages.model import AUX_LOSS_WEIGHT, RecipeError, build_model, fit_to_resolution
+from stages.model import AUX_LOSS_WEIGHT, RecipeError, build_model, fit_to_resolution, model_preprocessing
 from stages.params import Params, TrainParams
-from stages.recipe import Freezer, build_optimizer, build_scheduler
+from stages.recipe import Freezer, build_ema, build_mixer, build_optimizer, build_scheduler
 from stages.runtime import CPU_RUN_LIMIT_HOURS, Precision, Processes, predict_logits, resolve_switch
 from stages.transforms import Preprocessing, eval_transform, to_model_input, train_transform
 
@@ -51,8 +54,25 @@ class EpochResult:
     seconds: float
 
 
+def loader_batches_per_epoch(train_images: int, p: TrainParams, world_size: int) -> int:
+    """What make_loaders' train loader yields per epoch (each process), in batches of
+    batch_size / (world_size x accumulate_steps) images."""
+    per_batch = p.batch_size // (world_size * p.accumulate_steps)
+    if world_size > 1:  # SeededEpochSampler: full global batches only
+        return train_images // p.batch_size * p.accumulate_steps
+    if train_images > p.batch_size:  # drop_last
+        return train_images // per_batch
+    return math.ceil(train_images / per_batch)
+
+
+def optimizer_steps_per_epoch(train_images: int, p: TrainParams, world_size: int) -> int:
+    return math.ceil(loader_batches_per_epoch(train_images, p, world_size) / p.accumulate_steps)
+
+
 class Trainer:
-    def __init__(self, params: Params, num_classes: int, device: torch.device, processes: Processes | None = None):
+    def __init__(self, params: Params, num_classes: int, device: torch.device, processes: Processes | None = None,
+                 train_images: int | None = None):
+        """train_images: the train split's size, which a per-step lr schedule needs (None: one step per epoch)."""
         processes = processes or Processes()
         p = params.train
         self.p = p
@@ -62,13 +82,13 @@ class Trainer:
         self.channels_last = resolve_switch(p.channels_last, device)
         self.compiled = resolve_switch(p.compile, device)
         m = params.model
-        constructor = fit_to_resolution(m.arch, p.resolution)
-        if constructor.get("aux_logits") is False and processes.is_main:
+        self.constructor = fit_to_resolution(m.arch, p.resolution, m.weights)
+        if self.constructor.get("aux_logits") is False and processes.is_main:
             print(f"train: {m.arch}'s auxiliary classifier needs larger inputs than {p.resolution} px: training "
                   f"without it (299 px keeps it)")
-        self.preprocessing = Preprocessing.for_training(p.resolution, p.crop)
         self.model = build_model(m.arch, num_classes, m.weights, m.head, m.head_hidden, m.head_dropout,
-                                 **constructor)
+                                 m.drop_path, **self.constructor)
+        self.preprocessing = model_preprocessing(self.model, p.resolution, p.crop)
         if p.sync_batchnorm and processes.distributed:
             if not self.on_cuda:
                 raise RecipeError("train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): "
@@ -78,27 +98,34 @@ class Trainer:
         self.freezer = Freezer(self.model, p)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.eval_model = torch.compile(self.model) if self.compiled else self.model
-        self.step_model, self.wrapped_for = self.eval_model, None
+        self.ema = build_ema(self.model, p)
+        self.kept_model = self.ema.module if self.ema is not None else self.model
+        self.eval_model = torch.compile(self.kept_model) if self.compiled else self.kept_model
+        self.step_model = torch.compile(self.model) if self.compiled else self.model
+        self.ddp, self.wrapped_for = None, None
         self.precision = Precision(p.amp, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+        self.mixer = build_mixer(p, num_classes)
         self.optimizer = build_optimizer(self.model, p)
-        self.scheduler = build_scheduler(self.optimizer, p)
+        self.steps_per_epoch = optimizer_steps_per_epoch(train_images, p, processes.world_size) if train_images else 1
+        self.scheduler = build_scheduler(self.optimizer, p, self.steps_per_epoch)
         # A CPU run that train.device: auto fell back to is stopped when its projection is over the limit.
         self.hours_limit = CPU_RUN_LIMIT_HOURS if device.type == "cpu" and p.device == "auto" else None
         self.projected = False
         self.run_started, self.run_steps = time.perf_counter(), 0  # for the whole run's time left on the bar
 
     def weights_copy(self) -> dict:
-        """The weights now, on the host: the best epoch's, kept while training goes on."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        """The kept model's weights now, on the host: the best epoch's, kept while training goes on."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.kept_model.state_dict().items()}
 
     def learning_rates(self) -> dict[str, float]:
-        """The lr of this epoch: `lr` (the backbone's) and, when it differs, `lr_head`."""
-        rates = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
-        lrs = {"lr": rates["backbone"]}
+        """The lr now: `lr` (train.lr under the schedule: the top backbone layer's under layer decay) and, when it
+        differs, `lr_head`."""
+        groups = self.optimizer.param_groups
+        backbone = next(g for g in groups if g["name"].startswith("backbone"))
+        lrs = {"lr": backbone["lr"] / backbone["lr_scale"]}
         if self.p.head_lr_multiplier != 1:
-            lrs["lr_head"] = rates["head"]
+            lrs["lr_head"] = next(g for g in groups if g["name"].startswith("head"))["lr"]
         return lrs
 
     def loss(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,26 +139,52 @@ class Trainer:
             loss = loss + AUX_LOSS_WEIGHT * self.criterion(extra, labels)
         return loss, logits
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a uint8 batch; returns (loss, logits) without a host sync."""
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0):
+        """Adds weight x the gradient of the loss on a uint8 batch (mixed by train.mixup/cutmix) to the params'
+        gradients; returns (loss, logits, targets) without a host sync. targets: the labels, or the mixed one-hot
+        targets (N, classes)."""
         inputs = to_model_input(images, self.device, self.channels_last, self.preprocessing.mean,
                                 self.preprocessing.std)
-        labels = labels.to(self.device, non_blocking=True)
+        targets = labels.to(self.device, non_blocking=True)
+        if self.mixer is not None:
+            inputs, targets = self.mixer(inputs, targets)
         with self.precision.autocast():
-            loss, logits = self.loss(self.step_model(inputs), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.scaler.scale(loss).backward()
+            loss, logits = self.loss(self.step_model(inputs), targets)
+        self.precision.scaler.scale(loss * weight if weight != 1 else loss).backward()
+        return loss, logits, targets
+
+    def optimizer_step(self) -> None:
+        """Clip (train.grad_clip_norm), step, clear the gradients, update the EMA and a per-step lr schedule."""
+        if self.p.grad_clip_norm:
+            self.precision.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.p.grad_clip_norm)
         self.precision.scaler.step(self.optimizer)
         self.precision.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        if self.p.lr_schedule_unit == "step":
+            self.scheduler.step()
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on one uint8 batch; returns (loss, logits) without a host sync."""
+        loss, logits, _ = self.forward_backward(images, labels)
+        self.optimizer_step()
         return loss, logits
+
+    def gradients_synced(self, synced: bool):
+        """DDP averages gradients over the processes in every backward pass unless told not to: only the last
+        accumulated batch of an optimizer step needs it."""
+        return nullcontext() if synced or self.ddp is None else self.ddp.no_sync()
 
     def wrap_for_steps(self) -> None:
         """DDP registers its gradient hooks on the params trainable when it is built: rebuilt when they change."""
         trainable = frozenset(name for name, param in self.model.named_parameters() if param.requires_grad)
         if not self.processes.distributed or trainable == self.wrapped_for:
             return
-        ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.on_cuda else None)
-        self.step_model = torch.compile(ddp) if self.compiled else ddp
+        self.ddp = nn.parallel.DistributedDataParallel(self.model,
+                                                       device_ids=[self.device.index] if self.on_cuda else None)
+        self.step_model = torch.compile(self.ddp) if self.compiled else self.ddp
         self.wrapped_for = trainable
 
     def set_trainable(self, epoch: int) -> None:
@@ -152,19 +205,27 @@ class Trainer:
         self.step_model.train()
         self.freezer.keep_frozen_norm_statistics()
         loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        correct = torch.zeros((), device=self.device)  # a mixed image counts its target's share of the prediction
         seen = 0
         start = first_step_done = time.perf_counter()
+        batches, together = len(loader), self.p.accumulate_steps
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="batch", leave=False)
         for step, (images, labels) in enumerate(bar):
-            labels = labels.to(self.device, non_blocking=True)
             if step == 1:
                 first_step_done = time.perf_counter()  # the first step includes compilation and warm-up
             elif step == 1 + PROJECT_AFTER_STEPS and not self.projected:
                 self.project_run(time.perf_counter() - first_step_done, PROJECT_AFTER_STEPS, len(loader), epoch)
-            loss, logits = self.step(images, labels)
+            # The last optimizer step of an epoch may gather fewer batches: each weighs 1 / their count.
+            group_size = min(together, batches - step // together * together)
+            completes_step = (step + 1) % together == 0 or step == batches - 1
+            with self.gradients_synced(completes_step):
+                loss, logits, targets = self.forward_backward(images, labels, 1 / group_size)
+            if completes_step:
+                self.optimizer_step()
             loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
+            predicted = logits.argmax(1)
+            correct += (targets.gather(1, predicted[:, None]).sum() if targets.ndim == 2
+                        else (predicted == targets).sum())
             seen += len(labels)
             self.run_steps += 1
             if step % LOG_EVERY_STEPS == 0 or step == len(loader) - 1:
@@ -184,7 +245,8 @@ class Trainer:
             raise LossNotFinite(loss_value)
         if not self.projected:  # an epoch too short to project from its first steps
             self.project_run(time.perf_counter() - start, len(loader), len(loader), epoch)
-        self.scheduler.step()
+        if self.p.lr_schedule_unit == "epoch":
+            self.scheduler.step()
         return EpochResult(loss_value, total_correct.item() / max(seen, 1), seen, time.perf_counter() - start)
 
     def project_run(self, seconds: float, steps: int, steps_per_epoch: int, epoch: int) -> None:
@@ -223,9 +285,11 @@ def make_loaders(p: TrainParams, preprocessing: Preprocessing, train_split, vali
     One process: drop_last, so every step sees a full batch (no 1-image batch for BatchNorm, no recompile for
     torch.compile); the reshuffle each epoch still shows every image. Several: the sampler hands each process
     its part of every full global batch, and each process validates every world_size-th image."""
-    transform = train_transform(p.resolution, p.crop, p.crop_scale, p.crop_padding, p.augment)
+    transform = train_transform(p.resolution, p.crop, p.crop_scale, p.crop_padding, p.augment,
+                                preprocessing.interpolation, p.hflip, p.random_erasing, preprocessing.mean)
     sampler = SeededEpochSampler(len(train_split), p.seed, p.batch_size, processes.rank, processes.world_size)
-    train_loader = make_loader(ImageSplit(train_split, transform), p.batch_size // processes.world_size, workers,
+    per_batch = p.batch_size // (processes.world_size * p.accumulate_steps)
+    train_loader = make_loader(ImageSplit(train_split, transform), per_batch, workers,
                                sampler=sampler,
                                drop_last=not processes.distributed and len(train_split) > p.batch_size)
     if validation_split is None:

@@ -58,8 +58,13 @@ def square_side(resolution: int, crop_fraction: float = EVAL_CROP_FRACTION) -> i
 
 
 def train_transform(resolution: int, crop: str = "random_resized", crop_scale=(0.08, 1.0), crop_padding: int = 0,
-                    augment: str = "none", interpolation: str = "bilinear") -> v2.Compose:
-    """The random crop of train.crop, a horizontal flip, then train.augment; uint8 CHW out."""
+                    augment: str = "none", interpolation: str = "bilinear", hflip: bool = True,
+                    random_erasing: float = 0.0, mean=IMAGENET_MEAN) -> v2.Compose:
+    """The random crop of train.crop, a horizontal flip (train.hflip), train.augment, then random erasing with
+    probability train.random_erasing; uint8 CHW out.
+
+    Erased boxes are filled with the mean pixel (`mean`, the model's), which normalization turns into 0: the
+    fill of torchvision's reference recipe, which erases after normalizing."""
     mode = INTERPOLATIONS[interpolation]
     if crop == "resize_then_crop":
         side = square_side(resolution)
@@ -67,12 +72,19 @@ def train_transform(resolution: int, crop: str = "random_resized", crop_scale=(0
                     v2.RandomCrop(resolution, padding=crop_padding)]
     else:
         cropping = [v2.RandomResizedCrop(resolution, scale=tuple(crop_scale), interpolation=mode, antialias=True)]
+    # The policies' rotations and shears run torchvision's tensor affine kernels: nearest or bilinear only.
+    geometric = v2.InterpolationMode.BILINEAR
     augmenting = {
         "none": [],
+        "randaugment": [v2.RandAugment(interpolation=geometric)],  # 2 ops at magnitude 9, as torchvision's recipes
+        "autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=geometric)],
+        # torchvision's default (nearest) interpolation, as in the runs this recipe has made so far
         "trivial_augment": [v2.TrivialAugmentWide()],
         "color_jitter": [v2.ColorJitter(brightness=COLOR_JITTER, contrast=COLOR_JITTER, saturation=COLOR_JITTER)],
     }[augment]
-    return v2.Compose([v2.PILToTensor(), *cropping, v2.RandomHorizontalFlip(), *augmenting])
+    flipping = [v2.RandomHorizontalFlip()] if hflip else []
+    erasing = [v2.RandomErasing(random_erasing, value=[round(m * 255) for m in mean])] if random_erasing else []
+    return v2.Compose([v2.PILToTensor(), *cropping, *flipping, *augmenting, *erasing])
 
 
 def eval_transform(preprocessing: Preprocessing, crop_fraction: float | None = None) -> v2.Compose:

@@ -120,7 +120,7 @@ def test_unreachable_weights_name_the_offline_options(monkeypatch):
 
     monkeypatch.setattr(model_module.torchvision.models, "get_model", offline)
     with pytest.raises(WeightsUnavailable) as caught:
-        model_module.download_pretrained("resnet50", "IMAGENET1K_V2", {})
+        model_module.build_model("resnet50", 4, "IMAGENET1K_V2")
     message = str(caught.value)
     assert "resnet50/IMAGENET1K_V2" in message and "model.weights: none" in message
     assert "path of a local state dict" in message
