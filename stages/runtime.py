@@ -148,6 +148,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_epoch(seed: int, epoch: int, device: torch.device) -> None:
+    """Seeds the generators that the training steps draw from (MixUp/CutMix, dropout, drop path) from (seed,
+    epoch) alone, so a run resumed at an epoch boundary draws what an uninterrupted one does: the saved RNG
+    state alone would not do, since creating the loader's iterator (once per run) draws from it too."""
+    epoch_seed = seed * 100_003 + epoch + 50_021  # apart from SeededEpochSampler's seed * 100_003 + epoch
+    torch.default_generator.manual_seed(epoch_seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(epoch_seed)
+
+
 class Precision:
     """Autocast to bf16, or to fp16 with a loss scaler, on CUDA or the CPU; auto: bf16 on CUDA, fp32 on the CPU."""
 

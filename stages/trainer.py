@@ -24,7 +24,7 @@ from stages.errors import StageError
 from stages.model import AUX_LOSS_WEIGHT, RecipeError, build_model, fit_to_resolution, model_preprocessing
 from stages.params import Params, TrainParams
 from stages.recipe import Freezer, build_ema, build_mixer, build_optimizer, build_scheduler
-from stages.runtime import CPU_RUN_LIMIT_HOURS, Precision, Processes, predict_logits, resolve_switch
+from stages.runtime import CPU_RUN_LIMIT_HOURS, Precision, Processes, predict_logits, resolve_switch, seed_epoch
 from stages.transforms import Preprocessing, eval_transform, to_model_input, train_transform
 
 LOG_EVERY_STEPS = 5  # how often the running loss is shown and checked (each check costs one host sync)
@@ -209,7 +209,10 @@ class Trainer:
         seen = 0
         start = first_step_done = time.perf_counter()
         batches, together = len(loader), self.p.accumulate_steps
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="batch", leave=False)
+        loader_batches = iter(loader)  # before seed_epoch: a new iterator draws its workers' seed from the generator
+        seed_epoch(self.p.seed, epoch, self.device)
+        bar = tqdm(loader_batches, total=len(loader), desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="batch",
+                   leave=False)
         for step, (images, labels) in enumerate(bar):
             if step == 1:
                 first_step_done = time.perf_counter()  # the first step includes compilation and warm-up

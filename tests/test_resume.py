@@ -106,6 +106,34 @@ def test_killed_run_resumes_to_the_same_weights_and_curves(workdir, uninterrupte
     assert [step for step, _ in curve(workdir, "train/loss.tsv")] == [str(s) for s in range(EPOCHS)]
 
 
+MODERN_KNOBS = {"ema_decay": 0.9, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "accumulate_steps": 2,
+                "lr_schedule_unit": "step", "warmup_epochs": 1, "layer_decay": 0.8, "grad_clip_norm": 1.0,
+                "augment": "randaugment", "random_erasing": 0.25, "hflip": False}
+
+
+def with_modern_knobs(prepared: Path, dest: Path) -> Path:
+    shutil.copytree(prepared, dest)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"].update(MODERN_KNOBS)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params))
+    return dest
+
+
+def test_killed_run_with_every_modern_knob_resumes_to_the_same_weights(prepared, tmp_path):
+    """The EMA, the per-step schedule, the mixing draws and a half-finished accumulation all resume bit-exactly."""
+    reference = with_modern_knobs(prepared, tmp_path / "reference")
+    run_ok("train", reference)
+    workdir = with_modern_knobs(prepared, tmp_path / "killed")
+    code, _ = interrupt_after_first_epoch(workdir, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert torch.load(workdir / STATE, weights_only=True)["ema"]["n_averaged"] > 0
+    assert "train: resuming after epoch" in run_ok("train", workdir)
+    expected, got = weights(reference), weights(workdir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    for name in ("train/loss.tsv", "validation/acc.tsv", "lr.tsv"):
+        assert curve(workdir, name) == curve(reference, name)
+
+
 @pytest.mark.parametrize("sig,whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "ctrl-c"])
 def test_interrupt_stops_cleanly_with_one_line(workdir, sig, whole_group):
     code, out = interrupt_after_first_epoch(workdir, sig, whole_group)
