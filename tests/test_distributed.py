@@ -90,6 +90,17 @@ def test_two_processes_match_one_on_the_same_global_batch(head_only):
     assert all(torch.allclose(single[k].float(), distributed[k].float(), atol=1e-5) for k in single)
 
 
+def test_accumulated_steps_on_two_processes_match_one_process(prepared, head_only, tmp_path):
+    """2 processes x 2 passes of 8 images per step (gradients synced on the second pass only) = 1 x 32."""
+    one, _, _ = head_only
+    accumulated, log = trained(prepared, tmp_path / "accumulated", devices=PROCESSES, accumulate_steps=2,
+                               freeze_epochs=EPOCHS)
+    assert "batch 32 (16 per process) in 2 passes of 8" in log
+    assert values(accumulated, "validation/loss.tsv") == pytest.approx(values(one, "validation/loss.tsv"), rel=1e-5)
+    single, distributed = weights(one), weights(accumulated)
+    assert all(torch.allclose(single[k].float(), distributed[k].float(), atol=1e-5) for k in single)
+
+
 def test_only_rank_zero_writes(head_only):
     _, two, log = head_only
     assert log.count("train: saved epoch") == 1
