@@ -6,12 +6,13 @@ it first: a bad value passed with `dvc exp run -S ...` stops the run here with t
 It checks the params schema (stages/params.py), then what needs the model but no data and no compute:
 that model.arch takes train.resolution, that train.unfreeze_from names one of its modules, and that a local
 model.weights file is a state dict that fits it; and what the machine must have: a usable GPU for
-train.device: cuda, a C++ compiler for torch.compile on the CPU. Its output is one constant line, so passing
-the check never makes a later stage re-run.
+train.device: cuda, a C++ compiler for torch.compile on the CPU, a writable train.state_dir. Its output is one
+constant line, so passing the check never makes a later stage re-run.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,11 @@ def check_machine(params: Params) -> None:
     if p.device == "cuda" and not torch.cuda.is_available():
         raise StageError(f"train.device: cuda, but no GPU is usable ({cuda_unavailable_reason()}). See README "
                          f"'GPU drivers', or set train.device: auto or cpu")
+    state_dir = Path(p.state_dir).expanduser()
+    existing = next(folder for folder in (state_dir, *state_dir.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise StageError(f"train.state_dir {state_dir} cannot be written ({existing} is not a writable folder): "
+                         f"mount the shared storage, fix its permissions, or set train.state_dir: checkpoints")
     compiles_on_cpu = p.compile is True and (p.device == "cpu" or not torch.cuda.is_available())
     if compiles_on_cpu and not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
         raise StageError("train.compile: true on the CPU needs a C++ compiler (inductor builds C++ kernels): "

@@ -194,6 +194,7 @@ class TrainParams(Section):
     num_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_WORKERS)]  # PyTorch CPU threads per process
     num_workers: int = Field(ge=-1, le=MAX_WORKERS)  # -1: chosen from the CPUs present
     eval_every: int = Field(ge=0, le=10000)  # validation every N epochs; 0: only after the last
+    state_dir: str = Field(min_length=1)  # where an unfinished run's resume state lives: local, or shared storage
     devices: int = Field(ge=1, le=1024)  # processes (one per GPU) under torchrun; batch_size and lr stay global
     sync_batchnorm: bool  # devices > 1 on CUDA: BatchNorm statistics over the global batch
 
@@ -410,6 +411,12 @@ DESCRIPTIONS = {
     'train.eval_every': (
         'validation loss/accuracy every N epochs (when there is a validation split); `0`: after the last '
         'epoch only'
+    ),
+    'train.state_dir': (
+        "where an unfinished run's resume state (`train_state.pt`, written after every epoch, deleted when the "
+        'run finishes) lives. A mounted bucket or NFS path lets a replacement machine (a new spot instance, '
+        'another clone of the project) resume the run: same params and data, same weights as an '
+        'uninterrupted run. Give each concurrent run its own directory; changing it does not restart a run'
     ),
     'train.devices': (
         'training processes on this machine, one per GPU (PyTorch DDP under `torchrun`, which `train` '

@@ -26,7 +26,7 @@ PARAMS_CHECK = Path("metrics/params_check.txt")
 MODEL_PATH = Path("models/model.pt")
 LIVE_DIR = Path("metrics/train")  # DVCLive: metrics.json (summary) and plots/metrics/**.tsv (per epoch)
 LIVE_CURVES = LIVE_DIR / "plots" / "metrics"
-STATE_DIR = Path("checkpoints")  # the resume state of an unfinished run: not a DVC output (see stages/resume.py)
+STATE_DIR = Path("checkpoints")  # train.state_dir's default: the resume state of an unfinished run, not a DVC output
 STATE_FILE = "train_state.pt"
 
 EVAL_METRICS = Path("metrics/eval.json")

@@ -21,8 +21,9 @@ from stages.files import save_torch
 
 FORMAT = "transfer-learning-train-state/3"  # 3: with the EMA weights
 # Train params a resumed run may change: loader processes, CPU threads (they change the order of float sums, so a
-# resume is bit-exact only with the same thread count, but not the recipe), and the device choice.
-NOT_AFFECTING_RESULTS = ("num_workers", "num_threads", "device")
+# resume is bit-exact only with the same thread count, but not the recipe), the device choice, and where the
+# state is kept.
+NOT_AFFECTING_RESULTS = ("num_workers", "num_threads", "device", "state_dir")
 
 
 @dataclass

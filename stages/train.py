@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from dvclive import Live
@@ -26,7 +27,7 @@ from stages.data import class_names, open_split, resolve_workers, split_names, s
 from stages.errors import StageError, run_stage
 from stages.model import constructor_kwargs
 from stages.params import Params, TrainParams, load_params
-from stages.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR, STATE_DIR, STATE_FILE
+from stages.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR, STATE_FILE
 from stages.resume import Progress, load_state, run_fingerprint, save_state
 from stages.runtime import (
     Processes,
@@ -40,8 +41,6 @@ from stages.runtime import (
 )
 from stages.trainer import LossNotFinite, Trainer, make_loaders
 
-STATE_PATH = STATE_DIR / STATE_FILE
-
 
 class Interrupted(Exception):
     """SIGTERM (a stopped spot instance, `kill`), handled like Ctrl-C."""
@@ -49,6 +48,10 @@ class Interrupted(Exception):
 
 class RunStopped(Exception):
     """Ctrl-C or SIGTERM ended the run between two saved epochs: not an error, main says how to resume."""
+
+
+def state_path(p: TrainParams) -> Path:
+    return Path(p.state_dir).expanduser() / STATE_FILE
 
 
 def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_loader, fingerprint: dict) -> None:
@@ -76,10 +79,24 @@ def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_lo
             progress.epochs_done = epoch + 1
             progress.history.append(metrics)
             if is_main:
-                save_state(STATE_PATH, trainer, progress, fingerprint)
+                save_state(state_path(p), trainer, progress, fingerprint)
             log_epoch(live, metrics)
         if is_main:
             live.summary["kept_epoch"] = progress.best_epoch or p.epochs
+
+
+def check_same_start(processes: Processes, progress: Progress, path: Path) -> None:
+    """Every process must resume from the same epoch. On several machines each reads the state from its own
+    train.state_dir: unless that is storage they all see, rank 0 alone finds it. (All processes take the same
+    decision from the same two sums, so none is left waiting in a collective.)"""
+    if not processes.distributed:
+        return
+    done = torch.tensor(float(progress.epochs_done))
+    total, squares = processes.sum(done, done * done)
+    if processes.world_size * squares.item() != total.item() ** 2:
+        raise StageError(f"the training processes found different resume states (this one: {progress.epochs_done} "
+                         f"finished epoch(s) in {path}). On several machines, set train.state_dir to storage every "
+                         f"machine sees (NFS, a mounted bucket), or delete {path} on each to start fresh")
 
 
 def should_validate(epoch: int, p: TrainParams) -> bool:
@@ -117,7 +134,8 @@ def train(params: Params, processes: Processes) -> None:
     train_loader, validation_loader = make_loaders(p, trainer.preprocessing, train_split, validation_split, workers,
                                                    processes)
     fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints())
-    progress = load_state(STATE_PATH, trainer, fingerprint)
+    progress = load_state(state_path(p), trainer, fingerprint)
+    check_same_start(processes, progress, state_path(p))
     print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers, threads))
 
     signal.signal(signal.SIGTERM, raise_interrupted)
@@ -125,13 +143,13 @@ def train(params: Params, processes: Processes) -> None:
         run_epochs(trainer, progress, train_loader, validation_loader, fingerprint)
     except (KeyboardInterrupt, Interrupted):
         raise RunStopped(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished "
-                         f"epoch(s) are saved in {STATE_PATH}: run `dvc repro` again to resume") from None
+                         f"epoch(s) are saved in {state_path(p)}: run `dvc repro` again to resume") from None
     except LossNotFinite as error:
         raise StageError(
             f"the training loss became {error} in epoch {progress.epochs_done + 1}. The learning rate is likely too "
             f"high for this batch size (train.lr={p.lr}, train.batch_size={p.batch_size}): scale it with the batch "
             f"size (the seeds' 0.1 is for batch 128) or lower it."
-            + (f" The last good epoch ({progress.epochs_done}) is kept in {STATE_PATH}." if progress.epochs_done
+            + (f" The last good epoch ({progress.epochs_done}) is kept in {state_path(p)}." if progress.epochs_done
                else "")) from None
     except torch.OutOfMemoryError:
         raise StageError(f"CUDA out of memory at train.batch_size={p.batch_size}, train.resolution={p.resolution}. "
@@ -154,7 +172,7 @@ def save_model(params: Params, trainer: Trainer, progress: Progress, names: list
         head={"head": m.head, "head_hidden": m.head_hidden, "head_dropout": m.head_dropout},
         constructor=constructor_kwargs(trainer.model, trainer.constructor), epoch=kept_epoch,
         params=params.model_dump()))
-    STATE_PATH.unlink(missing_ok=True)  # a finished run is never resumed; it would only take disk space
+    state_path(params.train).unlink(missing_ok=True)  # a finished run is never resumed; it would only take disk space
     print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import yaml
@@ -50,3 +52,21 @@ def test_a_truncated_or_foreign_weights_file_is_refused_up_front(tmp_path):
     torch.save(build_model("resnet18", 1000, "none").state_dict(), other)
     with pytest.raises(StageError, match="does not fit resnet50"):
         check_recipe(params_with(**{"model.weights": str(other)}))
+
+
+def test_an_unwritable_state_dir_is_refused(tmp_path):
+    from stages.check import check_machine
+
+    locked = tmp_path / "mnt"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        check_machine(params_with(**{"train.state_dir": str(tmp_path / "bucket" / "run")}))  # created when needed
+        if not os.access(locked, os.W_OK):  # root writes anywhere: nothing to refuse
+            with pytest.raises(StageError, match="train.state_dir .*mnt/run cannot be written"):
+                check_machine(params_with(**{"train.state_dir": str(locked / "run")}))
+        (tmp_path / "file").write_text("")
+        with pytest.raises(StageError, match="is not a writable folder"):
+            check_machine(params_with(**{"train.state_dir": str(tmp_path / "file" / "run")}))
+    finally:
+        locked.chmod(0o700)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,7 @@ import yaml
 
 from stages.data import SeededEpochSampler
 from stages.errors import StageError
-from tests.conftest import make_project, run, tiny_params
+from tests.conftest import REPO, make_project, run, tiny_params
 from tests.test_resume import curve, interrupt_after_first_epoch, run_ok, weights
 
 pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
@@ -99,6 +104,60 @@ def test_accumulated_steps_on_two_processes_match_one_process(prepared, head_onl
     assert values(accumulated, "validation/loss.tsv") == pytest.approx(values(one, "validation/loss.tsv"), rel=1e-5)
     single, distributed = weights(one), weights(accumulated)
     assert all(torch.allclose(single[k].float(), distributed[k].float(), atol=1e-5) for k in single)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def node(work: Path, rank: int, port: int, **popen) -> subprocess.Popen:
+    """One of 2 machines x 1 process, as README's two-machine commands start it (c10d rendezvous, gloo)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=cars-test",
+               f"--rdzv-conf=is_host={int(rank == 0)}", "-m", "stages.train"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen(command, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            **popen)
+
+
+def test_two_nodes_match_one_node_with_two_processes(prepared, head_only, tmp_path):
+    """torchrun --nnodes 2 on 127.0.0.1, one copy of the project per "machine": the same weights as the
+    single-node 2-process run, and only the first node writes the model."""
+    _, single_node, _ = head_only
+    machines = [workdir_with(prepared, tmp_path / f"node{rank}", devices=PROCESSES, freeze_epochs=EPOCHS)
+                for rank in range(2)]
+    port = free_port()
+    nodes = [node(work, rank, port) for rank, work in enumerate(machines)]
+    outputs = [process.communicate(timeout=600)[0] for process in nodes]
+    assert [process.returncode for process in nodes] == [0, 0], "\n".join(outputs)
+    assert "on 2 processes x cpu" in outputs[0] and "train: saved epoch" in outputs[0]
+    assert not (machines[1] / "models/model.pt").exists()
+    expected, got = weights(single_node), weights(machines[0])
+    assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-6) for k in expected)
+
+
+def test_nodes_with_their_own_state_dir_refuse_to_resume_apart(prepared, tmp_path):
+    """Killed after epoch 1, the first node has the state in its local checkpoints/, the second has none: both
+    stop with the fix instead of training from different epochs."""
+    machines = [workdir_with(prepared, tmp_path / f"node{rank}", devices=PROCESSES, freeze_epochs=EPOCHS)
+                for rank in range(2)]
+    port = free_port()
+    nodes = [node(work, rank, port, start_new_session=True) for rank, work in enumerate(machines)]
+    deadline = time.monotonic() + 300
+    while not (machines[0] / "checkpoints/train_state.pt").exists():
+        assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline
+        time.sleep(0.05)
+    for process in nodes:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+    port = free_port()
+    nodes = [node(work, rank, port) for rank, work in enumerate(machines)]
+    outputs = [process.communicate(timeout=600)[0] for process in nodes]
+    assert all(process.returncode != 0 for process in nodes)
+    assert "set train.state_dir to storage every machine sees" in outputs[1]  # rank 1 prints errors too
+    assert not (machines[0] / "models/model.pt").exists()
 
 
 def test_only_rank_zero_writes(head_only):

@@ -46,9 +46,13 @@ def run_ok(name: str, cwd: Path) -> str:
 
 def interrupt_after_first_epoch(cwd: Path, sig: int, whole_group: bool = False) -> tuple[int, str]:
     """`whole_group`: as Ctrl-C in a terminal, the signal reaches the loader workers too."""
+    return interrupt_after_first_epoch_at(cwd, cwd / STATE, sig, whole_group)
+
+
+def interrupt_after_first_epoch_at(cwd: Path, state: Path, sig: int, whole_group: bool = False) -> tuple[int, str]:
     process = stage("train", cwd, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not (cwd / STATE).exists():
+    while not state.exists():
         assert process.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
         time.sleep(0.05)
     if whole_group:
@@ -132,6 +136,27 @@ def test_killed_run_with_every_modern_knob_resumes_to_the_same_weights(prepared,
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     for name in ("train/loss.tsv", "validation/acc.tsv", "lr.tsv"):
         assert curve(workdir, name) == curve(reference, name)
+
+
+def test_state_on_shared_storage_resumes_on_another_machine(prepared, uninterrupted, tmp_path):
+    """Machine A is stopped mid-run (a reclaimed spot instance); machine B, another copy of the project with the
+    same params and data, finds the state under train.state_dir (a mounted bucket, NFS) and finishes the run."""
+    shared = tmp_path / "bucket" / "cars-run"
+    machines = []
+    for name in ("machine_a", "machine_b"):
+        work = shutil.copytree(prepared, tmp_path / name)
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        params["train"]["state_dir"] = str(shared)
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        machines.append(work)
+    code, _ = interrupt_after_first_epoch_at(machines[0], shared / "train_state.pt", signal.SIGKILL)
+    assert code == -signal.SIGKILL and not (machines[0] / STATE).exists()
+    shutil.rmtree(machines[0])  # the machine is gone
+    out = run_ok("train", machines[1])
+    assert f"resuming after epoch 1/{EPOCHS} from {shared / 'train_state.pt'}" in out
+    expected, got = weights(uninterrupted), weights(machines[1])
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not (shared / "train_state.pt").exists()  # a finished run's state is deleted
 
 
 @pytest.mark.parametrize("sig,whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "ctrl-c"])
