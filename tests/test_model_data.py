@@ -307,3 +307,35 @@ def test_eval_transform_caps_the_longer_side_of_a_thin_image():
     assert resize.max_size == 256 * 10
     assert tuple(resize(transform.transforms[0](thin)).shape) == (3, 85, 2560)
     assert tuple(transform(thin).shape) == (3, 224, 224)
+
+
+def test_batched_predict_keeps_the_order_the_errors_and_the_answers(tmp_path):
+    """Batches of 2 read by a loader process give, file by file, what one image at a time gives."""
+    from stages.predict import predict_files
+    from stages.runtime import Precision
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "model.pt", build_model("resnet18", 4, "none"), Checkpoint(
+        "resnet18", list("abcd"), Preprocessing(32), {"head": "linear", "head_hidden": 8, "head_dropout": 0.0}))
+    model, checkpoint = load_checkpoint(tmp_path / "model.pt")
+    files = []
+    for index, kind in enumerate(["good", "broken", "good", "missing", "good", "good", "thin"]):
+        path = tmp_path / f"{index}_{kind}.png"
+        if kind == "good":
+            Image.effect_noise((40 + index * 9, 50), 60 + index * 20).convert("RGB").save(path)
+        elif kind == "broken":
+            path.write_bytes(b"not an image")
+        elif kind == "thin":
+            Image.new("RGB", (400, 20)).save(path)
+        files.append(path)
+    cpu = torch.device("cpu")
+    one = predict_files(files, model, checkpoint, 3, cpu, Precision("none", cpu), batch_size=1, workers=0)
+    batched = predict_files(files, model, checkpoint, 3, cpu, Precision("none", cpu), batch_size=2, workers=1)
+    assert [row["file"] for row in batched] == [str(path) for path in files]
+    assert ["error" in row for row in batched] == [False, True, False, True, False, False, True]
+    assert "sides differ 20x" in batched[6]["error"]
+    for single, together in zip(one, batched):
+        assert single.keys() == together.keys()
+        if "top" in single:
+            assert [t["class_name"] for t in single["top"]] == [t["class_name"] for t in together["top"]]
+            assert all(abs(a["probability"] - b["probability"]) < 1e-4 for a, b in zip(single["top"], together["top"]))

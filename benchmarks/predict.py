@@ -1,0 +1,91 @@
+"""`python -m benchmarks.predict`: images/s of `python -m stages.predict` on a folder of photos, one at a time
+(`--batch-size 1 --workers 0`) against its defaults (batches of 8 on the CPU, 64 on a GPU, loader processes
+reading the images). `--baseline` also times predict as it was before it was batched (commit BASELINE, checked
+out into a temporary git worktree).
+
+Generates Stanford-Cars-sized JPEGs (benchmarks.speed.cars_like_jpegs) and a checkpoint of the default model
+(ResNet-50, 196 classes, 224 px; random weights: the speed does not depend on them), runs predict as a user
+would, in a fresh process each time, and reports the wall time of the whole command (start-up included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.speed import cars_like_jpegs
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = {"one at a time": ["--batch-size", "1", "--workers", "0"], "batched (defaults)": []}
+BASELINE = "9720300"  # the last commit with the one-image-at-a-time predict, timed with --baseline
+
+
+def write_photos(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, count, 250):
+        for offset, encoded in enumerate(cars_like_jpegs(min(250, count - start), seed=start)):
+            (folder / f"photo_{start + offset:05d}.jpg").write_bytes(encoded)
+
+
+def write_model(path: Path, arch: str, resolution: int, classes: int) -> None:
+    from stages.checkpoint import Checkpoint, save_checkpoint
+    from stages.model import build_model
+    from stages.transforms import Preprocessing
+
+    model = build_model(arch, classes, "none")
+    save_checkpoint(path, model, Checkpoint(arch, [f"class {i:03d}" for i in range(classes)],
+                                            Preprocessing(resolution),
+                                            {"head": "linear", "head_hidden": 1024, "head_dropout": 0.0}))
+
+
+def timed_predict(photos: Path, model: Path, extra: list[str], out: Path, code: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "stages.predict", str(photos), "--model", str(model), "--out", str(out),
+                    *extra], cwd=code, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=dict(os.environ, PYTHONPATH=str(code)))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--baseline", action="store_true", help=f"also time predict as of commit {BASELINE}")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "predict.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        write_photos(scratch / "photos", args.images)
+        write_model(scratch / "model.pt", args.arch, args.resolution, 196)
+        results = {}
+        runs = [(name, extra, REPO) for name, extra in MODES.items()]
+        if args.baseline:
+            subprocess.run(["git", "worktree", "add", "--detach", str(scratch / "baseline"), BASELINE], cwd=REPO,
+                           check=True, capture_output=True)
+            runs.insert(0, (f"before batching ({BASELINE})", [], scratch / "baseline"))
+        for name, extra, code in runs:
+            seconds = timed_predict(scratch / "photos", scratch / "model.pt", extra, scratch / "predictions", code)
+            rows = json.loads((scratch / "predictions.json").read_text())["images"]
+            assert sum("top" in row for row in rows) == args.images, "every generated photo must be classified"
+            results[name] = {"seconds": round(seconds, 1), "images_per_s": round(args.images / seconds, 2)}
+            print(f"{name}: {args.images} images in {seconds:.1f} s, {args.images / seconds:.1f} images/s", flush=True)
+    if args.baseline:
+        subprocess.run(["git", "worktree", "prune"], cwd=REPO, check=True)
+    before = results[f"before batching ({BASELINE})"] if args.baseline else results["one at a time"]
+    speedup = results["batched (defaults)"]["images_per_s"] / before["images_per_s"]
+    against = "before batching" if args.baseline else "one at a time"
+    print(f"batched / {against}: {speedup:.2f}x ({args.arch}, {args.resolution} px, {os.cpu_count()} CPUs)")
+    args.out.write_text(json.dumps({"images": args.images, "arch": args.arch, "resolution": args.resolution,
+                                    "cpus": os.cpu_count(), "results": results, "speedup": round(speedup, 2)},
+                                   indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
