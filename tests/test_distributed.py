@@ -112,14 +112,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def node(work: Path, rank: int, port: int, **popen) -> subprocess.Popen:
+def node(work: Path, rank: int, port: int) -> subprocess.Popen:
     """One of 2 machines x 1 process, as README's two-machine commands start it (c10d rendezvous, gloo)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=cars-test",
                f"--rdzv-conf=is_host={int(rank == 0)}", "-m", "stages.train"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen(command, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            **popen)
+    return subprocess.Popen(command, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_two_nodes_match_one_node_with_two_processes(prepared, head_only, tmp_path):
@@ -139,23 +138,27 @@ def test_two_nodes_match_one_node_with_two_processes(prepared, head_only, tmp_pa
 
 
 def test_nodes_with_their_own_state_dir_refuse_to_resume_apart(prepared, tmp_path):
-    """Killed after epoch 1, the first node has the state in its local checkpoints/, the second has none: both
-    stop with the fix instead of training from different epochs."""
+    """Stopped after epoch 1, the first node has the state in its local checkpoints/, the second has none: both
+    stop with the fix instead of training from different epochs. (Stopped with SIGTERM to each torchrun, which
+    passes it on: torchrun starts its workers in sessions of their own, so killing its process group would leave
+    them training.)"""
     machines = [workdir_with(prepared, tmp_path / f"node{rank}", devices=PROCESSES, freeze_epochs=EPOCHS)
                 for rank in range(2)]
     port = free_port()
-    nodes = [node(work, rank, port, start_new_session=True) for rank, work in enumerate(machines)]
+    nodes = [node(work, rank, port) for rank, work in enumerate(machines)]
     deadline = time.monotonic() + 300
     while not (machines[0] / "checkpoints/train_state.pt").exists():
         assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline
         time.sleep(0.05)
     for process in nodes:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        process.send_signal(signal.SIGTERM)
+    for process in nodes:
+        process.communicate(timeout=120)
+    assert (machines[0] / "checkpoints/train_state.pt").exists() and not (machines[0] / "models/model.pt").exists()
     port = free_port()
     nodes = [node(work, rank, port) for rank, work in enumerate(machines)]
     outputs = [process.communicate(timeout=600)[0] for process in nodes]
-    assert all(process.returncode != 0 for process in nodes)
+    assert all(process.returncode != 0 for process in nodes), "\n".join(outputs)
     assert "set train.state_dir to storage every machine sees" in outputs[1]  # rank 1 prints errors too
     assert not (machines[0] / "models/model.pt").exists()
 
