@@ -17,6 +17,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from stages import timm_models
 from stages.errors import StageError
 from stages.transforms import Preprocessing, to_model_input
 
@@ -47,7 +48,7 @@ def gradcam_target(model: nn.Module, spec: str):
             raise StageError(f"gradcam.target_layer '{spec}' is not a module of {type(model).__name__} ({error}); "
                              f"use a dotted path such as layer4[-1], or auto") from None
         return module, None
-    if hasattr(model, "pretrained_cfg"):
+    if timm_models.is_timm_model(model):
         return timm_target(model)
     family = type(model).__name__
     by_family = {

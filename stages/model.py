@@ -90,7 +90,7 @@ def classifier_paths(model: nn.Module) -> tuple[str, list[str]]:
     """(main head, auxiliary heads): the last nn.Linear in definition order (fc, classifier[-1], heads.head...)
     and any other Linear that outputs the ImageNet classes (Inception's AuxLogits.fc, GoogLeNet's aux*.fc2);
     for timm models, the heads their pretrained_cfg names."""
-    if hasattr(model, "pretrained_cfg"):
+    if timm_models.is_timm_model(model):
         return timm_models.classifier_paths(model)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -206,7 +206,7 @@ def model_preprocessing(model: nn.Module, resolution: int, crop: str) -> Preproc
     fraction, from timm's data config: ImageNet's constants are wrong for CLIP/SigLIP/Inception-style weights);
     torchvision's classifiers all use ImageNet's. train.crop resize_then_crop makes eval resize to a square."""
     preprocessing = Preprocessing.for_training(resolution, crop)
-    if not hasattr(model, "pretrained_cfg"):
+    if not timm_models.is_timm_model(model):
         return preprocessing
     config = timm_models.model_preprocessing(model)
     squash = config.get("crop_mode") == "squash" or crop == "resize_then_crop"

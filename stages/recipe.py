@@ -21,6 +21,10 @@ def is_head_param(name: str, head_paths: tuple[str, ...]) -> bool:
     return any(name.startswith(f"{path}.") for path in head_paths)
 
 
+def has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
 def trunk_blocks(model: nn.Module) -> list[str]:
     """The module paths of a torchvision model's successive blocks, for layer-wise lr decay: ResNet's stages
     (layer1..layer4), else the children of the outermost nn.Sequential with at least 4 children that have
@@ -31,14 +35,14 @@ def trunk_blocks(model: nn.Module) -> list[str]:
         return stages
     sequences = []
     for name, module in model.named_modules():
-        with_params = sum(next(child.parameters(), None) is not None for child in module.children())
+        with_params = sum(has_parameters(child) for child in module.children())
         if name and isinstance(module, nn.Sequential | nn.ModuleList) and with_params >= 4:
             sequences.append((name.count("."), -with_params, name))
     if sequences:
         *_, trunk = min(sequences)
         return [f"{trunk}.{child}" for child, module in model.get_submodule(trunk).named_children()
-                if next(module.parameters(), None) is not None]
-    return [name for name, child in model.named_children() if next(child.parameters(), None) is not None]
+                if has_parameters(module)]
+    return [name for name, child in model.named_children() if has_parameters(child)]
 
 
 def layer_ids(model: nn.Module) -> dict[str, int]:
@@ -170,7 +174,7 @@ class Freezer:
         for index, name in enumerate(names):
             if name.startswith(prefix):
                 return index
-        top_level = [name for name, child in self.model.named_children() if next(child.parameters(), None) is not None]
+        top_level = [name for name, child in self.model.named_children() if has_parameters(child)]
         raise RecipeError(f"train.unfreeze_from: {type(self.model).__name__} has no module '{module_path}' with "
                          f"parameters. Its top-level modules, in order: {', '.join(top_level)}")
 

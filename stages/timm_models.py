@@ -95,5 +95,10 @@ def native_size(arch: str) -> tuple[int, bool]:
     return int(config.get("input_size", (3, 224, 224))[-1]), bool(config.get("fixed_input_size", False))
 
 
+def is_timm_model(model: nn.Module) -> bool:
+    """A model timm built (it carries its pretrained_cfg: heads, preprocessing, feature stages)."""
+    return hasattr(model, "pretrained_cfg")
+
+
 def is_pretrained(weights: str) -> bool:
     return weights in TIMM_PRETRAINED

@@ -39,7 +39,7 @@ from stages.runtime import (
     training_device,
     under_torchrun,
 )
-from stages.trainer import LossNotFinite, Trainer, make_loaders
+from stages.trainer import LossNotFinite, Trainer, make_loaders, pass_batch_size
 
 
 class Interrupted(Exception):
@@ -192,7 +192,7 @@ def start_line(params: Params, trainer: Trainer, processes: Processes, train_ima
     per_process = f" ({p.batch_size // processes.world_size} per process)" if processes.distributed else ""
     switches = [trainer.precision.name] + ["channels_last"] * trainer.channels_last + [
         "torch.compile (inductor)"] * trainer.compiled + [f"EMA {p.ema_decay:g}"] * (trainer.ema is not None)
-    accumulated = (f" in {p.accumulate_steps} passes of {p.batch_size // (processes.world_size * p.accumulate_steps)}"
+    accumulated = (f" in {p.accumulate_steps} passes of {pass_batch_size(p, processes.world_size)}"
                    if p.accumulate_steps > 1 else "")
     each = " per process" if processes.distributed else ""
     threads_rule = "train.num_threads: auto, the cores left by the loader workers" if p.num_threads == "auto" else (

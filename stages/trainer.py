@@ -54,15 +54,25 @@ class EpochResult:
     seconds: float
 
 
+def pass_batch_size(p: TrainParams, world_size: int) -> int:
+    """Images per forward/backward pass of each process: the global batch split over the processes and the
+    accumulated passes."""
+    return p.batch_size // (world_size * p.accumulate_steps)
+
+
+def drops_last_batch(train_images: int, p: TrainParams, world_size: int) -> bool:
+    """One process drops an epoch's last partial batch unless the split holds less than one batch (several:
+    SeededEpochSampler hands out full global batches only)."""
+    return world_size == 1 and train_images > p.batch_size
+
+
 def loader_batches_per_epoch(train_images: int, p: TrainParams, world_size: int) -> int:
-    """What make_loaders' train loader yields per epoch (each process), in batches of
-    batch_size / (world_size x accumulate_steps) images."""
-    per_batch = p.batch_size // (world_size * p.accumulate_steps)
-    if world_size > 1:  # SeededEpochSampler: full global batches only
+    """What make_loaders' train loader yields per epoch (each process), in batches of pass_batch_size."""
+    if world_size > 1:
         return train_images // p.batch_size * p.accumulate_steps
-    if train_images > p.batch_size:  # drop_last
-        return train_images // per_batch
-    return math.ceil(train_images / per_batch)
+    if drops_last_batch(train_images, p, world_size):
+        return train_images // pass_batch_size(p, world_size)
+    return math.ceil(train_images / pass_batch_size(p, world_size))
 
 
 def optimizer_steps_per_epoch(train_images: int, p: TrainParams, world_size: int) -> int:
@@ -211,13 +221,13 @@ class Trainer:
         batches, together = len(loader), self.p.accumulate_steps
         loader_batches = iter(loader)  # before seed_epoch: a new iterator draws its workers' seed from the generator
         seed_epoch(self.p.seed, epoch, self.device)
-        bar = tqdm(loader_batches, total=len(loader), desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="batch",
+        bar = tqdm(loader_batches, total=batches, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="batch",
                    leave=False)
         for step, (images, labels) in enumerate(bar):
             if step == 1:
                 first_step_done = time.perf_counter()  # the first step includes compilation and warm-up
             elif step == 1 + PROJECT_AFTER_STEPS and not self.projected:
-                self.project_run(time.perf_counter() - first_step_done, PROJECT_AFTER_STEPS, len(loader), epoch)
+                self.project_run(time.perf_counter() - first_step_done, PROJECT_AFTER_STEPS, batches, epoch)
             # The last optimizer step of an epoch may gather fewer batches: each weighs 1 / their count.
             group_size = min(together, batches - step // together * together)
             completes_step = (step + 1) % together == 0 or step == batches - 1
@@ -231,13 +241,13 @@ class Trainer:
                         else (predicted == targets).sum())
             seen += len(labels)
             self.run_steps += 1
-            if step % LOG_EVERY_STEPS == 0 or step == len(loader) - 1:
+            if step % LOG_EVERY_STEPS == 0 or step == batches - 1:
                 # Summed over the processes, so every one of them sees the same value and stops together.
                 total_loss, total_seen = self.processes.sum(loss_sum, torch.tensor(seen, device=self.device))
                 running = (total_loss / total_seen).item()
                 if not math.isfinite(running):
                     raise LossNotFinite(running)
-                steps_left = len(loader) * (self.p.epochs - epoch) - step - 1
+                steps_left = batches * (self.p.epochs - epoch) - step - 1
                 seconds_left = (time.perf_counter() - self.run_started) / self.run_steps * steps_left
                 bar.set_postfix(loss=f"{running:.3f}", run_left=format_duration(seconds_left))
         # The epoch's one host sync (and, with several processes, one collective).
@@ -247,7 +257,7 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise LossNotFinite(loss_value)
         if not self.projected:  # an epoch too short to project from its first steps
-            self.project_run(time.perf_counter() - start, len(loader), len(loader), epoch)
+            self.project_run(time.perf_counter() - start, batches, batches, epoch)
         if self.p.lr_schedule_unit == "epoch":
             self.scheduler.step()
         return EpochResult(loss_value, total_correct.item() / max(seen, 1), seen, time.perf_counter() - start)
@@ -291,10 +301,8 @@ def make_loaders(p: TrainParams, preprocessing: Preprocessing, train_split, vali
     transform = train_transform(p.resolution, p.crop, p.crop_scale, p.crop_padding, p.augment,
                                 preprocessing.interpolation, p.hflip, p.random_erasing, preprocessing.mean)
     sampler = SeededEpochSampler(len(train_split), p.seed, p.batch_size, processes.rank, processes.world_size)
-    per_batch = p.batch_size // (processes.world_size * p.accumulate_steps)
-    train_loader = make_loader(ImageSplit(train_split, transform), per_batch, workers,
-                               sampler=sampler,
-                               drop_last=not processes.distributed and len(train_split) > p.batch_size)
+    train_loader = make_loader(ImageSplit(train_split, transform), pass_batch_size(p, processes.world_size), workers,
+                               sampler=sampler, drop_last=drops_last_batch(len(train_split), p, processes.world_size))
     if validation_split is None:
         return train_loader, None
     shard = range(processes.rank, len(validation_split), processes.world_size) if processes.distributed else None
