@@ -62,12 +62,12 @@ def download_error_types() -> tuple[type[Exception], ...]:
 
 
 def unavailable_message(arch: str, error: Exception) -> str:
+    """model.arch is the weights' hub id (timm/<name>.<tag>), which `hf download` takes as it is."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    hub_id = f"timm/{model_name(arch)}" if "." in model_name(arch) else arch
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
     return (f"could not get the timm weights of {arch} from the Hugging Face hub ({first_line}). Either run once "
-            f"where huggingface.co is reachable (or `hf download {hub_id}` there and copy {HF_HUB_CACHE} here; "
+            f"where huggingface.co is reachable (or `hf download {arch}` there and copy {HF_HUB_CACHE} here; "
             f"HF_HOME sets the cache), set model.weights to the path of a local state dict, or set "
             f"model.weights: none to train from random init.")
 
