@@ -15,11 +15,12 @@ import yaml
 from torchvision.transforms import v2
 
 from stages.cam import gradcam_target, vit_tokens_to_grid
-from stages.checkpoint import load_checkpoint
+from stages.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stages.errors import StageError
 from stages.model import RecipeError, WeightsUnavailable, build_model, fit_to_resolution, model_preprocessing
 from stages.params import ParamsError, parse_params
 from stages.recipe import build_mixer, layer_ids, lr_factor
+from stages.timm_models import create
 from stages.trainer import Trainer, loader_batches_per_epoch, optimizer_steps_per_epoch
 from stages.transforms import train_transform
 from tests.conftest import REPO, make_project, run, tiny_params
@@ -58,7 +59,6 @@ def test_timm_model_brings_its_own_preprocessing_into_the_checkpoint(tmp_path):
     p = trained.preprocessing
     assert (p.mean, p.std, p.interpolation, p.crop_fraction) == ((0.5,) * 3, (0.5,) * 3, "bicubic", 0.95)
     assert trained.constructor == {"img_size": 64}  # built for 64 px (its weights: 160 px)
-    from stages.checkpoint import Checkpoint, save_checkpoint
     save_checkpoint(tmp_path / "model.pt", trained.model, Checkpoint(VIT, list("abcd"), p, {
         "head": "linear", "head_hidden": 8, "head_dropout": 0.0}, trained.constructor))
     model, checkpoint = load_checkpoint(tmp_path / "model.pt")
@@ -80,7 +80,6 @@ def test_timm_heads_are_replaced_and_drop_path_reaches_the_model():
 
 def test_timm_local_weights_with_their_original_head_load_then_get_new_heads(tmp_path):
     original = build_model(CONVNEXT, 5, "none")
-    from stages.timm_models import create
     source = create(CONVNEXT, pretrained=False)
     torch.save(source.state_dict(), tmp_path / "imagenet.pt")
     model = build_model(CONVNEXT, 5, str(tmp_path / "imagenet.pt"))
