@@ -1,6 +1,7 @@
 """The prepared dataset and its loaders: splits, the seeded sampler, worker processes.
 
-The transforms are stages/transforms.py's; this module only reads prepared images and batches them.
+The transforms are stages/transforms.py's; this module only reads prepared images and batches them. The
+transforms decode the images themselves: only they know at what scale.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import datasets
 import torch
 
 from stages.errors import StageError
-from stages.images import decode_prepared
 from stages.paths import PREPARED_DIR
 
 
@@ -51,10 +51,10 @@ class ImageSplit(torch.utils.data.Dataset):
     augmentation of that image is drawn from that seed alone.
     """
 
-    def __init__(self, split: datasets.Dataset, transform, decode=decode_prepared):
+    def __init__(self, split: datasets.Dataset, transform, decode=None):
         self.split = split
         self.transform = transform
-        self.decode = decode  # another decoder only to compare with (benchmarks.speed)
+        self.decode = decode  # only to compare other decoders with (benchmarks.speed)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -62,7 +62,8 @@ class ImageSplit(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         index, seed = key if isinstance(key, tuple) else (key, None)
         row = self.split[index]
-        image = self.decode(row["image"]["bytes"])
+        encoded = row["image"]["bytes"]
+        image = encoded if self.decode is None else self.decode(encoded)
         if seed is None:
             return self.transform(image), row["label"]
         with torch.random.fork_rng(devices=[]):

@@ -22,7 +22,6 @@ from stages.checkpoint import load_checkpoint
 from stages.data import open_split
 from stages.errors import run_stage
 from stages.files import atomic_path, read_csv
-from stages.images import decode_prepared
 from stages.params import load_params
 from stages.paths import GRADCAM_DIR, MODEL_PATH, PER_CLASS_CSV, PREDICTIONS_CSV
 from stages.runtime import pick_device
@@ -54,7 +53,7 @@ def cam_tiles(model, target, split, rows: list[int], checkpoint, device) -> list
     tiles = []
     for start in range(0, len(rows), BATCH):
         batch = [split[i] for i in rows[start:start + BATCH]]
-        images = torch.stack([transform(decode_prepared(r["image"]["bytes"])) for r in batch])
+        images = torch.stack([transform(r["image"]["bytes"]) for r in batch])
         with torch.no_grad():
             predicted = model(to_model_input(images, device, False, preprocessing.mean, preprocessing.std)
                               ).argmax(1).tolist()

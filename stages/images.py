@@ -92,12 +92,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_prepared(encoded: bytes):
-    """A prepared image (always a 3-channel JPEG, see prepare) as a uint8 CHW tensor.
+DCT_REDUCTIONS = (8, 4, 2)  # libjpeg decodes a JPEG at 1/8, 1/4 or 1/2 scale in the DCT domain
 
-    TorchCodec, not PIL: it decodes these JPEGs ~10% faster on one core, and its output goes straight to
-    torchvision's uint8 tensor kernels, which crop and resize at twice PIL's speed (BENCHMARKS.md).
+
+def dct_reduction(size: tuple[int, int], at_least: tuple[int, int]) -> int:
+    """The largest of libjpeg's DCT-domain reductions that leaves an image of `size` (w, h) at least `at_least`
+    (w, h) on both sides (Pillow's `Image.draft` rule); 1 when none does."""
+    return next((r for r in DCT_REDUCTIONS if size[0] // r >= at_least[0] and size[1] // r >= at_least[1]), 1)
+
+
+def decode_prepared(encoded: bytes, reduction: int = 1):
+    """A prepared image (always a 3-channel JPEG, see prepare) as a uint8 CHW tensor, its sides divided by
+    `reduction` (1, 2, 4 or 8; rounded up).
+
+    Whole, TorchCodec decodes it, not PIL: ~8% faster on one core, and its output goes straight to torchvision's
+    uint8 tensor kernels, which crop and resize at twice PIL's speed. Reduced, Pillow does (TorchCodec cannot):
+    libjpeg computes only each 8x8 block's low frequencies, which saves the inverse DCT, upsampling and colour
+    conversion of the dropped pixels but not the entropy decoding, most of the cost (BENCHMARKS.md).
     """
-    from torchcodec.decoders import decode_jpeg  # here: fetch and predict's readers need no torch
+    if reduction == 1:
+        from torchcodec.decoders import decode_jpeg  # here: fetch and predict's readers need no torch
 
-    return decode_jpeg(encoded, mode="RGB")
+        return decode_jpeg(encoded, mode="RGB")
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    image = open_header(encoded)
+    return pil_to_tensor(load_pixels(image, draft_size=(image.width // reduction, image.height // reduction)))

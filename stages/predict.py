@@ -24,7 +24,7 @@ from stages.checkpoint import Checkpoint, load_checkpoint
 from stages.data import leave_interrupts_to_the_main_process, resolve_workers
 from stages.errors import StageError, run_stage
 from stages.files import atomic_path, write_csv, write_json
-from stages.images import IMAGE_SUFFIXES, ImageRejected, open_image
+from stages.images import IMAGE_SUFFIXES, ImageRejected, open_header
 from stages.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS
 from stages.runtime import Precision, pick_device
 from stages.transforms import eval_transform, to_model_input
@@ -77,7 +77,7 @@ class Photos(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return index, self.transform(open_image(self.files[index])), None
+            return index, self.transform(open_header(self.files[index])), None
         except Exception as error:  # missing, unreadable, refused (bomb, aspect ratio)
             return index, None, failure(error)
 
@@ -133,7 +133,7 @@ def write_gradcam(files_and_rows: list[tuple[Path, dict]], model, checkpoint: Ch
     names = checkpoint.class_names
     out_dir.mkdir(parents=True, exist_ok=True)
     for index, (path, row) in enumerate(files_and_rows):
-        image = transform(open_image(path)).unsqueeze(0)
+        image = transform(open_header(path)).unsqueeze(0)
         top_class = names.index(row["top"][0]["class_name"])
         overlays, size = cam_overlays(model, target, image, [top_class], checkpoint.preprocessing, device)
         if index == 0:

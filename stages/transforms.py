@@ -1,9 +1,13 @@
 """The one definition of the train and eval transforms, and the preprocessing a model is saved with.
 
 Images travel as uint8 from decode to the device and are normalized there (`to_model_input`): a uint8 batch
-is a quarter of the float32 one to collate and copy, and the arithmetic is free on a GPU. Both transforms take
-a uint8 tensor or a PIL image (predict's photos); a PIL image becomes a tensor first, so every image is cropped
-and resized by the same tensor kernels as in training.
+is a quarter of the float32 one to collate and copy, and the arithmetic is free on a GPU.
+
+Both transforms take a prepared JPEG's bytes, a PIL image (predict's photos, opened but not yet decoded), or a
+uint8 tensor, and give a uint8 tensor: every image is cropped and resized by the same tensor kernels. Their
+first step decodes: a JPEG is decoded at the largest DCT-domain reduction (1/2, 1/4, 1/8) that still leaves
+what the crop or resize needs at least its output size, so the resize after it still shrinks (BENCHMARKS.md
+says how these pixels differ from a full decode's).
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-from stages.images import MAX_ASPECT_RATIO
+from stages.images import MAX_ASPECT_RATIO, dct_reduction, decode_prepared, load_pixels, open_header
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,10 +74,10 @@ def train_transform(resolution: int, crop: str = "random_resized", crop_scale=(0
     mode = INTERPOLATIONS[interpolation]
     if crop == "resize_then_crop":
         side = square_side(resolution)
-        cropping = [v2.Resize((side, side), interpolation=mode, antialias=True),
+        cropping = [DecodeForResize(side), v2.Resize((side, side), interpolation=mode, antialias=True),
                     v2.RandomCrop(resolution, padding=crop_padding)]
     else:
-        cropping = [v2.RandomResizedCrop(resolution, scale=tuple(crop_scale), interpolation=mode, antialias=True)]
+        cropping = [DecodingRandomResizedCrop(resolution, scale=tuple(crop_scale), interpolation=mode, antialias=True)]
     # The policies' rotations and shears run torchvision's tensor affine kernels: nearest or bilinear only.
     geometric = v2.InterpolationMode.BILINEAR
     augmenting = {
@@ -84,7 +90,7 @@ def train_transform(resolution: int, crop: str = "random_resized", crop_scale=(0
     }[augment]
     flipping = [v2.RandomHorizontalFlip()] if hflip else []
     erasing = [v2.RandomErasing(random_erasing, value=[round(m * 255) for m in mean])] if random_erasing else []
-    return v2.Compose([v2.PILToTensor(), *cropping, *flipping, *augmenting, *erasing])
+    return v2.Compose([*cropping, *flipping, *augmenting, *erasing])
 
 
 def eval_transform(preprocessing: Preprocessing, crop_fraction: float | None = None) -> v2.Compose:
@@ -97,7 +103,49 @@ def eval_transform(preprocessing: Preprocessing, crop_fraction: float | None = N
     mode = INTERPOLATIONS[p.interpolation]
     resize = (v2.Resize((side, side), interpolation=mode, antialias=True) if p.resize == "square"
               else v2.Resize(side, interpolation=mode, max_size=side * MAX_ASPECT_RATIO, antialias=True))
-    return v2.Compose([v2.PILToTensor(), resize, v2.CenterCrop(p.resolution)])
+    return v2.Compose([DecodeForResize(side), resize, v2.CenterCrop(p.resolution)])
+
+
+class DecodeForResize(torch.nn.Module):
+    """Decodes an image that will be resized to at least side x side (eval's shorter side, resize_then_crop's
+    square) at the largest DCT reduction that keeps it at least that big: a 1024x768 photo at 1/2 for a
+    256-px shorter side, a 12-megapixel one at 1/8. uint8 CHW out; a tensor passes unchanged."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side = side
+
+    def forward(self, image: bytes | Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, bytes):
+            return decode_prepared(image, dct_reduction(open_header(image).size, (self.side, self.side)))
+        if isinstance(image, Image.Image):  # Pillow's draft applies the same rule (stages/images.py)
+            return F.pil_to_tensor(load_pixels(image, draft_size=(self.side, self.side)))
+        return image
+
+
+class DecodingRandomResizedCrop(v2.RandomResizedCrop):
+    """RandomResizedCrop that also takes a prepared JPEG's bytes. The box is drawn from the size in the header
+    (the same random draws as from the decoded image), then the JPEG is decoded at the largest DCT reduction
+    that leaves the box at least the output size, and the box, scaled alike, is cropped and resized.
+
+    Which decoder is faster depends on the image: TorchCodec for a whole decode, Pillow for a reduced one."""
+
+    def forward(self, image: bytes | Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            image = F.pil_to_tensor(load_pixels(image))
+        if not isinstance(image, bytes):
+            return super().forward(image)
+        header = open_header(image)
+        box = self.make_params([header])
+        reduction = dct_reduction((box["width"], box["height"]), (self.size[1], self.size[0]))
+        decoded = decode_prepared(image, reduction)
+        if reduction == 1:
+            return self.transform(decoded, box)
+        scale_y, scale_x = decoded.shape[-2] / header.height, decoded.shape[-1] / header.width
+        top, left = round(box["top"] * scale_y), round(box["left"] * scale_x)
+        height = min(round(box["height"] * scale_y), decoded.shape[-2] - top)
+        width = min(round(box["width"] * scale_x), decoded.shape[-1] - left)
+        return self.transform(decoded, dict(top=top, left=left, height=height, width=width))
 
 
 def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool,

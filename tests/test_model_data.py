@@ -62,6 +62,74 @@ def test_a_photo_and_the_decoded_dataset_image_are_transformed_alike():
         assert torch.equal(train_transform(64, augment="trivial_augment")(from_torchcodec), expected)
 
 
+def jpeg_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def smooth_photo(width: int, height: int) -> Image.Image:
+    """Broad shapes and gradients, as in a photo; noise alone would make any two resamplings disagree."""
+    return Image.effect_mandelbrot((width, height), (-2.0, -1.2, 0.8, 1.2), 60).convert("RGB").resize(
+        (width, height), Image.Resampling.BILINEAR)
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """The reductions the transforms asked stages.images.decode_prepared for, in order."""
+    from stages import transforms
+
+    asked = []
+
+    def recording(encoded, reduction=1):
+        asked.append(reduction)
+        return decode_prepared(encoded, reduction)
+
+    monkeypatch.setattr(transforms, "decode_prepared", recording)
+    return asked
+
+
+def test_a_crop_too_small_to_reduce_is_the_crop_of_the_whole_decode(decodes):
+    """Bytes in: the box is drawn from the JPEG's header with the same random draws as from the decoded
+    tensor, so when no DCT reduction applies the crop is the same, pixel for pixel."""
+    encoded = jpeg_bytes(smooth_photo(120, 90))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        expected = train_transform(64, augment="trivial_augment")(decode_prepared(encoded))
+        torch.manual_seed(seed)
+        assert torch.equal(train_transform(64, augment="trivial_augment")(encoded), expected)
+    assert decodes == [1] * 5
+
+
+def test_a_large_crop_is_decoded_at_a_dct_reduction_and_differs_little(decodes):
+    """A box of at least 2x the output on both sides is decoded at 1/2 (or less): the same box of the same
+    photo, pixels within a few levels of the crop of the whole decode."""
+    encoded = jpeg_bytes(smooth_photo(1024, 768))
+    transform = train_transform(64, crop_scale=(0.5, 1.0), hflip=False)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        reduced = transform(encoded)
+        torch.manual_seed(seed)
+        whole = transform(decode_prepared(encoded))
+        assert reduced.shape == whole.shape == (3, 64, 64)
+        assert (reduced.float() - whole.float()).abs().mean() < 3
+    assert len(decodes) == 5 and min(decodes) >= 2
+
+
+def test_eval_decodes_a_large_image_reduced_and_a_photo_as_the_dataset_image(decodes):
+    """1024x768 for a 256-px shorter side: decoded at 1/2 (768 / 4 would be under 256), as bytes (the dataset)
+    or as a photo opened by predict; both within a few levels of the whole decode's crop."""
+    photo = smooth_photo(1024, 768)
+    encoded = jpeg_bytes(photo)
+    transform = eval_transform(Preprocessing(224))
+    from_bytes = transform(encoded)
+    assert decodes == [2]
+    from_photo = transform(Image.open(io.BytesIO(encoded)))
+    assert torch.equal(from_photo, from_bytes)
+    whole = transform(decode_prepared(encoded))
+    assert (from_bytes.float() - whole.float()).abs().mean() < 3
+
+
 def test_normalization_happens_on_the_device_side():
     batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     inputs = to_model_input(batch, torch.device("cpu"), channels_last=True)

@@ -119,15 +119,17 @@ def test_whatever_is_stored_the_training_decoder_reads_as_rgb(source):
             "large jpeg": lambda: encode(photo.resize((900, 600))), "rotated jpeg": lambda: encode(photo, exif=exif),
             }[source]()
     result = prepare_image(data, 256, 95)
-    image = decode_prepared(result.encoded)
-    assert image.dtype == torch.uint8 and image.shape[0] == 3
-    assert tuple(image.shape[1:]) == {"large jpeg": (256, 384), "rotated jpeg": (90, 60)}.get(source, (60, 90))
+    height, width = {"large jpeg": (256, 384), "rotated jpeg": (90, 60)}.get(source, (60, 90))
+    for reduction in (1, 2, 8):  # whole by TorchCodec, DCT-scaled by Pillow: the loader uses both
+        image = decode_prepared(result.encoded, reduction)
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        assert tuple(image.shape[1:]) == (-(-height // reduction), -(-width // reduction))
 
 
 def test_a_jpeg_the_training_decoder_refuses_is_reencoded_not_kept(monkeypatch):
     original = encode(Image.new("RGB", (120, 80), (10, 200, 30)))
 
-    def refuse(encoded):
+    def refuse(encoded, reduction=1):
         raise RuntimeError("Unsupported JPEG feature")
 
     monkeypatch.setattr("stages.prepare.decode_prepared", refuse)

@@ -198,13 +198,13 @@ def test_every_crop_and_augment_policy_gives_uint8_squares(crop, augment):
 
 def test_resize_then_crop_pads_a_square_resize():
     names = [type(t).__name__ for t in train_transform(448, "resize_then_crop", [0.08, 1.0], 8).transforms]
-    assert names[:3] == ["PILToTensor", "Resize", "RandomCrop"]
+    assert names[:3] == ["DecodeForResize", "Resize", "RandomCrop"]
     resize, crop = train_transform(448, "resize_then_crop", [0.08, 1.0], 8).transforms[1:3]
     assert resize.size == [512, 512] and crop.padding == [8, 8, 8, 8]
 
 
 def test_crop_scale_is_passed_and_checked():
-    assert train_transform(64, "random_resized", [0.25, 1.0]).transforms[1].scale == (0.25, 1.0)
+    assert train_transform(64, "random_resized", [0.25, 1.0]).transforms[0].scale == (0.25, 1.0)
     with pytest.raises(ParamsError, match="crop_scale must be"):
         params_with(**{"train.crop_scale": [0.5, 0.2]})
 
