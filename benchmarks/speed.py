@@ -7,11 +7,14 @@ It generates JPEGs sized like Stanford Cars (mean ~608x403, 85x62 to 2405x1600),
 through this pipeline's `prepare`, and measures side by side, in one process on one core:
   naive    full-size JPEG -> PIL decode -> RandomResizedCrop -> ToTensor -> Normalize (float32)
   pipeline what a loader worker does per image (ImageSplit): the prepared JPEG read from the Arrow split,
-           TorchCodec decode -> seeded RandomResizedCrop + flip on the uint8 tensor (normalized on the device)
-  pipeline with PIL decode: the same with PIL decoding (and so PIL cropping): the path TorchCodec replaced
+           its seeded RandomResizedCrop box drawn from the header, the JPEG decoded at the largest DCT reduction
+           (1/2, 1/4, 1/8; Pillow) that leaves the box at least the output size, or whole (TorchCodec) when none
+           does -> crop + resize + flip on the uint8 tensor (normalized on the device)
+  pipeline, whole decode: the same with every image decoded whole by TorchCodec (the path before DCT scaling)
   pipeline, stored at the eval size: with `prepare.max_short_side` = resolution / 0.875 (256 for 224 px),
            the smallest size the eval transform needs: a recipe choice, measured, not the default
-(each path --seconds at a time, in turn, --rounds times; medians, and each ratio's range over the rounds)
+(each path --seconds at a time, in turn, --rounds times; medians, and each ratio's range over the rounds),
+the share of crops decoded reduced, and the eval transform per core with and without DCT scaling,
 then train-step and eval throughput of the arch on the device present, with synthetic tensors
 (the model-only ceiling) and with the real loader, and projects one epoch and the full default run.
 Writes benchmarks/results.json (--out) and prints a table. Figures are what this machine measured, nothing else.
@@ -35,12 +38,20 @@ from PIL import Image
 from torchvision import transforms as v1
 
 from stages.data import ImageSplit, SeededEpochSampler, make_loader, resolve_workers
-from stages.images import decode_prepared
+from stages.images import dct_reduction, decode_prepared, open_header
 from stages.params import Params, load_params
 from stages.prepare import prepare_image
 from stages.runtime import pick_device
 from stages.trainer import Trainer
-from stages.transforms import IMAGENET_MEAN, IMAGENET_STD, square_side, to_model_input, train_transform
+from stages.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    eval_transform,
+    square_side,
+    to_model_input,
+    train_transform,
+)
 
 CARS_TRAIN, CARS_TEST, CARS_CLASSES = 8144, 8041, 196
 RESULTS = Path("benchmarks/results.json")
@@ -83,10 +94,31 @@ def naive_rate(full_size: list[bytes], resolution: int, seconds: float) -> float
     return per_core_rate(lambda i: transform(pil_decode(full_size[i])), len(full_size), seconds)
 
 
-def pipeline_rate(prepared: list[bytes], resolution: int, seconds: float, decode=decode_prepared) -> float:
+def pipeline_rate(prepared: list[bytes], resolution: int, seconds: float, decode=None) -> float:
     """(index, seed) keys, as SeededEpochSampler hands them to the workers."""
     images = ImageSplit(as_split(prepared, CARS_CLASSES), train_transform(resolution), decode)
     return per_core_rate(lambda i: images[(i, i)], len(prepared), seconds)
+
+
+def eval_rate(prepared: list[bytes], resolution: int, seconds: float, decode=None) -> float:
+    images = ImageSplit(as_split(prepared, CARS_CLASSES), eval_transform(Preprocessing(resolution)), decode)
+    return per_core_rate(lambda i: images[i], len(prepared), seconds)
+
+
+def reduced_shares(prepared: list[bytes], resolution: int) -> dict:
+    """The share of images the train crop (with the seeds pipeline_rate uses) and the eval resize decode at a
+    DCT reduction; the rest are decoded whole."""
+    crop = train_transform(resolution).transforms[0]
+    eval_side = square_side(resolution)
+    train, evaluation = 0, 0
+    for index, encoded in enumerate(prepared):
+        header = open_header(encoded)
+        torch.default_generator.manual_seed(index)
+        box = crop.make_params([header])
+        train += dct_reduction((box["width"], box["height"]), (resolution, resolution)) > 1
+        evaluation += dct_reduction(header.size, (eval_side, eval_side)) > 1
+    return {"train_crops_reduced": round(train / len(prepared), 3),
+            "eval_images_reduced": round(evaluation / len(prepared), 3)}
 
 
 def loader_figures(full_size: list[bytes], prepared: list[bytes], stored_small: list[bytes], resolution: int,
@@ -95,16 +127,18 @@ def loader_figures(full_size: list[bytes], prepared: list[bytes], stored_small: 
     faster stretch of a shared machine falls on all of them; each ratio's range is over the rounds."""
     paths = {"naive": lambda: naive_rate(full_size, resolution, seconds),
              "pipeline": lambda: pipeline_rate(prepared, resolution, seconds),
-             "pipeline_pil_decode": lambda: pipeline_rate(prepared, resolution, seconds, decode=pil_decode),
-             "pipeline_eval_size": lambda: pipeline_rate(stored_small, resolution, seconds)}
+             "pipeline_whole_decode": lambda: pipeline_rate(prepared, resolution, seconds, decode=decode_prepared),
+             "pipeline_eval_size": lambda: pipeline_rate(stored_small, resolution, seconds),
+             "eval": lambda: eval_rate(prepared, resolution, seconds),
+             "eval_whole_decode": lambda: eval_rate(prepared, resolution, seconds, decode=decode_prepared)}
     rates = {name: [] for name in paths}
     for _ in range(rounds):
         for name, measure in paths.items():
             rates[name].append(measure())
-    figures = {"rounds": rounds}
+    figures = {"rounds": rounds, **reduced_shares(prepared, resolution)}
     for name, values in rates.items():
         figures[f"{name}_images_per_s"] = round(float(np.median(values)), 1)
-        if name != "naive":
+        if name.startswith("pipeline"):
             per_round = [ours / naive for ours, naive in zip(values, rates["naive"])]
             suffix = name.removeprefix("pipeline").removeprefix("_")
             key = f"ratio_{suffix}" if suffix else "ratio"
@@ -190,9 +224,13 @@ def print_table(report: dict) -> None:
               f"{loader['pipeline_images_per_s']:8.1f} img/s   ratio {loader['ratio']:.2f}x "
               f"(rounds: {loader['ratio_range'][0]:.2f}-{loader['ratio_range'][1]:.2f}x; "
               f"medians of {loader['rounds']})")
-        print(f"    PIL decode instead of TorchCodec {loader['pipeline_pil_decode_images_per_s']:.1f} img/s "
-              f"({loader['ratio_pil_decode']:.2f}x); stored <= {loader['eval_size_short_side']} px "
-              f"{loader['pipeline_eval_size_images_per_s']:.1f} img/s ({loader['ratio_eval_size']:.2f}x)")
+        print(f"    crops decoded at a DCT reduction {loader['train_crops_reduced']:.1%}; every image decoded whole "
+              f"{loader['pipeline_whole_decode_images_per_s']:.1f} img/s ({loader['ratio_whole_decode']:.2f}x); "
+              f"stored <= {loader['eval_size_short_side']} px {loader['pipeline_eval_size_images_per_s']:.1f} img/s "
+              f"({loader['ratio_eval_size']:.2f}x)")
+        print(f"  eval per core     {loader['eval_images_per_s']:.1f} img/s ({loader['eval_images_reduced']:.1%} "
+              f"decoded at a DCT reduction); every image decoded whole {loader['eval_whole_decode_images_per_s']:.1f}"
+              f" img/s")
         print(f"  train ({model['device']}, {model['precision']}, batch {model['batch_size']})   synthetic "
               f"{model['train_synthetic_images_per_s']:.1f} img/s   real loader "
               f"{model['train_real_loader_images_per_s']:.1f} img/s   ({model['real_over_synthetic']:.0%})")

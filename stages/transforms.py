@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from stages.images import MAX_ASPECT_RATIO, dct_reduction, decode_prepared, load_pixels, open_header
+from stages.images import MAX_ASPECT_RATIO, dct_reduction, decode_prepared, jpeg_size, load_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,7 +117,7 @@ class DecodeForResize(torch.nn.Module):
 
     def forward(self, image: bytes | Image.Image | torch.Tensor) -> torch.Tensor:
         if isinstance(image, bytes):
-            return decode_prepared(image, dct_reduction(open_header(image).size, (self.side, self.side)))
+            return decode_prepared(image, dct_reduction(jpeg_size(image), (self.side, self.side)))
         if isinstance(image, Image.Image):  # Pillow's draft applies the same rule (stages/images.py)
             return F.pil_to_tensor(load_pixels(image, draft_size=(self.side, self.side)))
         return image
@@ -127,25 +127,25 @@ class DecodingRandomResizedCrop(v2.RandomResizedCrop):
     """RandomResizedCrop that also takes a prepared JPEG's bytes. The box is drawn from the size in the header
     (the same random draws as from the decoded image), then the JPEG is decoded at the largest DCT reduction
     that leaves the box at least the output size, and the box, scaled alike, is cropped and resized.
-
-    Which decoder is faster depends on the image: TorchCodec for a whole decode, Pillow for a reduced one."""
+    TorchCodec decodes whole images, Pillow reduced ones: each the faster at what it does (BENCHMARKS.md)."""
 
     def forward(self, image: bytes | Image.Image | torch.Tensor) -> torch.Tensor:
         if isinstance(image, Image.Image):
             image = F.pil_to_tensor(load_pixels(image))
         if not isinstance(image, bytes):
             return super().forward(image)
-        header = open_header(image)
-        box = self.make_params([header])
+        width, height = jpeg_size(image)
+        # make_params only asks its input's size: a zero-strided stand-in of the image's shape
+        box = self.make_params([torch.empty((), dtype=torch.uint8).expand(3, height, width)])
         reduction = dct_reduction((box["width"], box["height"]), (self.size[1], self.size[0]))
         decoded = decode_prepared(image, reduction)
         if reduction == 1:
             return self.transform(decoded, box)
-        scale_y, scale_x = decoded.shape[-2] / header.height, decoded.shape[-1] / header.width
+        scale_y, scale_x = decoded.shape[-2] / height, decoded.shape[-1] / width
         top, left = round(box["top"] * scale_y), round(box["left"] * scale_x)
-        height = min(round(box["height"] * scale_y), decoded.shape[-2] - top)
-        width = min(round(box["width"] * scale_x), decoded.shape[-1] - left)
-        return self.transform(decoded, dict(top=top, left=left, height=height, width=width))
+        return self.transform(decoded, dict(top=top, left=left,
+                                            height=min(round(box["height"] * scale_y), decoded.shape[-2] - top),
+                                            width=min(round(box["width"] * scale_x), decoded.shape[-1] - left)))
 
 
 def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool,

@@ -15,7 +15,7 @@ from stages.cam import channels_last_to_first, gradcam_target, vit_tokens_to_gri
 from stages.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stages.data import resolve_workers
 from stages.errors import StageError
-from stages.images import decode_prepared
+from stages.images import ImageRejected, decode_prepared, jpeg_size
 from stages.model import WeightsUnavailable, build_model, constructor_kwargs, input_size_problem
 from stages.transforms import (
     IMAGENET_MEAN,
@@ -128,6 +128,29 @@ def test_eval_decodes_a_large_image_reduced_and_a_photo_as_the_dataset_image(dec
     assert torch.equal(from_photo, from_bytes)
     whole = transform(decode_prepared(encoded))
     assert (from_bytes.float() - whole.float()).abs().mean() < 3
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "grey", "cmyk", "exif", "restart markers"])
+def test_jpeg_size_reads_what_pillow_reads(kind):
+    photo = smooth_photo(131, 77)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    {"baseline": lambda: photo.save(out, format="JPEG"),
+     "progressive": lambda: photo.save(out, format="JPEG", progressive=True),
+     "grey": lambda: photo.convert("L").save(out, format="JPEG"),
+     "cmyk": lambda: photo.convert("CMYK").save(out, format="JPEG"),
+     "exif": lambda: photo.save(out, format="JPEG", exif=exif, comment=b"x" * 3000),
+     "restart markers": lambda: photo.save(out, format="JPEG", restart_marker_blocks=4)}[kind]()
+    assert jpeg_size(out.getvalue()) == Image.open(out).size == (131, 77)
+
+
+def test_jpeg_size_leaves_what_it_cannot_read_to_pillow():
+    with pytest.raises(ImageRejected, match="not an image format"):
+        jpeg_size(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
+    truncated = jpeg_bytes(smooth_photo(64, 48))[:40]  # cut before the start-of-frame segment
+    with pytest.raises(ImageRejected):
+        jpeg_size(truncated)
 
 
 def test_normalization_happens_on_the_device_side():
