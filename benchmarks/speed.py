@@ -14,7 +14,8 @@ through this pipeline's `prepare`, and measures side by side, in one process on 
   pipeline, stored at the eval size: with `prepare.max_short_side` = resolution / 0.875 (256 for 224 px),
            the smallest size the eval transform needs: a recipe choice, measured, not the default
 (each path --seconds at a time, in turn, --rounds times; medians, and each ratio's range over the rounds),
-the share of crops decoded reduced, and the eval transform per core with and without DCT scaling,
+the share of crops decoded reduced, the eval transform per core with and without DCT scaling, predict's
+eval transform of 12-megapixel photos with and without it (`--loader-only` stops here),
 then train-step and eval throughput of the arch on the device present, with synthetic tensors
 (the model-only ceiling) and with the real loader, and projects one epoch and the full default run.
 Writes benchmarks/results.json (--out) and prints a table. Figures are what this machine measured, nothing else.
@@ -38,7 +39,7 @@ from PIL import Image
 from torchvision import transforms as v1
 
 from stages.data import ImageSplit, SeededEpochSampler, make_loader, resolve_workers
-from stages.images import dct_reduction, decode_prepared, open_header
+from stages.images import dct_reduction, decode_prepared, load_pixels, open_header
 from stages.params import Params, load_params
 from stages.prepare import prepare_image
 from stages.runtime import pick_device
@@ -58,19 +59,37 @@ RESULTS = Path("benchmarks/results.json")
 
 
 def cars_like_jpegs(count: int, seed: int = 0) -> list[bytes]:
-    """Photo-like JPEGs (smooth shapes + sensor noise) with Stanford Cars' spread of sizes."""
+    """Photo-like JPEGs with Stanford Cars' spread of sizes."""
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(count):
         width = int(np.clip(rng.lognormal(np.log(560), 0.38), 85, 2405))
         height = int(np.clip(width / rng.uniform(1.3, 1.7), 62, 1600))
-        small = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
-        base = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
-        noisy = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-        out = io.BytesIO()
-        Image.fromarray(noisy).save(out, format="JPEG", quality=90)
-        images.append(out.getvalue())
+        images.append(photo_like_jpeg(rng, width, height))
     return images
+
+
+def photo_like_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """Smooth shapes + sensor noise, quality 90."""
+    small = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    noisy = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noisy).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def phone_photo_figures(resolution: int, count: int, seconds: float) -> dict:
+    """predict's path for 12-megapixel photos (4032x3024, a phone camera's), per core: the eval transform of
+    the opened photo (decoded at the DCT reduction its resize allows) against the same of the whole decode."""
+    rng = np.random.default_rng(1)
+    photos = [photo_like_jpeg(rng, 4032, 3024) for _ in range(count)]
+    transform = eval_transform(Preprocessing(resolution))
+    reduced = per_core_rate(lambda i: transform(open_header(photos[i])), count, seconds)
+    whole = per_core_rate(lambda i: transform(load_pixels(open_header(photos[i]))), count, seconds)
+    return {"reduction": dct_reduction((4032, 3024), (square_side(resolution),) * 2),
+            "images_per_s": round(reduced, 1), "whole_decode_images_per_s": round(whole, 1),
+            "speedup": round(reduced / whole, 2)}
 
 
 def naive_transform(resolution: int) -> v1.Compose:
@@ -218,8 +237,8 @@ def projection(throughput: dict, epochs: int) -> dict:
 def print_table(report: dict) -> None:
     print(f"\n{report['machine']} | {report['date']} | {report['images']} images | arch {report['arch']}")
     for res, r in report["resolutions"].items():
-        loader, model, proj = r["loader_per_core"], r["model"], r["projection"]
-        print(f"\n{res} px")
+        loader, photos = r["loader_per_core"], r["phone_photos_per_core"]
+        print(f"\n{res} px (stored <= {loader['stored_short_side']} px)")
         print(f"  loader per core   naive {loader['naive_images_per_s']:8.1f} img/s   pipeline "
               f"{loader['pipeline_images_per_s']:8.1f} img/s   ratio {loader['ratio']:.2f}x "
               f"(rounds: {loader['ratio_range'][0]:.2f}-{loader['ratio_range'][1]:.2f}x; "
@@ -231,6 +250,12 @@ def print_table(report: dict) -> None:
         print(f"  eval per core     {loader['eval_images_per_s']:.1f} img/s ({loader['eval_images_reduced']:.1%} "
               f"decoded at a DCT reduction); every image decoded whole {loader['eval_whole_decode_images_per_s']:.1f}"
               f" img/s")
+        print(f"  predict, 12-MP photos, per core {photos['images_per_s']:.1f} img/s (decoded at "
+              f"1/{photos['reduction']}); decoded whole {photos['whole_decode_images_per_s']:.1f} img/s "
+              f"({photos['speedup']:.2f}x)")
+        if "model" not in r:
+            continue
+        model, proj = r["model"], r["projection"]
         print(f"  train ({model['device']}, {model['precision']}, batch {model['batch_size']})   synthetic "
               f"{model['train_synthetic_images_per_s']:.1f} img/s   real loader "
               f"{model['train_real_loader_images_per_s']:.1f} img/s   ({model['real_over_synthetic']:.0%})")
@@ -249,6 +274,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=-1, help="loader workers; -1: as train.num_workers: -1")
     parser.add_argument("--seconds", type=float, default=3.0, help="time spent on each loader measurement")
     parser.add_argument("--rounds", type=int, default=3, help="loader measurements per path, taken in turn")
+    parser.add_argument("--max-short-side", type=int, default=None,
+                        help="store the images as prepare.max_short_side does; default: params.yaml's")
+    parser.add_argument("--photos", type=int, default=6, help="12-megapixel photos for predict's figure")
+    parser.add_argument("--loader-only", action="store_true", help="skip the model's throughput and projection")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON report is written")
     args = parser.parse_args()
 
@@ -258,10 +287,10 @@ def main() -> None:
     # random init: the speed of a step does not depend on the weights, and nothing is downloaded
     model_params = params.model.model_copy(update={"arch": arch, "weights": "none"})
     count = max(16, round(CARS_TRAIN * args.fraction))
-    print(f"generating {count} Stanford-Cars-sized JPEGs and preparing them (max_short_side "
-          f"{params.prepare.max_short_side}) ...")
+    max_short_side = args.max_short_side or params.prepare.max_short_side
+    print(f"generating {count} Stanford-Cars-sized JPEGs and preparing them (max_short_side {max_short_side}) ...")
     full = cars_like_jpegs(count)
-    prepared = [prepare_image(b, params.prepare.max_short_side, params.prepare.jpeg_quality).encoded for b in full]
+    prepared = [prepare_image(b, max_short_side, params.prepare.jpeg_quality).encoded for b in full]
     split = as_split(prepared, CARS_CLASSES)
     workers = resolve_workers(args.workers)
 
@@ -271,15 +300,16 @@ def main() -> None:
         eval_side = square_side(resolution)
         stored_small = [prepare_image(b, eval_side, params.prepare.jpeg_quality).encoded for b in full]
         loader = loader_figures(full, prepared, stored_small, resolution, args.seconds, args.rounds)
-        loader.update(stored_short_side=params.prepare.max_short_side, eval_size_short_side=eval_side)
+        loader.update(stored_short_side=max_short_side, eval_size_short_side=eval_side)
+        figures = {"loader_per_core": loader,
+                   "phone_photos_per_core": phone_photo_figures(resolution, args.photos, args.seconds)}
+        report["resolutions"][resolution] = figures
+        if args.loader_only:
+            continue
         train_params = params.train.model_copy(update={"resolution": resolution, "batch_size": batch_size})
         run_params = params.model_copy(update={"model": model_params, "train": train_params})
         model = model_throughput(run_params, args.steps, split, workers)
-        report["resolutions"][resolution] = {
-            "loader_per_core": loader,
-            "model": model,
-            "projection": projection(model, params.train.epochs),
-        }
+        figures.update(model=model, projection=projection(model, params.train.epochs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)

@@ -28,7 +28,7 @@ def test_benchmark_writes_the_report(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "benchmarks.speed", "--fraction", "0.003", "--resolutions", "32", "--arch",
            "resnet18", "--batch-size", "4", "--steps", "1", "--seconds", "0.2", "--rounds", "2", "--workers", "0",
-           "--out", str(out)]
+           "--photos", "1", "--out", str(out)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())["resolutions"]["32"]
@@ -40,6 +40,8 @@ def test_benchmark_writes_the_report(tmp_path):
     low, high = report["loader_per_core"]["ratio_range"]
     assert 0 < low <= report["loader_per_core"]["ratio"] <= high
     assert report["loader_per_core"]["eval_size_short_side"] == 37 and report["loader_per_core"]["ratio_eval_size"] > 0
+    photos = report["phone_photos_per_core"]
+    assert photos["reduction"] == 8 and photos["images_per_s"] > 0 and photos["whole_decode_images_per_s"] > 0
     assert report["model"]["train_synthetic_images_per_s"] > 0 and report["model"]["real_over_synthetic"] > 0
     assert report["projection"]["full_run_h"] > 0
     assert "loader per core" in result.stdout and "eval per core" in result.stdout and "projected" in result.stdout
