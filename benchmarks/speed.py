@@ -39,7 +39,7 @@ from PIL import Image
 from torchvision import transforms as v1
 
 from stages.data import ImageSplit, SeededEpochSampler, make_loader, resolve_workers
-from stages.images import dct_reduction, decode_prepared, load_pixels, open_header
+from stages.images import dct_reduction, decode_prepared, jpeg_size, load_pixels, open_header
 from stages.params import Params, load_params
 from stages.prepare import prepare_image
 from stages.runtime import pick_device
@@ -77,6 +77,50 @@ def photo_like_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
     out = io.BytesIO()
     Image.fromarray(noisy).save(out, format="JPEG", quality=90)
     return out.getvalue()
+
+
+def decode_figures(prepared: list[bytes], seconds: float) -> dict:
+    """Milliseconds per image on one core of the decode alone: TorchCodec and Pillow whole, Pillow at each DCT
+    reduction (what a reduction saves: the inverse DCT, upsampling and colour conversion of the dropped pixels)."""
+    def pillow(encoded: bytes, reduction: int):
+        image = open_header(encoded)
+        image.draft(None, (image.width // reduction, image.height // reduction))
+        image.load()
+
+    decoders = {"torchcodec_whole": decode_prepared, "pillow_whole": lambda b: pillow(b, 1),
+                **{f"pillow_1_{r}": (lambda b, r=r: pillow(b, r)) for r in (2, 4, 8)}}
+    return {name: round(1000 / per_core_rate(lambda i, d=decode: d(prepared[i]), len(prepared), seconds), 3)
+            for name, decode in decoders.items()}
+
+
+def crop_differences(prepared: list[bytes], resolution: int) -> dict:
+    """How the pixels of crops decoded at a DCT reduction differ from the same crops of the whole decode
+    (|difference| in levels of 0-255, over every channel of every pixel of the images that were reduced), for
+    the generated images and a real photo (matplotlib's sample grace_hopper.jpg, 512x600: train crops of
+    40 seeds, and eval, decoded at 1/2)."""
+    from matplotlib import cbook
+
+    photo = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).read_bytes()
+    crop, evaluate = train_transform(resolution, hflip=False), eval_transform(Preprocessing(resolution))
+    figures = {}
+    for name, images, seeds in (("generated", prepared, [0]), ("photo", [photo], range(40))):
+        train, evaluation = [], []
+        for index, encoded in enumerate(images):
+            whole = decode_prepared(encoded)
+            for seed in seeds:
+                torch.manual_seed(index + seed)
+                reduced = crop(encoded)
+                torch.manual_seed(index + seed)
+                if not torch.equal(reduced, expected := crop(whole)):
+                    train.append((reduced.int() - expected.int()).abs())
+            if dct_reduction(jpeg_size(encoded), (square_side(resolution),) * 2) > 1:
+                evaluation.append((evaluate(encoded).int() - evaluate(whole).int()).abs())
+        for path, differences in (("train", train), ("eval", evaluation)):
+            if differences:
+                levels = torch.cat([d.flatten() for d in differences]).float()
+                figures[f"{name}_{path}"] = {"images": len(differences), "mean": round(levels.mean().item(), 2),
+                                             "p99": levels.quantile(0.99).item(), "max": levels.max().item()}
+    return figures
 
 
 def phone_photo_figures(resolution: int, count: int, seconds: float) -> dict:
@@ -236,6 +280,9 @@ def projection(throughput: dict, epochs: int) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"\n{report['machine']} | {report['date']} | {report['images']} images | arch {report['arch']}")
+    decoders = report["decode_ms_per_core"].items()
+    print("decode alone, ms per image on one core: " + ", ".join(
+        f"{name.replace('_1_', ' 1/').replace('_', ' ')} {ms:.3f}" for name, ms in decoders))
     for res, r in report["resolutions"].items():
         loader, photos = r["loader_per_core"], r["phone_photos_per_core"]
         print(f"\n{res} px (stored <= {loader['stored_short_side']} px)")
@@ -253,6 +300,9 @@ def print_table(report: dict) -> None:
         print(f"  predict, 12-MP photos, per core {photos['images_per_s']:.1f} img/s (decoded at "
               f"1/{photos['reduction']}); decoded whole {photos['whole_decode_images_per_s']:.1f} img/s "
               f"({photos['speedup']:.2f}x)")
+        for name, d in r["reduced_crop_differences"].items():
+            print(f"  {name.replace('_', ' ')} crops decoded reduced ({d['images']}): |difference| from the whole "
+                  f"decode's mean {d['mean']:.2f}, p99 {d['p99']:.0f}, max {d['max']:.0f} levels of 255")
         if "model" not in r:
             continue
         model, proj = r["model"], r["projection"]
@@ -295,13 +345,14 @@ def main() -> None:
     workers = resolve_workers(args.workers)
 
     report = {"date": date.today().isoformat(), "machine": f"{platform.node()} {platform.processor() or ''}".strip(),
-              "torch": torch.__version__, "images": count, "arch": arch, "resolutions": {}}
+              "torch": torch.__version__, "images": count, "arch": arch,
+              "decode_ms_per_core": decode_figures(prepared, args.seconds), "resolutions": {}}
     for resolution in args.resolutions:
         eval_side = square_side(resolution)
         stored_small = [prepare_image(b, eval_side, params.prepare.jpeg_quality).encoded for b in full]
         loader = loader_figures(full, prepared, stored_small, resolution, args.seconds, args.rounds)
         loader.update(stored_short_side=max_short_side, eval_size_short_side=eval_side)
-        figures = {"loader_per_core": loader,
+        figures = {"loader_per_core": loader, "reduced_crop_differences": crop_differences(prepared, resolution),
                    "phone_photos_per_core": phone_photo_figures(resolution, args.photos, args.seconds)}
         report["resolutions"][resolution] = figures
         if args.loader_only:

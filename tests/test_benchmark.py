@@ -31,7 +31,10 @@ def test_benchmark_writes_the_report(tmp_path):
            "--photos", "1", "--out", str(out)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())["resolutions"]["32"]
+    full_report = json.loads(out.read_text())
+    assert set(full_report["decode_ms_per_core"]) == {"torchcodec_whole", "pillow_whole", "pillow_1_2", "pillow_1_4",
+                                                      "pillow_1_8"}
+    report = full_report["resolutions"]["32"]
     assert report["loader_per_core"]["naive_images_per_s"] > 0 and report["loader_per_core"]["ratio"] > 0
     assert report["loader_per_core"]["ratio_whole_decode"] > 0 and report["loader_per_core"]["rounds"] == 2
     # at 32 px most boxes of Cars-sized images are 64+ px: decoded at a DCT reduction
@@ -40,6 +43,9 @@ def test_benchmark_writes_the_report(tmp_path):
     low, high = report["loader_per_core"]["ratio_range"]
     assert 0 < low <= report["loader_per_core"]["ratio"] <= high
     assert report["loader_per_core"]["eval_size_short_side"] == 37 and report["loader_per_core"]["ratio_eval_size"] > 0
+    differences = report["reduced_crop_differences"]
+    assert {"generated_train", "photo_train", "photo_eval"} <= set(differences)
+    assert all(0 <= d["mean"] <= d["p99"] <= d["max"] <= 255 and d["images"] > 0 for d in differences.values())
     photos = report["phone_photos_per_core"]
     assert photos["reduction"] == 8 and photos["images_per_s"] > 0 and photos["whole_decode_images_per_s"] > 0
     assert report["model"]["train_synthetic_images_per_s"] > 0 and report["model"]["real_over_synthetic"] > 0
