@@ -112,10 +112,15 @@ def jpeg_size(encoded: bytes) -> tuple[int, int]:
     position = 2
     while position + 9 <= len(encoded) and encoded[position] == 0xFF:
         marker = encoded[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
         if marker in START_OF_FRAME:
             height, width = struct.unpack_from(">HH", encoded, position + 5)
             if width and height:
                 return width, height
+            break
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length; none belongs here
             break
         position += 2 + struct.unpack_from(">H", encoded, position + 2)[0]
     return open_header(encoded).size

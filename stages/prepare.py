@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from stages.errors import StageError, run_stage
 from stages.files import atomic_dir, scratch_dir, write_csv, write_json
-from stages.images import ImageRejected, decode_prepared, exif_orientation, load_pixels, open_header
+from stages.images import ImageRejected, decode_prepared, exif_orientation, jpeg_size, load_pixels, open_header
 from stages.params import Params, PrepareParams, load_params
 from stages.paths import DATA_METRICS, DROPPED_LIST, LEFT_OUT_FILES, PREPARED_DIR, RAW_DIR
 
@@ -75,11 +75,11 @@ def the_loader_decodes(encoded: bytes) -> bool:
     DCT-scaled one): kept bytes must never fail mid-epoch. Those they refuse go through Pillow, which
     re-encodes what it can read and reports what it cannot."""
     try:
-        decode_prepared(encoded)
+        whole = decode_prepared(encoded)
         decode_prepared(encoded, reduction=8)
+        return jpeg_size(encoded) == (whole.shape[-1], whole.shape[-2])  # the size the crop box is drawn from
     except (RuntimeError, ImageRejected):
         return False
-    return True
 
 
 def prepare_image(encoded: bytes, max_short_side: int, jpeg_quality: int) -> Prepared:

@@ -145,6 +145,12 @@ def test_jpeg_size_reads_what_pillow_reads(kind):
     assert jpeg_size(out.getvalue()) == Image.open(out).size == (131, 77)
 
 
+def test_jpeg_size_skips_fill_bytes_before_a_marker():
+    encoded = jpeg_bytes(smooth_photo(131, 77))
+    padded = encoded[:2] + b"\xff\xff\xff" + encoded[2:]  # SOI, fill bytes, then the first marker
+    assert jpeg_size(padded) == Image.open(io.BytesIO(padded)).size == (131, 77)
+
+
 def test_jpeg_size_leaves_what_it_cannot_read_to_pillow():
     with pytest.raises(ImageRejected, match="not an image format"):
         jpeg_size(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
