@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -128,6 +129,22 @@ def test_eval_decodes_a_large_image_reduced_and_a_photo_as_the_dataset_image(dec
     assert torch.equal(from_photo, from_bytes)
     whole = transform(decode_prepared(encoded))
     assert (from_bytes.float() - whole.float()).abs().mean() < 3
+
+
+def test_a_large_sideways_photo_is_decoded_reduced_then_turned_upright(tmp_path):
+    """predict's photos: stored 1600x1200, decoded at 1/4 (1/8 would leave 150 px, under the 256-px resize), then
+    turned by its EXIF orientation; the model sees the upright photo, within a few levels of the whole decode's."""
+    upright = smooth_photo(1200, 1600)  # portrait
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways (landscape), to be turned 90 degrees to view
+    path = tmp_path / "sideways.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, format="JPEG", quality=95, exif=exif)
+    transform = eval_transform(Preprocessing(224))
+    photo = Image.open(path)
+    seen = transform(photo)
+    assert photo.size == (400, 300)  # decoded at 1/4
+    expected = transform(torch.from_numpy(np.asarray(upright)).permute(2, 0, 1))
+    assert (seen.float() - expected.float()).abs().mean() < 4
 
 
 @pytest.mark.parametrize("kind", ["baseline", "progressive", "grey", "cmyk", "exif", "restart markers"])
