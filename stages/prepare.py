@@ -71,13 +71,12 @@ def scaled_size(size: tuple[int, int], max_short_side: int) -> tuple[int, int] |
 
 
 def the_loader_decodes(encoded: bytes) -> bool:
-    """Whether training's own decoders read these bytes whole (TorchCodec for a whole decode, Pillow for a
-    DCT-scaled one): kept bytes must never fail mid-epoch. Those they refuse go through Pillow, which
-    re-encodes what it can read and reports what it cannot."""
+    """Whether training's own decoder reads these bytes whole, at the size their header gives (the crop box is
+    drawn from it): kept bytes must never fail mid-epoch. Those it refuses go through Pillow, which re-encodes
+    what it can read and reports what it cannot."""
     try:
         whole = decode_prepared(encoded)
-        decode_prepared(encoded, reduction=8)
-        return jpeg_size(encoded) == (whole.shape[-1], whole.shape[-2])  # the size the crop box is drawn from
+        return jpeg_size(encoded) == (whole.shape[-1], whole.shape[-2])
     except (RuntimeError, ImageRejected):
         return False
 

@@ -147,6 +147,23 @@ def test_a_large_sideways_photo_is_decoded_reduced_then_turned_upright(tmp_path)
     assert (seen.float() - expected.float()).abs().mean() < 4
 
 
+def test_a_jpeg_pillow_cannot_read_is_decoded_whole_and_still_cropped_right(monkeypatch):
+    """prepare checks that TorchCodec reads what it keeps, not Pillow: should Pillow refuse one, the loader
+    decodes it whole and crops the same box."""
+    encoded = jpeg_bytes(smooth_photo(1024, 768))
+    transform = train_transform(64, crop_scale=(0.5, 1.0), hflip=False)
+    torch.manual_seed(0)
+    expected = transform(decode_prepared(encoded))
+
+    def refuse(self):
+        raise OSError("broken data stream")
+
+    monkeypatch.setattr(Image.Image, "load", refuse)
+    assert tuple(decode_prepared(encoded, 2).shape) == (3, 768, 1024)
+    torch.manual_seed(0)
+    assert torch.equal(transform(encoded), expected)
+
+
 @pytest.mark.parametrize("kind", ["baseline", "progressive", "grey", "cmyk", "exif", "restart markers"])
 def test_jpeg_size_reads_what_pillow_reads(kind):
     photo = smooth_photo(131, 77)
