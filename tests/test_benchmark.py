@@ -51,3 +51,15 @@ def test_benchmark_writes_the_report(tmp_path):
     assert report["model"]["train_synthetic_images_per_s"] > 0 and report["model"]["real_over_synthetic"] > 0
     assert report["projection"]["full_run_h"] > 0
     assert "loader per core" in result.stdout and "eval per core" in result.stdout and "projected" in result.stdout
+
+
+@pytest.mark.slow
+def test_predict_benchmark_times_predict_on_photos_of_one_size(tmp_path):
+    out = tmp_path / "predict.json"
+    cmd = [sys.executable, "-m", "benchmarks.predict", "--images", "3", "--arch", "resnet18", "--resolution", "32",
+           "--photo-size", "300x200", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["photos"] == "300x200" and report["against"] == "one at a time" and report["speedup"] > 0
+    assert set(report["results"]) == {"one at a time", "batched (defaults)"}
