@@ -143,10 +143,8 @@ def decode_prepared(encoded: bytes, reduction: int = 1):
         from torchvision.transforms.v2.functional import pil_to_tensor
 
         try:
-            image = Image.open(io.BytesIO(encoded))
-            image.draft(None, (image.width // reduction, image.height // reduction))
-            image.load()
-            return pil_to_tensor(image)
-        except Exception:  # Pillow's decoders raise OSError, SyntaxError, ValueError...
+            image = open_header(encoded)
+            return pil_to_tensor(load_pixels(image, draft_size=(image.width // reduction, image.height // reduction)))
+        except ImageRejected:
             pass
     return decode_jpeg(encoded, mode="RGB")
