@@ -175,11 +175,10 @@ def reduced_shares(prepared: list[bytes], resolution: int) -> dict:
     eval_side = square_side(resolution)
     train, evaluation = 0, 0
     for index, encoded in enumerate(prepared):
-        header = open_header(encoded)
         torch.default_generator.manual_seed(index)
-        box = crop.make_params([header])
-        train += dct_reduction((box["width"], box["height"]), (resolution, resolution)) > 1
-        evaluation += dct_reduction(header.size, (eval_side, eval_side)) > 1
+        size, _, reduction = crop.plan(encoded)
+        train += reduction > 1
+        evaluation += dct_reduction(size, (eval_side, eval_side)) > 1
     return {"train_crops_reduced": round(train / len(prepared), 3),
             "eval_images_reduced": round(evaluation / len(prepared), 3)}
 

@@ -129,15 +129,20 @@ class DecodingRandomResizedCrop(v2.RandomResizedCrop):
     that leaves the box at least the output size, and the box, scaled alike, is cropped and resized.
     TorchCodec decodes whole images, Pillow reduced ones: each the faster at what it does (BENCHMARKS.md)."""
 
+    def plan(self, encoded: bytes) -> tuple[tuple[int, int], dict, int]:
+        """The JPEG's (width, height) from its header, the box drawn for it (from torch's generator), and the DCT
+        reduction that box allows."""
+        width, height = jpeg_size(encoded)
+        # make_params only asks its input's size: a zero-strided stand-in of the image's shape
+        box = self.make_params([torch.empty((), dtype=torch.uint8).expand(3, height, width)])
+        return (width, height), box, dct_reduction((box["width"], box["height"]), (self.size[1], self.size[0]))
+
     def forward(self, image: bytes | Image.Image | torch.Tensor) -> torch.Tensor:
         if isinstance(image, Image.Image):
             image = F.pil_to_tensor(load_pixels(image))
         if not isinstance(image, bytes):
             return super().forward(image)
-        width, height = jpeg_size(image)
-        # make_params only asks its input's size: a zero-strided stand-in of the image's shape
-        box = self.make_params([torch.empty((), dtype=torch.uint8).expand(3, height, width)])
-        reduction = dct_reduction((box["width"], box["height"]), (self.size[1], self.size[0]))
+        (width, height), box, reduction = self.plan(image)
         decoded = decode_prepared(image, reduction)
         if reduction == 1:
             return self.transform(decoded, box)
