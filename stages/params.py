@@ -189,7 +189,7 @@ class TrainParams(Section):
     seed: int = Field(ge=0, le=MAX_SEED)
     device: Literal["auto", "cuda", "cpu"]  # auto: CUDA when usable, else the CPU for short runs only (see runtime)
     amp: Literal["auto", "bf16", "fp16", "none"]  # auto: bf16 on CUDA, fp32 on the CPU; explicit: on any device
-    channels_last: Literal["auto"] | bool  # auto: on CUDA only
+    channels_last: Literal["auto"] | bool  # auto: on (NHWC convolutions were faster on the CPU too, measured)
     compile: Literal["auto"] | bool  # torch.compile (inductor); auto: on CUDA only
     num_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_WORKERS)]  # PyTorch CPU threads per process
     num_workers: int = Field(ge=-1, le=MAX_WORKERS)  # -1: chosen from the CPUs present
@@ -220,7 +220,7 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     tta: bool
-    batch_size: int = Field(ge=1, le=65536)
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=65536)]  # auto: 256 on CUDA, 32 on the CPU
     amp: Literal["auto", "bf16", "fp16", "none"]  # auto: bf16 on CUDA, fp32 on the CPU
     num_workers: int = Field(ge=-1, le=MAX_WORKERS)  # -1: chosen from the CPUs present
 
@@ -392,7 +392,8 @@ DESCRIPTIONS = {
         '`auto`: bf16 autocast on CUDA (fp16 with a loss scaler where bf16 is missing), fp32 on the CPU; '
         '`bf16`, `fp16` (with a loss scaler) or `none` apply on any device, the CPU included'
     ),
-    'train.channels_last': '`auto`: on CUDA only; `true`/`false` on any device',
+    'train.channels_last': '`auto`: on, on any device (NHWC convolutions: on this project\'s 2-core CPU, '
+        'EfficientNet-Lite0 trained 1.5× and ResNet-50 1.24× faster, BENCHMARKS.md); `false`: NCHW',
     'train.compile': (
         '`torch.compile` (inductor) of the training and validation model: `auto` on CUDA only; `true` '
         'compiles on the CPU too (needs a C++ compiler, which `check` looks for). Freezing and unfreezing'
@@ -427,7 +428,8 @@ DESCRIPTIONS = {
         'share'
     ),
     'evaluate.tta': 'also report 3 scales × 2 flips test-time augmentation under `tta.*`',
-    'evaluate.batch_size': 'images per inference batch (no effect on the results)',
+    'evaluate.batch_size': 'images per inference batch (no effect on the results); `auto`: 256 on CUDA, 32 on the '
+        'CPU (where larger batches were slower: EfficientNet-Lite0 at 256 ran at 0.45× of 32)',
     'evaluate.amp': 'precision of evaluation: `auto` (bf16 on CUDA, fp32 on the CPU), `bf16`, `fp16` or `none` (fp32)',
     'evaluate.num_workers': 'loader processes; `-1`: one per core minus one, at most 16',
     'gradcam.num_samples': 'random test images in `samples.png`',

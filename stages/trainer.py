@@ -24,7 +24,15 @@ from stages.errors import StageError
 from stages.model import AUX_LOSS_WEIGHT, RecipeError, build_model, fit_to_resolution, model_preprocessing
 from stages.params import Params, TrainParams
 from stages.recipe import Freezer, build_ema, build_mixer, build_optimizer, build_scheduler
-from stages.runtime import CPU_RUN_LIMIT_HOURS, Precision, Processes, predict_logits, resolve_switch, seed_epoch
+from stages.runtime import (
+    CPU_RUN_LIMIT_HOURS,
+    Precision,
+    Processes,
+    predict_logits,
+    resolve_channels_last,
+    resolve_switch,
+    seed_epoch,
+)
 from stages.transforms import Preprocessing, eval_transform, to_model_input, train_transform
 
 LOG_EVERY_STEPS = 5  # how often the running loss is shown and checked (each check costs one host sync)
@@ -89,7 +97,7 @@ class Trainer:
         self.device = device
         self.processes = processes
         self.on_cuda = device.type == "cuda"
-        self.channels_last = resolve_switch(p.channels_last, device)
+        self.channels_last = resolve_channels_last(p.channels_last)
         self.compiled = resolve_switch(p.compile, device)
         m = params.model
         self.constructor = fit_to_resolution(m.arch, p.resolution, m.weights)

@@ -6,7 +6,16 @@ import math
 
 import torch
 
-from stages.evaluate import class_rows, confusion_matrix, most_confused, per_class_accuracy, summarize, topk_accuracy
+from stages import evaluate
+from stages.evaluate import (
+    class_rows,
+    confusion_matrix,
+    most_confused,
+    per_class_accuracy,
+    summarize,
+    topk_accuracy,
+    tta_probs,
+)
 
 
 def one_hot_probs(predicted: list[int], classes: int) -> torch.Tensor:
@@ -48,3 +57,27 @@ def test_class_rows_are_named_and_sorted_worst_first():
     rows = class_rows(confusion_matrix(torch.tensor([0, 0, 0, 1]), labels, 3), ["Audi", "BMW", "Tesla"])
     assert [r["class_name"] for r in rows] == ["BMW", "Audi"]  # Tesla has no test image: not ranked
     assert rows[0] == {"class_id": 1, "class_name": "BMW", "accuracy": 0.5, "images": 2}
+
+
+def test_tta_reuses_the_plain_pass_and_averages_the_six_views(monkeypatch):
+    """The plain evaluation is the TTA member at the model's crop fraction without a flip: it is passed in, not
+    computed again, and the average still has six members."""
+    from stages.transforms import TTA_CROP_FRACTIONS, Preprocessing
+
+    passes = []
+
+    def fake_predict(model, loader, device, precision, channels_last, preprocessing, flip=False, desc=""):
+        passes.append(desc)
+        fraction = TTA_CROP_FRACTIONS.index(loader.dataset.transform.fraction)
+        return torch.full((2, 3), float(fraction + 2 * flip)), torch.zeros(2, dtype=torch.long)
+
+    class Tagged:
+        def __init__(self, fraction):
+            self.fraction = fraction
+
+    monkeypatch.setattr(evaluate, "predict_logits", fake_predict)
+    monkeypatch.setattr(evaluate, "eval_transform", lambda preprocessing, fraction: Tagged(fraction))
+    plain = torch.full((2, 3), 1 / 3)
+    probs = tta_probs(None, [0, 1], Preprocessing(32), 2, 0, "cpu", None, plain)
+    assert len(passes) == 5 and "tta 0.875" not in passes and "tta 0.875 flip" in passes
+    assert torch.allclose(probs, torch.full((2, 3), 1 / 3)) and torch.allclose(probs.sum(1), torch.ones(2))

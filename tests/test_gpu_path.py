@@ -17,7 +17,14 @@ import yaml
 from stages import runtime
 from stages.errors import StageError
 from stages.params import parse_params
-from stages.runtime import Precision, resolve_switch, resolve_threads, training_device
+from stages.runtime import (
+    Precision,
+    resolve_channels_last,
+    resolve_eval_batch,
+    resolve_switch,
+    resolve_threads,
+    training_device,
+)
 from stages.trainer import Trainer
 from tests.conftest import REPO, make_project, run, tiny_params
 from tests.test_resume import interrupt_after_first_epoch, run_ok, weights
@@ -38,6 +45,12 @@ def test_auto_follows_the_device_and_explicit_settings_apply_on_the_cpu():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
     assert resolve_switch("auto", CPU) is False and resolve_switch("auto", torch.device("cuda", 0)) is True
     assert resolve_switch(True, CPU) is True and resolve_switch(False, torch.device("cuda", 0)) is False
+
+
+def test_channels_last_is_on_by_default_on_every_device_and_eval_batches_fit_the_device():
+    assert resolve_channels_last("auto") is True and resolve_channels_last(False) is False
+    assert resolve_eval_batch("auto", CPU) == 32 and resolve_eval_batch("auto", torch.device("cuda", 0)) == 256
+    assert resolve_eval_batch(100, CPU) == 100
 
 
 @pytest.mark.parametrize("cores,workers,processes,expected", [(2, 1, 1, 1), (2, 0, 1, 2), (16, 15, 1, 1),

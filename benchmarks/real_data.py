@@ -1,0 +1,336 @@
+"""`python -m benchmarks.real_data`: this pipeline, timm's own train.py and a linear probe, on real Stanford Cars
+photos with real ImageNet weights: the same folders, weights, resolution, batch, epochs and augmentation.
+
+Needs three things CI does not have (so this is a benchmark with a documented command, never a test):
+- `--cars DIR`: real Stanford Cars as DIR/{train,test}/<class name>/*.jpg, the official 8,144 / 8,041 split, built
+  by `shared/data/build_stanford_cars.sh` (each image the car's bounding box squashed to 224x224, so the figures
+  are not comparable with full-image benchmarks);
+- `--weights FILE`: ImageNet EfficientNet-Lite0 weights in timm's tf_efficientnet_lite0 layout, written by
+  `shared/data/build_imagenet_lite0.py`;
+- for the `timm:*` parts, `--timm-train FILE`: timm's own train.py (github:huggingface/pytorch-image-models),
+  run with the pinned timm package; it is run, never copied into this repository.
+
+Each part runs in a fresh clone of this repository's HEAD under `--workdir`, pinned to the CPUs of `--cpus` with
+that many PyTorch threads and one loader process, and writes `benchmarks/real_data/<part>.json`. Parts:
+- `pipeline:<recipe>`: `dvc exp run -n <recipe> -S ...` exactly as a user types it (RECIPES below);
+- `timm:<recipe>`: timm's train.py on the same folders with the same settings (TIMM_ARGS: what maps to what);
+- `probe`: logistic regression on the frozen pooled features of the same weights (the floor a fine-tune must beat).
+Two parts given to two processes with different `--cpus` run side by side, paired on the same machine.
+`--table` prints the Markdown table of every part found in benchmarks/real_data/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "real_data"
+ARCH = "timm/tf_efficientnet_lite0"
+
+# What every run shares. 160 px and 3 epochs: one epoch of 8,144 images takes ~12 min on one core of the
+# 2-core development machine (~11.5 images/s), so a whole run with TTA stays within ~90 min of one core.
+BASE = {
+    "data.preset": "none", "data.val_fraction": 0, "data.test_fraction": 0,
+    "model.arch": ARCH, "train.resolution": 160, "train.batch_size": 32, "train.epochs": 3,
+    "train.device": "cpu", "train.num_workers": 1, "evaluate.num_workers": 1, "evaluate.tta": "true",
+    "train.crop_scale": "[0.25,1.0]", "train.label_smoothing": 0.1,
+}
+
+RECIPES = {
+    # (a) The seeds' run 7 family (single-stage SGD, every layer at one lr, lr 0.1 per 128 images scaled to
+    # batch 32), cosine instead of steps over 3 epochs; nesterov and no weight decay on norms/biases as timm's
+    # `--opt sgd` does, so that the timm peer runs the same optimizer.
+    "sgd": {"train.optimizer": "sgd", "train.lr": 0.025, "train.nesterov": "true", "train.weight_decay": 1e-4,
+            "train.no_weight_decay_on_norm_and_bias": "true", "train.lr_schedule": "cosine"},
+    # (b) The seeds' "freeze, then differential lr" family (their runs 1-6), with the lr the failed runs lacked:
+    # epoch 1 trains the new head alone (a linear probe, BatchNorm statistics frozen), then every layer, the head
+    # at 10x the backbone's lr (LP-FT: Kumar et al., ICLR 2022).
+    "freeze-then-differential": {
+        "train.optimizer": "sgd", "train.lr": 0.01, "train.head_lr_multiplier": 10, "train.nesterov": "true",
+        "train.weight_decay": 1e-4, "train.no_weight_decay_on_norm_and_bias": "true",
+        "train.lr_schedule": "cosine", "train.freeze_epochs": 1},
+    # (c) Today's fine-tuning regularizers (timm's and torchvision's recipes): AdamW, layer-wise lr decay, EMA,
+    # MixUp/CutMix, RandAugment, label smoothing, per-step warmup and cosine.
+    "modern": {
+        "train.optimizer": "adamw", "train.lr": 1e-3, "train.weight_decay": 0.05,
+        "train.no_weight_decay_on_norm_and_bias": "true", "train.lr_schedule": "cosine",
+        "train.lr_schedule_unit": "step", "train.warmup_epochs": 1, "train.layer_decay": 0.85,
+        "train.ema_decay": 0.995, "train.mixup_alpha": 0.2, "train.cutmix_alpha": 1.0,
+        "train.augment": "randaugment"},
+}
+
+# timm's train.py flags for the same run as RECIPES["sgd"]. The pipeline's BASE and recipe -> timm:
+# RandomResizedCrop scale 0.25-1 and flip, bicubic (the weights' interpolation in both), no colour jitter
+# (timm's default 0.4 is off in the pipeline), label smoothing 0.1, nesterov SGD without weight decay on
+# norms and biases (timm's default), cosine per epoch from the first epoch (no warmup), the model's own eval
+# transform (resize 183, centre crop 160). The test split is timm's validation split: its eval top-1 after the
+# last epoch is the test top-1.
+TIMM_ARGS = {
+    "sgd": ["--opt", "sgd", "--lr", "0.025", "--momentum", "0.9", "--weight-decay", "1e-4", "--sched", "cosine",
+            "--warmup-epochs", "0", "--min-lr", "0", "--smoothing", "0.1", "--scale", "0.25", "1.0",
+            "--color-jitter", "0", "--train-interpolation", "bicubic", "--hflip", "0.5"],
+}
+
+
+def run_logged(command: list[str], cwd: Path, log: Path, env: dict) -> float:
+    """Runs `command`, its output to `log`; returns the wall time. A failure names the log."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        status = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if status:
+        sys.exit(f"{' '.join(command[:4])} ... failed (status {status}): see {log}")
+    return time.perf_counter() - start
+
+
+def fresh_clone(dest: Path) -> Path:
+    if dest.exists():
+        sys.exit(f"{dest} exists: give another --workdir or remove it")
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(dest)], check=True)
+    return dest
+
+
+def environment(threads: int) -> dict:
+    venv = Path(sys.executable).parent
+    return dict(os.environ, PATH=f"{venv}:{os.environ['PATH']}", HF_HUB_OFFLINE="1",
+                OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2),
+            "max": round(max(values), 2)}
+
+
+def pipeline_overrides(recipe: str, cars: Path, weights: Path, threads: int, epochs: int) -> dict:
+    return {**BASE, "data.source": str(cars), "model.weights": str(weights), "train.num_threads": threads,
+            "train.epochs": epochs, **RECIPES[recipe]}
+
+
+def run_pipeline(recipe: str, args) -> dict:
+    clone = fresh_clone(args.workdir / f"pipeline-{recipe}")
+    overrides = pipeline_overrides(recipe, args.cars, args.weights, len(args.cpus), args.epochs)
+    command = ["dvc", "exp", "run", "-n", recipe] + [f"-S{key}={value}" for key, value in overrides.items()]
+    seconds = run_logged(command, clone, clone / "run.log", environment(len(args.cpus)))
+    metrics = json.loads((clone / "metrics/eval.json").read_text())
+    report = json.loads((clone / "metrics/eval_report.json").read_text())
+    curves = clone / "metrics/train/plots/metrics/train"
+    speeds = [float(row["images_per_s"]) for row in csv.DictReader(open(curves / "images_per_s.tsv"),
+                                                                   delimiter="\t")]
+    return {"tool": "pipeline", "recipe": recipe, "command": "dvc exp run " + " ".join(command[3:]),
+            "top1": metrics["top1"], "top5": metrics["top5"], "mean_class_accuracy": metrics["mean_class_accuracy"],
+            "tta_top1": metrics.get("tta", {}).get("top1"), "wall_s": round(seconds, 1),
+            "train_images_per_s": spread(speeds), "most_confused": report["most_confused"][:5],
+            "clone": str(clone)}
+
+
+def run_timm(recipe: str, args) -> dict:
+    if args.timm_train is None or not args.timm_train.is_file():
+        sys.exit("timm parts need --timm-train PATH: timm's train.py (fetch github:huggingface/pytorch-image-models)")
+    out = args.workdir / f"timm-{recipe}"
+    out.mkdir(parents=True)
+    command = [sys.executable, str(args.timm_train), "--data-dir", str(args.cars), "--train-split", "train",
+               "--val-split", "test", "--model", ARCH.removeprefix("timm/"), "--pretrained", "--pretrained-path",
+               str(args.weights), "--num-classes", "196", "--img-size", str(BASE["train.resolution"]),
+               "-b", str(BASE["train.batch_size"]), "--epochs", str(args.epochs), "--device", "cpu",
+               "-j", "1", "--log-interval", "20", "--output", str(out), "--experiment", "run",
+               *TIMM_ARGS[recipe]]
+    seconds = run_logged(command, out, out / "run.log", environment(len(args.cpus)))
+    rows = list(csv.DictReader(open(out / "run" / "summary.csv")))
+    speeds = epoch_speeds(out / "run.log")
+    model_file = out / "run" / "last.pth.tar"
+    top1_mean_class = timm_mean_class_accuracy(model_file, args)
+    return {"tool": "timm train.py", "recipe": recipe, "command": "python train.py " + " ".join(command[2:]),
+            "top1": round(float(rows[-1]["eval_top1"]) / 100, 5), "top5": round(float(rows[-1]["eval_top5"]) / 100, 5),
+            "mean_class_accuracy": top1_mean_class, "tta_top1": None, "wall_s": round(seconds, 1),
+            "train_images_per_s": spread(speeds), "epochs": len(rows)}
+
+
+def epoch_speeds(log: Path) -> list[float]:
+    """Each epoch's average train images/s: the running average (in brackets) of its last logged step."""
+    last = {}
+    for line in log.read_text().splitlines():
+        match = re.match(r"Train: (\d+) \[.*\(\s*[\d.]+s,\s*([\d.]+)/s\)", line)
+        if match:
+            last[int(match.group(1))] = float(match.group(2))
+    return [last[epoch] for epoch in sorted(last)]
+
+
+def timm_mean_class_accuracy(model_file: Path, args) -> float:
+    """timm reports top-1/top-5 only: its last checkpoint, rebuilt by timm and fed by timm's own eval transform,
+    scored per class on the test folder. Read with weights_only (the checkpoint also holds train.py's args)."""
+    import argparse as argparse_module
+
+    import timm
+    import torch
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+
+    with torch.serialization.safe_globals([argparse_module.Namespace]):
+        state = torch.load(model_file, map_location="cpu", weights_only=True)["state_dict"]
+    model = timm.create_model(ARCH.removeprefix("timm/"), num_classes=196)
+    model.load_state_dict(state)
+    model.eval()
+    config = resolve_data_config({"input_size": (3, BASE["train.resolution"], BASE["train.resolution"])},
+                                 model=model)
+    test = ImageFolder(str(args.cars / "test"), transform=create_transform(**config))
+    loader = torch.utils.data.DataLoader(test, batch_size=64, num_workers=1)
+    correct, total = torch.zeros(196), torch.zeros(196)
+    with torch.inference_mode():
+        for images, labels in loader:
+            hits = (model(images).argmax(1) == labels).float()
+            correct.index_add_(0, labels, hits)
+            total.index_add_(0, labels, torch.ones_like(hits))
+    return round((correct / total).mean().item(), 5)
+
+
+def run_probe(args) -> dict:
+    """Fetch and prepare as the pipeline does (its own clone), pooled features of the frozen weights through the
+    pipeline's eval transform, then scikit-learn's logistic regression: C chosen on a stratified 20% of train,
+    refitted on all of train, scored on test."""
+    clone = fresh_clone(args.workdir / "probe")
+    overrides = pipeline_overrides("sgd", args.cars, args.weights, len(args.cpus), args.epochs)
+    env = environment(len(args.cpus))
+    set_params(clone, overrides)
+    start = time.perf_counter()
+    run_logged(["dvc", "repro", "prepare"], clone, clone / "prepare.log", env)
+    features_log = clone / "probe.log"
+    run_logged([sys.executable, "-m", "benchmarks.real_data", "--probe-features", "--cpus",
+                ",".join(map(str, args.cpus))], clone, features_log, env)
+    result = json.loads((clone / "probe.json").read_text())
+    return {"tool": "linear probe", "recipe": "logistic regression on frozen pooled features", **result,
+            "tta_top1": None, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def set_params(clone: Path, overrides: dict) -> None:
+    """params.yaml as `dvc exp run -S` would leave it, without running anything."""
+    import yaml
+
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        params[section][name] = yaml.safe_load(str(value))
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def probe_features() -> None:
+    """In a clone whose data/prepared is built: writes probe.json (top-1, mean per-class, features images/s)."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+    from torch import nn
+
+    from stages.data import ImageSplit, make_loader, open_split
+    from stages.model import build_model, model_preprocessing
+    from stages.params import load_params
+    from stages.transforms import eval_transform, to_model_input
+
+    params = load_params()
+    torch.set_num_threads(params.train.num_threads if params.train.num_threads != "auto" else 1)
+    model = build_model(params.model.arch, 196, params.model.weights)
+    preprocessing = model_preprocessing(model, params.train.resolution, params.train.crop)
+    model.set_submodule(model.head_paths[0], nn.Identity())
+    model.eval()
+
+    def features(split_name: str) -> tuple[np.ndarray, np.ndarray, float]:
+        split = open_split(split_name)
+        loader = make_loader(ImageSplit(split, eval_transform(preprocessing)), 64, 1)
+        chunks, labels, start = [], [], time.perf_counter()
+        with torch.inference_mode():
+            for images, batch_labels in loader:
+                chunks.append(model(to_model_input(images, torch.device("cpu"), False, preprocessing.mean,
+                                                   preprocessing.std)).numpy())
+                labels.append(batch_labels.numpy())
+        return np.concatenate(chunks), np.concatenate(labels), len(split) / (time.perf_counter() - start)
+
+    train_x, train_y, train_rate = features("train")
+    test_x, test_y, test_rate = features("test")
+    scaler = StandardScaler().fit(train_x)
+    train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
+    fit_x, held_x, fit_y, held_y = train_test_split(train_x, train_y, test_size=0.2, stratify=train_y, random_state=0)
+    scores = {}
+    for c in (0.01, 0.03, 0.1, 0.3):
+        scores[c] = LogisticRegression(C=c, max_iter=300).fit(fit_x, fit_y).score(held_x, held_y)
+        print(f"probe: C={c}: held-out 20% of train {scores[c]:.4f}", flush=True)
+    best = max(scores, key=scores.get)
+    classifier = LogisticRegression(C=best, max_iter=300).fit(train_x, train_y)
+    predicted = classifier.predict(test_x)
+    per_class = [float((predicted[test_y == k] == k).mean()) for k in np.unique(test_y)]
+    result = {"top1": round(float((predicted == test_y).mean()), 5),
+              "top5": round(float((np.argsort(-classifier.predict_proba(test_x), 1)[:, :5] == test_y[:, None])
+                                  .any(1).mean()), 5),
+              "mean_class_accuracy": round(float(np.mean(per_class)), 5), "C": best,
+              "held_out_scores": {str(k): round(v, 5) for k, v in scores.items()},
+              "feature_images_per_s": {"train": round(train_rate, 2), "test": round(test_rate, 2)}}
+    Path("probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"probe: test top-1 {result['top1']:.4f}, mean per-class {result['mean_class_accuracy']:.4f} (C={best})")
+
+
+def print_table() -> None:
+    rows = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
+    print("| Run | Recipe | Resolution | Epochs | Test top-1 | Mean per-class | TTA top-1 | Wall time | "
+          "Train images/s (min / median / max over epochs) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        speed = row.get("train_images_per_s")
+        speed_text = (f"{speed['min']} / {speed['median']} / {speed['max']}" if speed
+                      else f"features: {row['feature_images_per_s']['train']}")
+        tta = f"{row['tta_top1']:.2%}" if row.get("tta_top1") is not None else "-"
+        print(f"| {row['tool']} | {row['recipe']} | {row.get('resolution', 160)} | {row.get('epochs', '-')} | "
+              f"{row['top1']:.2%} | {row['mean_class_accuracy']:.2%} | {tta} | {row['wall_s'] / 60:.1f} min | "
+              f"{speed_text} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", help="pipeline:<recipe>, timm:<recipe>, probe")
+    parser.add_argument("--cars", type=Path, help="the built Stanford Cars folder (train/, test/)")
+    parser.add_argument("--weights", type=Path, help="EfficientNet-Lite0 weights (build_imagenet_lite0.py)")
+    parser.add_argument("--timm-train", type=Path, help="timm's train.py")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/real_data"))
+    parser.add_argument("--cpus", type=lambda s: [int(c) for c in s.split(",")], default=[0])
+    parser.add_argument("--epochs", type=int, default=BASE["train.epochs"])
+    parser.add_argument("--table", action="store_true", help="print the table of benchmarks/real_data/*.json")
+    parser.add_argument("--probe-features", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.table:
+        return print_table()
+    os.sched_setaffinity(0, args.cpus)
+    if args.probe_features:
+        return probe_features()
+    for name in ("cars", "weights"):
+        if getattr(args, name) is None or not getattr(args, name).exists():
+            sys.exit(f"--{name} is missing or does not exist (see this module's docstring)")
+    args.cars, args.weights = args.cars.resolve(), args.weights.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(exist_ok=True)
+    for part in args.parts:
+        tool, _, recipe = part.partition(":")
+        print(f"real_data: {part} on CPUs {args.cpus}", flush=True)
+        if tool == "pipeline":
+            result = run_pipeline(recipe, args)
+        elif tool == "timm":
+            result = run_timm(recipe, args)
+        elif tool == "probe":
+            result = run_probe(args)
+        else:
+            sys.exit(f"unknown part {part}: pipeline:<recipe>, timm:<recipe> or probe")
+        result |= {"epochs": result.get("epochs", args.epochs), "resolution": BASE["train.resolution"],
+                   "cpus": len(args.cpus), "threads": len(args.cpus), "date": time.strftime("%Y-%m-%d"),
+                   "machine": f"{os.cpu_count()}-core CPU, no GPU", "load_average_after": os.getloadavg()}
+        name = part.replace(":", "-")
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"real_data: {part}: test top-1 {result['top1']:.2%}, {result['wall_s'] / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
