@@ -71,13 +71,13 @@ RECIPES = {
 # timm's train.py flags for the same run as RECIPES["sgd"]. The pipeline's BASE and recipe -> timm:
 # RandomResizedCrop scale 0.25-1 and flip, bicubic (the weights' interpolation in both), no colour jitter
 # (timm's default 0.4 is off in the pipeline), label smoothing 0.1, nesterov SGD without weight decay on
-# norms and biases (timm's default), cosine per epoch from the first epoch (no warmup), the model's own eval
-# transform (resize 183, centre crop 160). The test split is timm's validation split: its eval top-1 after the
-# last epoch is the test top-1.
+# norms and biases (timm's default), cosine per epoch from the first epoch (no warmup), channels_last (the
+# pipeline's default on every device), the model's own eval transform (resize 183, centre crop 160). The test
+# split is timm's validation split: its eval top-1 after the last epoch is the test top-1.
 TIMM_ARGS = {
     "sgd": ["--opt", "sgd", "--lr", "0.025", "--momentum", "0.9", "--weight-decay", "1e-4", "--sched", "cosine",
             "--warmup-epochs", "0", "--min-lr", "0", "--smoothing", "0.1", "--scale", "0.25", "1.0",
-            "--color-jitter", "0", "--train-interpolation", "bicubic", "--hflip", "0.5"],
+            "--color-jitter", "0", "--train-interpolation", "bicubic", "--hflip", "0.5", "--channels-last"],
 }
 
 
@@ -170,22 +170,21 @@ def timm_mean_class_accuracy(model_file: Path, args) -> float:
 
     import timm
     import torch
-    from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import ImageFolder
+    from timm.data import ImageDataset, create_transform, resolve_data_config
 
     with torch.serialization.safe_globals([argparse_module.Namespace]):
         state = torch.load(model_file, map_location="cpu", weights_only=True)["state_dict"]
     model = timm.create_model(ARCH.removeprefix("timm/"), num_classes=196)
     model.load_state_dict(state)
-    model.eval()
+    model = model.to(memory_format=torch.channels_last).eval()
     config = resolve_data_config({"input_size": (3, BASE["train.resolution"], BASE["train.resolution"])},
                                  model=model)
-    test = ImageFolder(str(args.cars / "test"), transform=create_transform(**config))
+    test = ImageDataset(str(args.cars / "test"), transform=create_transform(**config))  # train.py's class order
     loader = torch.utils.data.DataLoader(test, batch_size=64, num_workers=1)
     correct, total = torch.zeros(196), torch.zeros(196)
     with torch.inference_mode():
         for images, labels in loader:
-            hits = (model(images).argmax(1) == labels).float()
+            hits = (model(images.contiguous(memory_format=torch.channels_last)).argmax(1) == labels).float()
             correct.index_add_(0, labels, hits)
             total.index_add_(0, labels, torch.ones_like(hits))
     return round((correct / total).mean().item(), 5)
@@ -325,6 +324,8 @@ def main() -> None:
         else:
             sys.exit(f"unknown part {part}: pipeline:<recipe>, timm:<recipe> or probe")
         result |= {"epochs": result.get("epochs", args.epochs), "resolution": BASE["train.resolution"],
+                   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                            text=True).stdout.strip(),
                    "cpus": len(args.cpus), "threads": len(args.cpus), "date": time.strftime("%Y-%m-%d"),
                    "machine": f"{os.cpu_count()}-core CPU, no GPU", "load_average_after": os.getloadavg()}
         name = part.replace(":", "-")
