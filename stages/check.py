@@ -12,8 +12,9 @@ constant line, so passing the check never makes a later stage re-run.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -51,15 +52,28 @@ def check_machine(params: Params) -> None:
     if p.device == "cuda" and not torch.cuda.is_available():
         raise StageError(f"train.device: cuda, but no GPU is usable ({cuda_unavailable_reason()}). See README "
                          f"'GPU drivers', or set train.device: auto or cpu")
-    state_dir = Path(p.state_dir).expanduser()
-    existing = next(folder for folder in (state_dir, *state_dir.parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise StageError(f"train.state_dir {state_dir} cannot be written ({existing} is not a writable folder): "
-                         f"mount the shared storage, fix its permissions, or set train.state_dir: checkpoints")
+    check_writable_state_dir(Path(p.state_dir).expanduser())
     compiles_on_cpu = p.compile is True and (p.device == "cpu" or not torch.cuda.is_available())
     if compiles_on_cpu and not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
         raise StageError("train.compile: true on the CPU needs a C++ compiler (inductor builds C++ kernels): "
                          "install one (Debian/Ubuntu: apt-get install g++), or set train.compile: auto")
+
+
+def check_writable_state_dir(state_dir: Path) -> None:
+    """A real write: as root os.access says yes to almost anything (/sys, /proc), and a FUSE bucket mount can
+    accept permissions it then refuses. Folders created for the check are removed again."""
+    existing = next(folder for folder in (state_dir, *state_dir.parents) if folder.exists())
+    created = [folder for folder in (state_dir, *state_dir.parents) if not folder.exists()]
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=state_dir).close()
+    except OSError as error:
+        raise StageError(f"train.state_dir {state_dir} cannot be written ({existing}: {error.strerror}): mount "
+                         f"the shared storage, fix its permissions, or set train.state_dir: checkpoints") from None
+    finally:
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from stages.errors import StageError
-from stages.files import save_torch
+from stages.files import TorchFileUnreadable, read_torch, save_torch
 from stages.model import build_model, strip_wrapper_prefixes
 from stages.transforms import Preprocessing
 
@@ -57,11 +57,10 @@ def read_payload(path: Path) -> dict:
     if not path.is_file():
         raise StageError(f"{path} not found: run `dvc repro train` first (or `dvc pull` to fetch a trained model)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or a pickle that would run code
-        raise StageError(f"{path} is not a readable model file ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
-                         f"re-run `dvc repro train`, or give a models/model.pt this pipeline wrote") from None
+        payload = read_torch(path)
+    except TorchFileUnreadable as error:  # truncated, not a torch file, or a pickle that would run code
+        raise StageError(f"{path} is not a readable model file ({error}); re-run `dvc repro train`, or give a "
+                         f"models/model.pt this pipeline wrote") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format", "no format tag") if isinstance(payload, dict) else type(payload).__name__
         raise StageError(f"{path} is not a model checkpoint of this pipeline ({found}; expected {FORMAT}): "

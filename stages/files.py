@@ -120,6 +120,39 @@ def save_torch(path: Path | str, data) -> None:
         torch.save(data, f)
 
 
+class TorchFileUnreadable(Exception):
+    """A file torch.load(weights_only=True) refuses or cannot read; the message is the reason, for a person."""
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+LEGACY_MAGIC = b"\x80"  # a pickle protocol header: torch.save's format before 1.6
+
+
+def read_torch(path: Path | str):
+    """torch.load(path, weights_only=True): tensors and plain Python values only, never code. Anything else is a
+    TorchFileUnreadable saying what the file is, without torch's advice to retry with weights_only=False (wrong
+    advice for a file that may be hostile)."""
+    import pickle
+
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((ZIP_MAGIC, LEGACY_MAGIC)):
+        raise TorchFileUnreadable(f"not a PyTorch file (it starts with {head!r}; torch.save writes a zip archive)"
+                                  if head else "an empty file (0 bytes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only met something that is not a tensor or a plain value
+        refused = re.search(r"(unsupported GLOBAL [^\n]*|Unsupported [^\n]*)", str(error))
+        raise TorchFileUnreadable("it holds Python objects that loading would have to run, refused (files are read "
+                                  "with weights_only=True)" + (f": {refused.group(1)}" if refused else "")) from None
+    except Exception as error:  # truncated zip, a foreign archive, a legacy file with objects
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        first = re.split(r" In PyTorch 2\.6, we changed", first)[0]  # torch's weights_only=False advice
+        raise TorchFileUnreadable(f"{type(error).__name__}: {first}") from None
+
+
 def write_json(path: Path | str, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

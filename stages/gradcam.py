@@ -73,11 +73,12 @@ def draw_grid(tiles, names: list[str], title: str, path: Path) -> None:
         ax.axis("off")
     for ax, (overlay, true, pred) in zip(axes.flat, tiles):
         ax.imshow(overlay)
+        # parse_math=False: a class name is literal text; `under_$5_over_$10` is no mathtext formula
         ax.set_title(f"true: {wrap(names[true])}\npred: {wrap(names[pred])}", fontsize=8,
-                     color="darkgreen" if true == pred else "firebrick")
+                     color="darkgreen" if true == pred else "firebrick", parse_math=False)
     if not tiles:
         axes.flat[0].text(0, 0.5, "no misclassified test images", fontsize=12)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, parse_math=False)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from stages import timm_models
 from stages.errors import StageError
+from stages.files import TorchFileUnreadable, read_torch
 from stages.transforms import Preprocessing
 
 
@@ -130,10 +131,9 @@ def read_state_dict(path: Path) -> dict:
     """A state dict from `path` (bare, or under "state_dict" as this pipeline saves it), read without running any
     code (weights_only); anything else is a WeightsUnavailable naming the file."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, pickle refused by weights_only, not a torch file at all
-        raise WeightsUnavailable(f"{path} is not a readable PyTorch weights file ({type(error).__name__}: "
-                                 f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+        loaded = read_torch(path)
+    except TorchFileUnreadable as error:  # truncated zip, pickle refused by weights_only, not a torch file at all
+        raise WeightsUnavailable(f"{path} is not a readable PyTorch weights file ({error})") from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsUnavailable(f"{path} holds a {type(loaded).__name__}, not a state dict of tensors")
@@ -141,8 +141,10 @@ def read_state_dict(path: Path) -> dict:
 
 
 def load_local_weights(arch: str, path: Path, original, new_heads) -> nn.Module:
-    """A state dict with the original head(s) (replaced after loading), or with this run's heads (kept).
-    original(None): the model with its original heads and random weights."""
+    """A state dict with the original head(s) (replaced after loading), with this run's heads (kept), or one of
+    this pipeline's models trained on another class count or head (its backbone loaded, the heads fresh: a
+    model.pt fine-tuned on one dataset as the start of another). original(None): the model with its original
+    heads and random weights."""
     state = read_state_dict(path)
     original_headed = original(None)
     try:
@@ -153,9 +155,19 @@ def load_local_weights(arch: str, path: Path, original, new_heads) -> nn.Module:
     model = new_heads(original(None))
     try:
         model.load_state_dict(state)
+        return model
     except RuntimeError as error:
-        raise WeightsUnavailable(f"{path} does not fit {arch} (with either the ImageNet head or this run's "
-                                 f"head): {str(error).splitlines()[0]}") from None
+        mismatch = str(error).splitlines()[0]
+    heads = tuple(f"{head}." for head in model.head_paths)
+    try:
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(heads)},
+                                                    strict=False)
+    except RuntimeError as error:  # a backbone tensor of another shape: another arch
+        mismatch = str(error).splitlines()[0]
+        missing, unexpected = ["?"], []
+    if unexpected or any(not key.startswith(heads) for key in missing):
+        raise WeightsUnavailable(f"{path} does not fit {arch} (with the ImageNet head, this run's head or another "
+                                 f"head of this pipeline): {mismatch}")
     return model
 
 

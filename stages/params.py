@@ -414,10 +414,11 @@ DESCRIPTIONS = {
         'epoch only'
     ),
     'train.state_dir': (
-        "where an unfinished run's resume state (`train_state.pt`, written after every epoch, deleted when the "
-        'run finishes) lives. A mounted bucket or NFS path lets a replacement machine (a new spot instance, '
-        'another clone of the project) resume the run: same params and data, same weights as an '
-        'uninterrupted run. Give each concurrent run its own directory; changing it does not restart a run'
+        "where an unfinished run's resume state (`train_state-<fingerprint>.pt`, one per params and data, written "
+        'after every epoch, deleted when that run finishes) lives. A mounted bucket or NFS path lets a replacement '
+        'machine (a new spot instance, another clone of the project) resume the run: same params and data, same '
+        'weights as an uninterrupted run. Runs of other params may share it (each touches only its own file); '
+        'changing it does not restart a run'
     ),
     'train.devices': (
         'training processes on this machine, one per GPU (PyTorch DDP under `torchrun`, which `train` '

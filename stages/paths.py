@@ -4,7 +4,8 @@ fetch     -> RAW_DIR
 prepare   RAW_DIR -> PREPARED_DIR, DATA_METRICS, DROPPED_LIST
 check     params.yaml -> PARAMS_CHECK (every other stage depends on it: bad params stop the run before DVC
           deletes any stage's outputs)
-train     PREPARED_DIR -> MODEL_PATH, LIVE_DIR (and STATE_DIR/STATE_FILE while a run is unfinished)
+train     PREPARED_DIR -> MODEL_PATH, LIVE_DIR (and STATE_DIR/train_state-<fingerprint>.pt while a run is unfinished:
+          stages/resume.py names it)
 evaluate  MODEL_PATH, PREPARED_DIR -> EVAL_METRICS, EVAL_REPORT, PER_CLASS_CSV, CONFUSED_CSV, PREDICTIONS_CSV,
           CONFUSION_JSON
 gradcam   MODEL_PATH, PREPARED_DIR, PER_CLASS_CSV, PREDICTIONS_CSV -> GRADCAM_DIR
@@ -27,7 +28,6 @@ MODEL_PATH = Path("models/model.pt")
 LIVE_DIR = Path("metrics/train")  # DVCLive: metrics.json (summary) and plots/metrics/**.tsv (per epoch)
 LIVE_CURVES = LIVE_DIR / "plots" / "metrics"
 STATE_DIR = Path("checkpoints")  # train.state_dir's default: the resume state of an unfinished run, not a DVC output
-STATE_FILE = "train_state.pt"
 
 EVAL_METRICS = Path("metrics/eval.json")
 EVAL_REPORT = Path("metrics/eval_report.json")

@@ -115,8 +115,8 @@ def lr_factor(t: int, p: TrainParams, steps_per_epoch: int = 1) -> float:
         return p.lr_gamma ** (t // (p.lr_step_epochs * per_epoch))
     if p.lr_schedule == "exponential":
         return p.lr_gamma ** (t / per_epoch)
-    if p.lr_schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * t / length))
+    if p.lr_schedule == "cosine":  # warmup_epochs == epochs leaves no unit to decay over (scheduler.step() after
+        return 0.5 * (1 + math.cos(math.pi * t / max(length, 1)))  # the last one still asks for it)
     return 1.0
 
 

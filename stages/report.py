@@ -94,7 +94,7 @@ def plot_per_class(rows: list[dict], path: Path) -> None:
     y = np.arange(len(rows))
     ax.barh(y, accuracy, color=colormaps["RdYlGn"](accuracy), height=0.8)
     ax.axvline(accuracy.mean(), color="black", linestyle="--", linewidth=1)
-    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_yticks(y, labels, fontsize=7, parse_math=False)  # class names are literal text, `$` included
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(0, 1)
     ax.xaxis.set_ticks_position("both")
@@ -134,8 +134,8 @@ def plot_confusion(confusion: np.ndarray, names: list[str], block: tuple[int, in
     row_points = side * 72 * 0.8 / max(n, 1)  # the matrix takes ~80% of the figure's height
     fontsize = max(3.0, min(9.0, 0.8 * row_points))
     ticks = np.arange(n)
-    ax.set_xticks(ticks, [short(name) for name in names], rotation=90, fontsize=fontsize)
-    ax.set_yticks(ticks, [short(name) for name in names], fontsize=fontsize)
+    ax.set_xticks(ticks, [short(name) for name in names], rotation=90, fontsize=fontsize, parse_math=False)
+    ax.set_yticks(ticks, [short(name) for name in names], fontsize=fontsize, parse_math=False)
     start, size = block
     if size < n:  # a white-edged red square: visible on the dark background and on the bright diagonal
         for colour, width in (("white", 4), ("red", 2)):
@@ -163,8 +163,8 @@ def plot_confusion_zoom(confusion: np.ndarray, names: list[str], block: tuple[in
             ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
                     color="black" if i == j else "white", fontweight="normal" if i == j else "bold")
     labels = ["\n".join(textwrap.wrap(name, 28)) for name in names[start:start + size]]
-    ax.set_xticks(range(size), labels, rotation=90, fontsize=8)
-    ax.set_yticks(range(size), labels, fontsize=8)
+    ax.set_xticks(range(size), labels, rotation=90, fontsize=8, parse_math=False)
+    ax.set_yticks(range(size), labels, fontsize=8, parse_math=False)
     ax.set(xlabel="predicted class", ylabel="true class")
     ax.set_title(f"Most-confused block: classes {start}-{start + size - 1} (test image counts)", fontsize=11)
     save(fig, path)

@@ -2,13 +2,21 @@
 
 It holds the weights, optimizer, scheduler, loss scaler, every RNG state and the metrics logged so far, as
 tensors and plain Python values only, so it is read with torch.load(weights_only=True): a planted or foreign
-file cannot run code. A state is used only if it was made by the same params and the same prepared data
-(its fingerprint); an unreadable, foreign, finished or mismatched state is ignored with one line, and the
-run starts fresh. It is not a DVC output: DVC would delete it before the stage runs (see dvc.yaml).
+file cannot run code. They are serialized once more inside the file with their SHA-256 beside them: torch checks
+no checksum, and a state damaged on disk or in transfer would otherwise resume (into NaNs blamed on the lr).
+
+Each run has its own file, named by its fingerprint (the params that shape training, and the prepared data), so
+a run with other params in the same train.state_dir never touches an unfinished run's state, and deletes only
+its own when it ends. An unreadable, foreign or damaged state is ignored with one line, and the run starts fresh;
+a finished one (the run stopped after its last epoch, before writing the model) finishes the run. It is not a
+DVC output: DVC would delete it before the stage runs (see dvc.yaml).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +25,10 @@ import numpy as np
 import torch
 
 from stages.errors import StageError
-from stages.files import save_torch
+from stages.files import TorchFileUnreadable, read_torch, save_torch
 
-FORMAT = "transfer-learning-train-state/3"  # 3: with the EMA weights
+FORMAT = "transfer-learning-train-state/4"  # 3: with the EMA weights; 4: checksummed, one file per fingerprint
+STATE_PREFIX = "train_state-"  # + the fingerprint's digest + .pt
 # Train params a resumed run may change: loader processes, CPU threads (they change the order of float sums, so a
 # resume is bit-exact only with the same thread count, but not the recipe), the device choice, and where the
 # state is kept.
@@ -41,6 +50,18 @@ def run_fingerprint(model_params: dict, train_params: dict, data_fingerprints: d
     """What must match for a saved state to be resumed: the params that shape training, and the data."""
     train = {k: v for k, v in train_params.items() if k not in NOT_AFFECTING_RESULTS}
     return {"model": model_params, "train": train, "data": data_fingerprints}
+
+
+def state_path(state_dir: str | Path, fingerprint: dict) -> Path:
+    """This run's state file in train.state_dir: the same on every machine for the same params and data."""
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(state_dir).expanduser() / f"{STATE_PREFIX}{digest}.pt"
+
+
+def other_states(path: Path) -> list[Path]:
+    """Unfinished runs of other params or data kept beside this run's state (left alone, never deleted)."""
+    folder = path.parent
+    return sorted(p for p in folder.glob(f"{STATE_PREFIX}*.pt") if p != path) if folder.is_dir() else []
 
 
 def rng_states() -> dict:
@@ -68,7 +89,8 @@ def restore_rng_states(states: dict) -> None:
 
 def save_state(path: Path, trainer, progress: Progress, fingerprint: dict) -> None:
     """trainer: a stages.trainer.Trainer (model, optimizer, scheduler, precision.scaler)."""
-    save_torch(path, {
+    serialized = io.BytesIO()
+    torch.save({
         "format": FORMAT,
         "fingerprint": fingerprint,
         "progress": progress.__dict__,
@@ -78,7 +100,23 @@ def save_state(path: Path, trainer, progress: Progress, fingerprint: dict) -> No
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.precision.scaler.state_dict(),
         "rng": rng_states(),
-    })
+    }, serialized)
+    payload = serialized.getbuffer()
+    save_torch(path, {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                      "payload": torch.frombuffer(payload, dtype=torch.uint8)})
+
+
+def unpack(outer) -> dict:
+    """The state inside a state file, its checksum verified; TorchFileUnreadable says what is wrong."""
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT or not isinstance(outer.get("payload"),
+                                                                                       torch.Tensor):
+        raise TorchFileUnreadable("it was not written by this version of train")
+    payload = outer["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
+        raise TorchFileUnreadable("its checksum does not match its contents: the file was damaged on disk or in "
+                                  "transfer")
+    loaded = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def read_state(path: Path, fingerprint: dict, epochs: int) -> dict | None:
@@ -86,10 +124,16 @@ def read_state(path: Path, fingerprint: dict, epochs: int) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or a pickle that would run code
-        return ignore(path, f"it is not a readable state file ({type(error).__name__})")
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        outer = read_torch(path)
+    except TorchFileUnreadable as error:  # truncated, not a torch file, or a pickle that would run code
+        return ignore(path, f"it is not a readable state file ({error})")
+    try:
+        state = unpack(outer)
+    except TorchFileUnreadable as error:  # another version's, or damaged
+        return ignore(path, str(error))
+    except Exception as error:  # contents torch cannot read despite a matching checksum (a broken writer)
+        return ignore(path, f"its contents are not a readable state ({type(error).__name__})")
+    if state.get("format") != FORMAT:
         return ignore(path, "it was not written by this version of train")
     if state.get("fingerprint") != fingerprint:
         saved = state.get("fingerprint") if isinstance(state.get("fingerprint"), dict) else {}
@@ -99,8 +143,8 @@ def read_state(path: Path, fingerprint: dict, epochs: int) -> dict | None:
         progress = Progress(**state["progress"])
     except (KeyError, TypeError) as error:
         return ignore(path, f"its progress record is damaged ({error})")
-    if progress.epochs_done >= epochs:  # the run stopped between its last epoch and saving the model
-        return ignore(path, "it is a finished run")
+    if progress.epochs_done > epochs:
+        return ignore(path, f"it records {progress.epochs_done} epochs, more than train.epochs={epochs}")
     return state
 
 
@@ -131,5 +175,9 @@ def load_state(path: Path, trainer, fingerprint: dict) -> Progress:
         raise StageError(f"{path} matched this run but could not be restored ({error}); delete it and run "
                          f"again") from None
     progress = Progress(**state["progress"])
-    print(f"train: resuming after epoch {progress.epochs_done}/{trainer.p.epochs} from {path}")
+    if progress.epochs_done == trainer.p.epochs:  # stopped between its last epoch and writing the model
+        print(f"train: {path} holds every epoch of this run (it stopped before writing the model): writing the "
+              f"model from it, no epoch trained again")
+    else:
+        print(f"train: resuming after epoch {progress.epochs_done}/{trainer.p.epochs} from {path}")
     return progress

@@ -27,8 +27,8 @@ from stages.data import class_names, open_split, resolve_workers, split_names, s
 from stages.errors import StageError, run_stage
 from stages.model import constructor_kwargs
 from stages.params import Params, TrainParams, load_params
-from stages.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR, STATE_FILE
-from stages.resume import Progress, load_state, run_fingerprint, save_state
+from stages.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR
+from stages.resume import Progress, load_state, other_states, run_fingerprint, save_state, state_path
 from stages.runtime import (
     Processes,
     relaunch_under_torchrun,
@@ -50,11 +50,8 @@ class RunStopped(Exception):
     """Ctrl-C or SIGTERM ended the run between two saved epochs: not an error, main says how to resume."""
 
 
-def state_path(p: TrainParams) -> Path:
-    return Path(p.state_dir).expanduser() / STATE_FILE
-
-
-def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_loader, fingerprint: dict) -> None:
+def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_loader, fingerprint: dict,
+               state: Path) -> None:
     """Epochs from the first unfinished one to the last: train, validate, keep the best, save the state, log.
 
     A fresh DVCLive dir each run; a resumed run replays the logged epochs first, so the curves have every
@@ -79,7 +76,7 @@ def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_lo
             progress.epochs_done = epoch + 1
             progress.history.append(metrics)
             if is_main:
-                save_state(state_path(p), trainer, progress, fingerprint)
+                save_state(state, trainer, progress, fingerprint)
             log_epoch(live, metrics)
         if is_main:
             live.summary["kept_epoch"] = progress.best_epoch or p.epochs
@@ -134,35 +131,43 @@ def train(params: Params, processes: Processes) -> None:
     train_loader, validation_loader = make_loaders(p, trainer.preprocessing, train_split, validation_split, workers,
                                                    processes)
     fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints())
-    progress = load_state(state_path(p), trainer, fingerprint)
-    check_same_start(processes, progress, state_path(p))
+    state = state_path(p.state_dir, fingerprint)
+    progress = load_state(state, trainer, fingerprint)
+    check_same_start(processes, progress, state)
     print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers, threads))
+    if processes.is_main and (others := other_states(state)):
+        print(f"train: {state.parent} also holds the state of {len(others)} unfinished run(s) of other params or "
+              f"data ({', '.join(o.name for o in others[:3])}{', ...' if len(others) > 3 else ''}): left as they "
+              f"are, to resume when their params come back; delete them when you no longer need them")
 
-    signal.signal(signal.SIGTERM, raise_interrupted)
+    # SIGTERM stops training between two saved epochs; once the last epoch's state is saved it takes its default
+    # action again: a run killed while writing the model finishes from that state when run again.
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
-        run_epochs(trainer, progress, train_loader, validation_loader, fingerprint)
+        run_epochs(trainer, progress, train_loader, validation_loader, fingerprint, state)
     except (KeyboardInterrupt, Interrupted):
         raise RunStopped(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished "
-                         f"epoch(s) are saved in {state_path(p)}: run `dvc repro` again to resume") from None
+                         f"epoch(s) are saved in {state}: run `dvc repro` again to resume") from None
     except LossNotFinite as error:
         raise StageError(
             f"the training loss became {error} in epoch {progress.epochs_done + 1}. The learning rate is likely too "
             f"high for this batch size (train.lr={p.lr}, train.batch_size={p.batch_size}): scale it with the batch "
             f"size (the seeds' 0.1 is for batch 128) or lower it."
-            + (f" The last good epoch ({progress.epochs_done}) is kept in {state_path(p)}." if progress.epochs_done
+            + (f" The last good epoch ({progress.epochs_done}) is kept in {state}." if progress.epochs_done
                else "")) from None
     except torch.OutOfMemoryError:
         raise StageError(f"CUDA out of memory at train.batch_size={p.batch_size}, train.resolution={p.resolution}. "
                          f"Lower train.batch_size (and scale train.lr with it: lr 0.1 per 128 images), keep "
                          f"train.amp: bf16, or lower the resolution.") from None
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         stop_workers(train_loader, validation_loader)
 
     if processes.is_main:
-        save_model(params, trainer, progress, names)
+        save_model(params, trainer, progress, names, state)
 
 
-def save_model(params: Params, trainer: Trainer, progress: Progress, names: list[str]) -> None:
+def save_model(params: Params, trainer: Trainer, progress: Progress, names: list[str], state: Path) -> None:
     """The best validation epoch's weights (the EMA's with train.ema_decay), else the last epoch's."""
     trainer.model.load_state_dict(progress.best_state if progress.best_state is not None else trainer.weights_copy())
     kept_epoch = progress.best_epoch or params.train.epochs
@@ -172,7 +177,7 @@ def save_model(params: Params, trainer: Trainer, progress: Progress, names: list
         head={"head": m.head, "head_hidden": m.head_hidden, "head_dropout": m.head_dropout},
         constructor=constructor_kwargs(trainer.model, trainer.constructor), epoch=kept_epoch,
         params=params.model_dump()))
-    state_path(params.train).unlink(missing_ok=True)  # a finished run is never resumed; it would only take disk space
+    state.unlink(missing_ok=True)  # this run's own state only: other runs' states in the folder stay
     print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
 
 

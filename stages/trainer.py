@@ -140,7 +140,9 @@ class Trainer:
         """The lr now: `lr` (train.lr under the schedule: the top backbone layer's under layer decay) and, when it
         differs, `lr_head`."""
         groups = self.optimizer.param_groups
-        backbone = next(g for g in groups if g["name"].startswith("backbone"))
+        # The top backbone group (scale 1, or the largest): under a strong train.layer_decay the stem's scale can
+        # underflow to 0 (1e-70 ** 4), and it must not be divided by.
+        backbone = max((g for g in groups if g["name"].startswith("backbone")), key=lambda g: g["lr_scale"])
         lrs = {"lr": backbone["lr"] / backbone["lr_scale"]}
         if self.p.head_lr_multiplier != 1:
             lrs["lr_head"] = next(g for g in groups if g["name"].startswith("head"))["lr"]

@@ -48,7 +48,29 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, values: dict) -> Preprocessing:
-        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+        """As a checkpoint stores it; a damaged or foreign record is a ValueError naming the field."""
+        if not isinstance(values, dict) or set(values) != set(cls.__dataclass_fields__):
+            raise ValueError(f"preprocessing record {sorted(values) if isinstance(values, dict) else values!r} does "
+                             f"not have the fields {sorted(cls.__dataclass_fields__)}")
+        def bad(field: str, allowed: str) -> ValueError:
+            return ValueError(f"preprocessing {field} {values[field]!r} is not {allowed}")
+        resolution, fraction = values["resolution"], values["crop_fraction"]
+        if type(resolution) is not int or not 16 <= resolution <= 4096:
+            raise bad("resolution", "a whole number of pixels (16-4096)")
+        if values["resize"] not in ("shorter_side", "square"):
+            raise bad("resize", "shorter_side or square")
+        if type(fraction) not in (int, float) or not 0 < fraction <= 1:
+            raise bad("crop_fraction", "a number in (0, 1]")
+        if values["interpolation"] not in INTERPOLATIONS:
+            raise bad("interpolation", f"one of {', '.join(INTERPOLATIONS)}")
+        for field in ("mean", "std"):
+            numbers = values[field]
+            if (not isinstance(numbers, list | tuple) or len(numbers) != 3
+                    or not all(type(v) in (int, float) and 0 <= v <= 255 for v in numbers)
+                    or (field == "std" and not all(v > 0 for v in numbers))):
+                raise bad(field, "3 numbers (per channel, of pixel values / 255)")
+        return cls(**{**values, "crop_fraction": float(fraction), "mean": tuple(map(float, values["mean"])),
+                      "std": tuple(map(float, values["std"]))})
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}

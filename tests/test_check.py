@@ -61,12 +61,24 @@ def test_an_unwritable_state_dir_is_refused(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        check_machine(params_with(**{"train.state_dir": str(tmp_path / "bucket" / "run")}))  # created when needed
+        check_machine(params_with(**{"train.state_dir": str(tmp_path / "bucket" / "run")}))  # train creates it
+        assert not (tmp_path / "bucket").exists()  # the check leaves no folder behind
         if not os.access(locked, os.W_OK):  # root writes anywhere: nothing to refuse
             with pytest.raises(StageError, match="train.state_dir .*mnt/run cannot be written"):
                 check_machine(params_with(**{"train.state_dir": str(locked / "run")}))
         (tmp_path / "file").write_text("")
-        with pytest.raises(StageError, match="is not a writable folder"):
+        with pytest.raises(StageError, match="file/run cannot be written .*Not a directory"):
             check_machine(params_with(**{"train.state_dir": str(tmp_path / "file" / "run")}))
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.skipif(not os.access("/sys", os.W_OK) or os.path.exists("/sys/x"), reason="needs root: os.access "
+                    "says /sys is writable only to root")
+def test_a_state_dir_that_os_access_calls_writable_but_is_not_is_refused():
+    """Before: as root, os.access said /sys/x could be written, check passed, and train died after epoch 1 (a
+    FUSE bucket mount can do the same)."""
+    from stages.check import check_machine
+
+    with pytest.raises(StageError, match="train.state_dir /sys/x/run cannot be written"):
+        check_machine(params_with(**{"train.state_dir": "/sys/x/run"}))

@@ -279,6 +279,20 @@ def test_local_checkpoint_with_matching_head_keeps_it(tmp_path):
     assert torch.equal(model.fc[3].weight, trained.fc[3].weight)
 
 
+def test_a_pipeline_model_of_another_class_count_starts_a_run_with_its_backbone(tmp_path):
+    """Before: model.weights = a models/model.pt of this pipeline (documented as allowed) was refused by check
+    unless it had the ImageNet head count or this run's (check builds with 2 classes; train alone accepted it)."""
+    from stages.check import CHECK_CLASSES
+
+    trained = build_model("resnet18", 5, "none")
+    save_checkpoint(tmp_path / "model.pt", trained, record(list("abcde")))
+    for classes in (CHECK_CLASSES, 196):
+        model = build_model("resnet18", classes, str(tmp_path / "model.pt"))
+        assert model.fc.out_features == classes and torch.equal(model.conv1.weight, trained.conv1.weight)
+    mlp = build_model("resnet18", 3, str(tmp_path / "model.pt"), head="mlp", head_hidden=16)  # another head kind
+    assert torch.equal(mlp.layer4[1].conv2.weight, trained.layer4[1].conv2.weight)
+
+
 def test_local_state_dict_of_another_model_is_refused_by_name(tmp_path):
     torch.save(build_model("resnet34", 5, "none").state_dict(), tmp_path / "other.pt")
     with pytest.raises(WeightsUnavailable, match="does not fit resnet18"):
@@ -470,3 +484,21 @@ def test_batched_predict_keeps_the_order_the_errors_and_the_answers(tmp_path):
         if "top" in single:
             assert [t["class_name"] for t in single["top"]] == [t["class_name"] for t in together["top"]]
             assert all(abs(a["probability"] - b["probability"]) < 1e-4 for a, b in zip(single["top"], together["top"]))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("interpolation", "lanczos", "preprocessing interpolation 'lanczos' is not one of bilinear, bicubic"),
+    ("resolution", "abc", "preprocessing resolution 'abc' is not a whole number"),
+    ("mean", [0.5, 0.5], "preprocessing mean \\[0.5, 0.5\\] is not 3 numbers"),
+    ("std", [0.2, 0.0, 0.2], "preprocessing std .* is not 3 numbers"),
+    ("crop_fraction", None, "preprocessing crop_fraction None is not a number"),
+])
+def test_a_model_file_with_damaged_preprocessing_is_refused_with_the_field(tmp_path, field, value, message):
+    """Before: the right format tag with `interpolation: lanczos` or `resolution: "abc"` gave a KeyError/TypeError
+    traceback (in evaluate, gradcam, predict or export)."""
+    save_checkpoint(tmp_path / "model.pt", build_model("resnet18", 3, "none"), record(["a", "b", "c"]))
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    payload["preprocessing"][field] = value
+    torch.save(payload, tmp_path / "model.pt")
+    with pytest.raises(StageError, match=f"is damaged or was written by another version .*{message}"):
+        load_checkpoint(tmp_path / "model.pt")

@@ -109,6 +109,30 @@ def test_cosine_schedule_with_warmup():
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
 
 
+def test_cosine_with_warmup_as_long_as_the_run_ends_at_the_full_lr():
+    """Before: warmup_epochs == epochs (the schema allows it) divided by zero at the scheduler step after the last
+    epoch, and every resume hit it again."""
+    for unit in ("epoch", "step"):
+        p = params_with(**{"train.epochs": 3, "train.warmup_epochs": 3, "train.lr_schedule": "cosine",
+                           "train.lr_schedule_unit": unit}).train
+        optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=p.lr)
+        scheduler = build_scheduler(optimizer, p, steps_per_epoch=4)
+        for _ in range(3 * (4 if unit == "step" else 1)):
+            optimizer.step()
+            scheduler.step()  # the one after the last unit asks for unit `length` of an empty schedule
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(p.lr)
+
+
+def test_a_layer_decay_that_underflows_the_stem_still_trains_and_reports_its_lr():
+    """Before: layer_decay 1e-70 (the schema asks only > 0) made the stem's lr scale 0, and the lr report divided
+    by it at epoch 1."""
+    trainer = trainer_with(**{"train.layer_decay": 1e-70, "train.epochs": 1})
+    scales = [g["lr_scale"] for g in trainer.optimizer.param_groups]
+    assert min(scales) == 0.0  # underflowed: the stem does not learn, as asked
+    assert trainer.learning_rates()["lr"] == pytest.approx(0.05)
+    trainer.train_epoch(batches(), epoch=0)
+
+
 def test_constant_schedule():
     assert set(lrs_by_epoch(**{"train.epochs": 5, "train.lr_schedule": "constant"})) == {0.05}
 

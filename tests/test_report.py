@@ -100,3 +100,31 @@ def test_log_scale_only_for_positive_series_spanning_decades():
     assert not report.wide_positive_range([np.array([0.1, 0.05])])
     assert not report.wide_positive_range([np.array([0.1, 0.0])])
     assert not report.wide_positive_range([])
+
+
+def test_class_names_with_dollar_signs_are_drawn_literally(tmp_path, monkeypatch):
+    """Before: two `$` in class names (`under_$5_over_$10`) crashed gradcam and report after training (matplotlib
+    read them as mathtext), and `Model $\\alpha$ 2012` was drawn as "Model α 2012"."""
+    import matplotlib.figure
+
+    from stages import gradcam
+
+    names = ["under_$5_over_$10", "Model $\\alpha$ 2012", "$", "plain"]
+    drawn = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def rendered(fig, path, **kwargs):
+        real_savefig(fig, path, **kwargs)  # the draw is what crashed
+        drawn.append([t for t in fig.findobj(matplotlib.text.Text) if "$" in t.get_text()])
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", rendered)
+    per_class = [{"class_id": str(i), "class_name": n, "accuracy": "0.5", "images": "4"} for i, n in enumerate(names)]
+    confusion = np.array([[2, 1, 1, 0], [1, 2, 0, 1], [0, 0, 4, 0], [1, 1, 0, 2]])
+    report.plot_per_class(per_class, tmp_path / "per_class.png")
+    report.plot_confusion(confusion, names, (0, 4), tmp_path / "confusion.png")
+    report.plot_confusion_zoom(confusion, names, (0, 4), tmp_path / "zoom.png")
+    tiles = [(np.zeros((32, 32, 3), dtype=np.uint8), 0, 1), (np.zeros((32, 32, 3), dtype=np.uint8), 1, 1)]
+    gradcam.draw_grid(tiles, names, "GradCAM of $x$", tmp_path / "grid.png")
+    assert len(drawn) == 4 and all(drawn)
+    assert all(not text.get_parse_math() for texts in drawn for text in texts)
+    assert any("Model $\\alpha$ 2012" in text.get_text() for text in drawn[-1])

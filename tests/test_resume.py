@@ -22,7 +22,17 @@ from tests.conftest import REPO, tiny_params
 pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
 
 EPOCHS = 4
-STATE = Path("checkpoints/train_state.pt")
+STATE_DIR = Path("checkpoints")
+
+
+def states(folder: Path) -> list[Path]:
+    """The resume states in a train.state_dir (one file per params and data: train_state-<fingerprint>.pt)."""
+    return sorted(folder.glob("train_state-*.pt"))
+
+
+def the_state(workdir: Path) -> Path:
+    (state,) = states(workdir / STATE_DIR)
+    return state
 
 
 def stage(name: str, cwd: Path, **popen) -> subprocess.Popen:
@@ -46,13 +56,16 @@ def run_ok(name: str, cwd: Path) -> str:
 
 def interrupt_after_first_epoch(cwd: Path, sig: int, whole_group: bool = False) -> tuple[int, str]:
     """`whole_group`: as Ctrl-C in a terminal, the signal reaches the loader workers too."""
-    return interrupt_after_first_epoch_at(cwd, cwd / STATE, sig, whole_group)
+    return interrupt_after_first_epoch_at(cwd, cwd / STATE_DIR, sig, whole_group)
 
 
-def interrupt_after_first_epoch_at(cwd: Path, state: Path, sig: int, whole_group: bool = False) -> tuple[int, str]:
+def interrupt_after_first_epoch_at(cwd: Path, state_dir: Path, sig: int, whole_group: bool = False
+                                   ) -> tuple[int, str]:
+    """Stops train once a new state appears in state_dir (its first epoch is saved)."""
+    before = set(states(state_dir))
     process = stage("train", cwd, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not state.exists():
+    while not set(states(state_dir)) - before:
         assert process.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
         time.sleep(0.05)
     if whole_group:
@@ -130,7 +143,10 @@ def test_killed_run_with_every_modern_knob_resumes_to_the_same_weights(prepared,
     workdir = with_modern_knobs(prepared, tmp_path / "killed")
     code, _ = interrupt_after_first_epoch(workdir, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    assert torch.load(workdir / STATE, weights_only=True)["ema"]["n_averaged"] > 0
+    from stages.files import read_torch
+    from stages.resume import unpack
+
+    assert unpack(read_torch(the_state(workdir)))["ema"]["n_averaged"] > 0
     assert "train: resuming after epoch" in run_ok("train", workdir)
     expected, got = weights(reference), weights(workdir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
@@ -149,14 +165,15 @@ def test_state_on_shared_storage_resumes_on_another_machine(prepared, uninterrup
         params["train"]["state_dir"] = str(shared)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         machines.append(work)
-    code, _ = interrupt_after_first_epoch_at(machines[0], shared / "train_state.pt", signal.SIGKILL)
-    assert code == -signal.SIGKILL and not (machines[0] / STATE).exists()
+    code, _ = interrupt_after_first_epoch_at(machines[0], shared, signal.SIGKILL)
+    assert code == -signal.SIGKILL and not states(machines[0] / STATE_DIR)
+    (state,) = states(shared)
     shutil.rmtree(machines[0])  # the machine is gone
     out = run_ok("train", machines[1])
-    assert f"resuming after epoch 1/{EPOCHS} from {shared / 'train_state.pt'}" in out
+    assert f"resuming after epoch 1/{EPOCHS} from {state}" in out
     expected, got = weights(uninterrupted), weights(machines[1])
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    assert not (shared / "train_state.pt").exists()  # a finished run's state is deleted
+    assert not states(shared)  # a finished run's state is deleted
 
 
 @pytest.mark.parametrize("sig,whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "ctrl-c"])
@@ -166,18 +183,78 @@ def test_interrupt_stops_cleanly_with_one_line(workdir, sig, whole_group):
     last = out.strip().splitlines()[-1]
     assert last.startswith("train: interrupted in epoch") and "run `dvc repro` again to resume" in last
     assert "Traceback" not in out
-    assert (workdir / STATE).exists()
+    assert states(workdir / STATE_DIR)
 
 
-def test_state_from_other_params_is_not_resumed(workdir):
-    interrupt_after_first_epoch(workdir, signal.SIGKILL)
+def set_param(workdir: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params["train"]["lr"] = 0.02
+    params[section][key] = value
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_a_run_of_other_params_in_the_same_state_dir_leaves_an_unfinished_run_to_resume(workdir, uninterrupted):
+    """Before: the later run, finishing, deleted the interrupted run's state (one file for all), and the
+    interrupted run started again at epoch 1."""
+    interrupt_after_first_epoch(workdir, signal.SIGKILL)
+    (interrupted,) = states(workdir / STATE_DIR)
+    set_param(workdir, "train", "lr", 0.02)
     out = run_ok("train", workdir)
-    assert "ignoring checkpoints/train_state.pt: it was made with other train; starting fresh" in out
+    assert "resuming" not in out and len(curve(workdir, "train/loss.tsv")) == EPOCHS
+    assert f"also holds the state of 1 unfinished run(s) of other params or data ({interrupted.name})" in out
+    assert states(workdir / STATE_DIR) == [interrupted]  # the other run deleted only its own state
+    set_param(workdir, "train", "lr", 0.05)
+    assert f"resuming after epoch 1/{EPOCHS} from {STATE_DIR / interrupted.name}" in run_ok("train", workdir)
+    expected, got = weights(uninterrupted), weights(workdir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not states(workdir / STATE_DIR)
+
+
+def test_a_run_stopped_after_its_last_epoch_writes_the_model_without_training_again(workdir, uninterrupted,
+                                                                                      monkeypatch):
+    """Before: killed after the last epoch's state was saved and before models/model.pt was written, the next run
+    said "it is a finished run; starting fresh" and trained every epoch again. And SIGTERM no longer raises in
+    the model save (the handler is gone once the epochs are done): it ends the process, the state stays."""
+    from stages import train, trainer
+
+    monkeypatch.chdir(workdir)
+    handlers = []
+
+    def killed_while_saving(*args):
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        raise SystemExit("killed while writing the model")
+
+    monkeypatch.setattr(train, "save_model", killed_while_saving)
+    with pytest.raises(SystemExit):
+        train.main()
+    assert handlers == [signal.SIG_DFL] and len(states(workdir / STATE_DIR)) == 1
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+
+    def must_not_train(self, loader, epoch):
+        raise AssertionError(f"epoch {epoch + 1} trained again")
+
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", must_not_train)
+    train.main()
+    expected, got = weights(uninterrupted), weights(workdir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert curve(workdir, "train/loss.tsv") == curve(uninterrupted, "train/loss.tsv")
+    assert not states(workdir / STATE_DIR)
+
+
+def test_a_state_damaged_on_disk_is_not_resumed(workdir, uninterrupted):
+    """Before: 64 corrupted bytes in a tensor of the state loaded (torch checks no CRC), resumed, and the NaN that
+    followed was blamed on the learning rate."""
+    interrupt_after_first_epoch(workdir, signal.SIGKILL)
+    state = the_state(workdir)
+    data = bytearray(state.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+    state.write_bytes(bytes(data))
+    out = run_ok("train", workdir)
+    assert f"ignoring {STATE_DIR / state.name}: its checksum does not match its contents" in out
     assert "resuming" not in out
-    assert len(curve(workdir, "train/loss.tsv")) == EPOCHS
+    expected, got = weights(uninterrupted), weights(workdir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_worker_count_does_not_change_the_result(workdir, uninterrupted):
@@ -208,7 +285,7 @@ def test_diverging_loss_stops_with_the_likely_cause(workdir, monkeypatch):
     message = str(stopped.value)
     assert "the training loss became nan in epoch 2" in message and "learning rate is likely too high" in message
     assert "train.lr=0.05" in message and "The last good epoch (1) is kept" in message
-    assert not (workdir / "models/model.pt").exists() and (workdir / STATE).exists()
+    assert not (workdir / "models/model.pt").exists() and states(workdir / STATE_DIR)
 
 
 def test_crash_mid_write_leaves_the_old_file(tmp_path):
@@ -230,7 +307,7 @@ def test_dvc_repro_resumes_after_the_whole_run_is_killed(tmp_path, image_folder)
     repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (project / STATE).exists():
+    while not states(project / STATE_DIR):
         assert repro.poll() is None and time.monotonic() < deadline, "dvc repro ended before train's first epoch"
         time.sleep(0.05)
     os.killpg(repro.pid, signal.SIGKILL)  # a lost machine: no handler runs
@@ -259,12 +336,11 @@ def test_cuda_out_of_memory_names_the_batch_size_and_the_fix(workdir, monkeypatc
 
 def test_state_from_other_data_is_not_resumed(workdir):
     interrupt_after_first_epoch(workdir, signal.SIGKILL)
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params["prepare"]["jpeg_quality"] = 70  # other prepared images, same training params
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    (interrupted,) = states(workdir / STATE_DIR)
+    set_param(workdir, "prepare", "jpeg_quality", 70)  # other prepared images, same training params
     run_ok("prepare", workdir)
     out = run_ok("train", workdir)
-    assert "ignoring checkpoints/train_state.pt: it was made with other data; starting fresh" in out
+    assert "resuming" not in out and f"unfinished run(s) of other params or data ({interrupted.name})" in out
 
 
 def test_crash_while_saving_a_dataset_leaves_the_old_one(tmp_path):
@@ -294,17 +370,30 @@ class Payload:
 torch.save({{"format": "transfer-learning-train-state/2", "fingerprint": Payload()}}, "{path}")
 """
 
+PLANTED_INSIDE = """
+import hashlib, io, os, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+inner = io.BytesIO()
+torch.save({{"format": "transfer-learning-train-state/4", "fingerprint": Payload()}}, inner)
+payload = inner.getvalue()  # a well-formed outer file with a matching checksum around a hostile state
+torch.save({{"format": "transfer-learning-train-state/4", "sha256": hashlib.sha256(payload).hexdigest(),
+            "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}}, "{path}")
+"""
 
-@pytest.mark.parametrize("kind", ["planted", "truncated", "foreign", "not torch"])
+
+@pytest.mark.parametrize("kind", ["planted", "planted inside", "truncated", "foreign", "not torch"])
 def test_a_hostile_or_broken_state_file_runs_nothing_and_is_ignored(workdir, uninterrupted, kind):
     """Before: a planted checkpoints/train_state.pt ran its own code when train started (weights_only=False), and
     a truncated or foreign one crashed train with a KeyError."""
-    state, marker = workdir / STATE, workdir / "code_ran"
-    state.parent.mkdir(exist_ok=True)
+    interrupt_after_first_epoch(workdir, signal.SIGKILL)  # names this run's state file; replaced below
+    state, marker = the_state(workdir), workdir / "code_ran"
     if kind == "planted":
         subprocess.run([sys.executable, "-c", PLANTED_STATE.format(marker=marker, path=state)], check=True)
+    elif kind == "planted inside":
+        subprocess.run([sys.executable, "-c", PLANTED_INSIDE.format(marker=marker, path=state)], check=True)
     elif kind == "truncated":
-        interrupt_after_first_epoch(workdir, signal.SIGKILL)
         state.write_bytes(state.read_bytes()[:20000])
     elif kind == "foreign":
         torch.save({"epoch": 3, "model": {}}, state)
@@ -312,7 +401,8 @@ def test_a_hostile_or_broken_state_file_runs_nothing_and_is_ignored(workdir, uni
         state.write_text("not a checkpoint")
     out = run_ok("train", workdir)
     assert not marker.exists()
-    ignored = [line for line in out.splitlines() if line.startswith("train: ignoring checkpoints/train_state.pt")]
+    ignored = [line for line in out.splitlines() if line.startswith(f"train: ignoring {STATE_DIR / state.name}")]
     assert len(ignored) == 1 and ignored[0].endswith("starting fresh"), out
+    assert "weights_only=False" not in out  # torch's advice to run the file's code is not relayed
     expected, got = weights(uninterrupted), weights(workdir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # a fresh run, as if no file had been there
