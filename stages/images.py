@@ -9,6 +9,7 @@ more than MAX_ASPECT_RATIO times (a 60000x1 strip would ask a shorter-side resiz
 from __future__ import annotations
 
 import io
+import stat
 import struct
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def check_size(width: int, height: int) -> None:
 
 def open_header(source: bytes | Path) -> Image.Image:
     """The image with only its header read; its size checked before any pixel is decoded."""
+    if isinstance(source, Path):
+        check_regular_file(source)
     if isinstance(source, bytes) and not source:
         raise ImageRejected("empty file (0 bytes)")
     try:
@@ -49,6 +52,21 @@ def open_header(source: bytes | Path) -> Image.Image:
         raise ImageRejected(f"{type(error).__name__}: {error}") from None
     check_size(*image.size)
     return image
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuses what is not a regular file before it is opened: reading a FIFO waits for a writer forever, a
+    device or socket never ends. An empty file is named as such, not as an unknown format."""
+    try:
+        info = path.stat()
+    except OSError as error:
+        raise ImageRejected(f"{error.strerror or type(error).__name__}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode)
+                else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device")
+        raise ImageRejected(f"not a regular file but {kind}: reading it could wait forever")
+    if info.st_size == 0:
+        raise ImageRejected("empty file (0 bytes)")
 
 
 def exif_orientation(image: Image.Image) -> int:

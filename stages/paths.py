@@ -15,6 +15,8 @@ export    MODEL_PATH, PREPARED_DIR -> EXPORT_DIR, EXPORT_METRICS
 
 from pathlib import Path
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the folder of dvc.yaml: what relative paths below are relative to
+
 RAW_DIR = Path("data/raw")
 LEFT_OUT_FILES = RAW_DIR / "left_out.json"  # source files fetch did not take, with the reason, for prepare to list
 
@@ -42,5 +44,5 @@ REPORT_DIR = Path("plots/report")
 EXPORT_DIR = Path("models/export")
 EXPORT_METRICS = Path("metrics/export.json")
 
-# Folders whose files are pipeline outputs: `predict --out` may not write into them.
+# Folders whose files are pipeline outputs: `predict --out` may not write into them (nor into train.state_dir).
 PIPELINE_OUTPUT_DIRS = (Path("data"), Path("models"), Path("metrics"), Path("plots"), STATE_DIR)

@@ -6,6 +6,9 @@ mode to RGB, bombs and extreme aspect ratios refused) by loader processes (--wor
 own eval transform and are classified in batches (--batch-size), with a progress bar. A file that cannot be
 read gets its error in the outputs; the others still run. Exit status: 0 when at least one image was
 classified, 1 when none could be.
+
+The arguments are parsed and checked before torch, timm and grad-cam are imported (seconds): `--help` and a
+mistyped option answer at once.
 """
 
 from __future__ import annotations
@@ -15,58 +18,81 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
-
-from stages.cam import cam_overlays, gradcam_target, warn_if_coarse
-from stages.checkpoint import Checkpoint, load_checkpoint
-from stages.data import leave_interrupts_to_the_main_process, resolve_workers
 from stages.errors import StageError, run_stage
-from stages.files import atomic_path, write_csv, write_json
 from stages.images import IMAGE_SUFFIXES, ImageRejected, open_header
-from stages.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS
-from stages.runtime import Precision, pick_device
-from stages.transforms import eval_transform, to_model_input
+from stages.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS, PROJECT_ROOT
 
 OVERLAY_SIDE = 320  # px: a GradCAM overlay a person can read, whatever the model's input size
 CUDA_BATCH, CPU_BATCH = 64, 8  # on the CPU, larger batches were slower (ResNet-50, 2 cores: 32 ran at 0.6x of 8)
 READ_TIMEOUT_S = 300  # a loader worker silent this long on one batch (a hung network mount): stop, not wait forever
 
 
-def image_files(paths: list[str]) -> list[Path]:
-    """The given files, and the image files (by suffix) under given folders, sorted."""
-    files = []
+def image_files(paths: list[str]) -> tuple[list[Path], int]:
+    """(the given files and the image files (by suffix) under given folders, sorted; how many other files those
+    folders held, left out)."""
+    files, left_out = [], 0
     for given in map(Path, paths):
         if given.is_dir():
-            files += sorted(p for p in given.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in given.rglob("*") if p.is_file())
+            images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+            files += images
+            left_out += len(found) - len(images)
         else:
-            files.append(given)  # a missing or unreadable file is reported per file, not refused up front
-    return files
+            files.append(given)  # a missing, unreadable or odd file (a FIFO) is reported per file, not refused
+    return files, left_out
 
 
-def check_output(out: str) -> None:
-    """Refuses, before any work, an --out that would overwrite a pipeline output or cannot be written."""
-    target = Path(out).resolve()
-    for folder in PIPELINE_OUTPUT_DIRS:
+def protected_folders() -> list[Path]:
+    """Where the pipeline keeps its outputs, in the project this module belongs to (not the current folder, which
+    may be any), and train.state_dir when params.yaml names another."""
+    folders = [PROJECT_ROOT / folder for folder in PIPELINE_OUTPUT_DIRS]
+    try:
+        from stages.params import load_params
+
+        state_dir = Path(load_params(PROJECT_ROOT / "params.yaml").train.state_dir).expanduser()
+        folders.append(state_dir if state_dir.is_absolute() else PROJECT_ROOT / state_dir)
+    except (StageError, OSError):  # no or invalid params.yaml: the fixed folders are still refused
+        pass
+    return folders
+
+
+def check_output(path: Path, option: str) -> None:
+    """Refuses, before any work, an output path that would overwrite a pipeline output, is a folder, or cannot be
+    written. option: how the user gave it (`--out X`), for the message."""
+    target = path.resolve()
+    for folder in protected_folders():
         if target.is_relative_to(folder.resolve()):
-            raise StageError(f"--out {out} is inside {folder}/, where the pipeline keeps its outputs; "
-                             f"write predictions elsewhere (default: predictions)")
+            raise StageError(f"{option} is inside {folder}, where the pipeline keeps its outputs; write "
+                             f"elsewhere (default: predictions)")
+    if target.is_dir():
+        raise StageError(f"{option}: {path} is a folder, where predict writes a file; pick another {option.split()[0]}")
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=parent).close()  # a real write: root passes every permission check
     except OSError as error:
-        raise StageError(f"--out {out}: {parent} is not writable ({error.strerror}); pick another --out") from None
+        raise StageError(f"{option}: {parent} is not writable ({error.strerror}); pick another "
+                         f"{option.split()[0]}") from None
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    for suffix in (".json", ".csv"):
+        check_output(Path(f"{args.out}{suffix}"), f"--out {args.out}")
+    if args.gradcam:
+        if Path(args.gradcam).exists() and not Path(args.gradcam).is_dir():
+            raise StageError(f"--gradcam {args.gradcam} is a file; it takes a folder for the overlays")
+        check_output(Path(args.gradcam) / "overlay.png", f"--gradcam {args.gradcam}")
 
 
 def failure(error: Exception) -> str:
     return str(error) if isinstance(error, ImageRejected) else f"{type(error).__name__}: {error}"
 
 
-class Photos(torch.utils.data.Dataset):
-    """(index, the model's input as uint8 CHW, None) per file, or (index, None, why it could not be read): a
-    bad file is an answer, not an exception, so it never stops a loader worker or the other files."""
+class Photos:
+    """A map-style dataset for torch's DataLoader (which needs only __len__ and __getitem__)."""
+
+    # (index, the model's input as uint8 CHW, None) per file, or (index, None, why it could not be read): a bad
+    # file is an answer, not an exception, so it never stops a loader worker or the other files.
 
     def __init__(self, files: list[Path], transform):
         self.files = files
@@ -82,17 +108,25 @@ class Photos(torch.utils.data.Dataset):
             return index, None, failure(error)
 
 
-def collate_photos(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    """(indices of the read images, their batch, [(index, error)] of the others)."""
+def collate_photos(items: list) -> tuple[list[int], object, list[tuple[int, str]]]:
+    """(indices of the read images, their batch (a tensor) or None, [(index, error)] of the others)."""
+    import torch
+
     read = [(index, image) for index, image, error in items if error is None]
     failed = [(index, error) for index, _, error in items if error is not None]
     return [index for index, _ in read], torch.stack([image for _, image in read]) if read else None, failed
 
 
-def predict_files(files: list[Path], model, checkpoint: Checkpoint, top_k: int, device, precision: Precision,
-                  batch_size: int = 32, workers: int = 0) -> list[dict]:
+def predict_files(files: list[Path], model, checkpoint, top_k: int, device, precision, batch_size: int = 32,
+                  workers: int = 0) -> list[dict]:
     """One row per file, in the files' order: its top-k classes, or the error that kept it from being classified.
     Files are read and transformed by `workers` loader processes, and classified `batch_size` at a time."""
+    import torch
+    from tqdm import tqdm
+
+    from stages.data import leave_interrupts_to_the_main_process
+    from stages.transforms import eval_transform
+
     preprocessing = checkpoint.preprocessing
     names = checkpoint.class_names
     k = min(top_k, len(names))
@@ -112,9 +146,12 @@ def predict_files(files: list[Path], model, checkpoint: Checkpoint, top_k: int, 
     return rows
 
 
-def classify(model, images: torch.Tensor, preprocessing, device, precision: Precision, k: int,
-             names: list[str]) -> list[dict]:
+def classify(model, images, preprocessing, device, precision, k: int, names: list[str]) -> list[dict]:
     """{"top": [...]} per image of a batch, or {"error": ...} for all of them if the model fails on it."""
+    import torch
+
+    from stages.transforms import to_model_input
+
     try:
         with torch.inference_mode(), precision.autocast():
             logits = model(to_model_input(images, device, True, preprocessing.mean, preprocessing.std))
@@ -125,19 +162,30 @@ def classify(model, images: torch.Tensor, preprocessing, device, precision: Prec
             for values, indices in zip(top.values.tolist(), top.indices.tolist())]
 
 
-def write_gradcam(files_and_rows: list[tuple[Path, dict]], model, checkpoint: Checkpoint, layer_spec: str,
-                  out_dir: Path, device) -> None:
-    """One PNG per classified image: the CAM of its top class over the model's input crop, labelled."""
+def write_gradcam(files_and_rows: list[tuple[Path, dict]], model, checkpoint, target, out_dir: Path,
+                  device) -> None:
+    """One PNG per classified image: the CAM of its top class over the model's input crop, labelled. A file that
+    cannot be read again (deleted or changed since it was classified) gets `gradcam_error`; the others go on.
+    target: stages.cam.gradcam_target's (layer, reshape)."""
+    from stages.cam import cam_overlays, warn_if_coarse
+    from stages.files import atomic_path
+    from stages.transforms import eval_transform
+
     transform = eval_transform(checkpoint.preprocessing)
-    target = gradcam_target(model, layer_spec)
     names = checkpoint.class_names
     out_dir.mkdir(parents=True, exist_ok=True)
+    warned = False
     for index, (path, row) in enumerate(files_and_rows):
-        image = transform(open_header(path)).unsqueeze(0)
+        try:
+            image = transform(open_header(path)).unsqueeze(0)
+        except Exception as error:  # gone, truncated or replaced since it was classified
+            row["gradcam_error"] = failure(error)
+            continue
         top_class = names.index(row["top"][0]["class_name"])
         overlays, size = cam_overlays(model, target, image, [top_class], checkpoint.preprocessing, device)
-        if index == 0:
+        if not warned:
             warn_if_coarse(size, checkpoint.preprocessing.resolution, "predict")
+            warned = True
         out = out_dir / f"{index:03d}_{path.stem}.png"
         top = row["top"][0]
         with atomic_path(out) as tmp:
@@ -145,8 +193,10 @@ def write_gradcam(files_and_rows: list[tuple[Path, dict]], model, checkpoint: Ch
         row["gradcam"] = str(out)
 
 
-def labelled(overlay, caption: str) -> Image.Image:
+def labelled(overlay, caption: str):
     """The overlay enlarged to OVERLAY_SIDE px (the model's crop can be 64 px) with its top class under it."""
+    from PIL import Image, ImageDraw, ImageFont
+
     image = Image.fromarray(overlay)
     scale = OVERLAY_SIDE / image.width
     image = image.resize((OVERLAY_SIDE, round(image.height * scale)), Image.Resampling.BICUBIC)
@@ -160,15 +210,24 @@ def labelled(overlay, caption: str) -> Image.Image:
     return canvas
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more (got {value})")
-    return value
+def int_at_least(lowest: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be {lowest} or more (got {value})")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="What the trained model says about your own images.")
+    parser = argparse.ArgumentParser(prog="python -m stages.predict",
+                                     description="What the trained model says about your own images.")
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", default=str(MODEL_PATH),
                         help=f"a checkpoint of this pipeline (default {MODEL_PATH})")
@@ -176,9 +235,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="predictions", help="writes OUT.json and OUT.csv (default predictions)")
     parser.add_argument("--gradcam", metavar="DIR", help="also write a GradCAM overlay PNG per image into DIR")
     parser.add_argument("--gradcam-layer", default="auto", help="module path, as gradcam.target_layer")
-    parser.add_argument("--batch-size", type=int, default=0,
+    parser.add_argument("--batch-size", type=int_at_least(0), default=0,
                         help=f"images per model call; 0 (default): {CUDA_BATCH} on a GPU, {CPU_BATCH} on the CPU")
-    parser.add_argument("--workers", type=int, default=-1,
+    parser.add_argument("--workers", type=int_at_least(-1), default=-1,
                         help="processes reading images; -1 (default): one per core but one, at most 16; 0: none")
     parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                         help="precision: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or none (fp32)")
@@ -187,22 +246,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_output(args.out)
-    if args.gradcam:
-        check_output(str(Path(args.gradcam) / "overlay.png"))
+    check_outputs(args)
+    files, left_out = image_files(args.images)
+    if not files:
+        raise StageError(f"no image files in {', '.join(args.images)} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})"
+                         + (f"; {left_out} other file(s) left out" if left_out else ""))
+
+    import torch
+
+    from stages.cam import gradcam_target
+    from stages.checkpoint import load_checkpoint
+    from stages.data import resolve_workers
+    from stages.files import write_csv, write_json
+    from stages.runtime import Precision, pick_device, resolve_threads
+
     device = pick_device()
     model, checkpoint = load_checkpoint(args.model, device)
-    files = image_files(args.images)
-    if not files:
-        raise StageError(f"no image files in {', '.join(args.images)} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
+    target = gradcam_target(model, args.gradcam_layer) if args.gradcam else None  # a bad layer: before any work
     batch_size = args.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
     workers = resolve_workers(args.workers) if len(files) > batch_size else 0  # a few photos: no start-up cost
+    if device.type == "cpu":  # train's rule: the cores the loader workers leave (oversubscribed: 6x slower, measured)
+        torch.set_num_threads(resolve_threads("auto", workers))
     model = model.to(memory_format=torch.channels_last)  # measured on the CPU: ResNet-50 +17% (BENCHMARKS.md)
     rows = predict_files(files, model, checkpoint, args.top_k, device, Precision(args.amp, device), batch_size,
                          workers)
     if args.gradcam:
         classified = [(Path(row["file"]), row) for row in rows if "top" in row]
-        write_gradcam(classified, model, checkpoint, args.gradcam_layer, Path(args.gradcam), device)
+        write_gradcam(classified, model, checkpoint, target, Path(args.gradcam), device)
 
     for row in rows:
         if "error" in row:
@@ -217,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     ] + [{"file": row["file"], "rank": "", "class_name": "", "probability": "", "error": row["error"]}
          for row in rows if "error" in row], ["file", "rank", "class_name", "probability", "error"])
     failed = sum("error" in row for row in rows)
-    print(f"predict: {len(rows) - failed} image(s) classified, {failed} unreadable; wrote {args.out}.json and "
-          f"{args.out}.csv" + (f", GradCAM overlays in {args.gradcam}" if args.gradcam else ""))
+    cams_failed = sum("gradcam_error" in row for row in rows)
+    print(f"predict: {len(rows) - failed} image(s) classified, {failed} unreadable"
+          + (f", {left_out} file(s) in the folders left out (not image suffixes: "
+             f"{', '.join(sorted(IMAGE_SUFFIXES))})" if left_out else "")
+          + f"; wrote {args.out}.json and {args.out}.csv"
+          + (f", GradCAM overlays in {args.gradcam}" if args.gradcam else "")
+          + (f" ({cams_failed} could not be read again for theirs)" if cams_failed else ""))
     return 1 if failed == len(rows) else 0
 
 

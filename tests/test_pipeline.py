@@ -275,7 +275,7 @@ def test_predict_survives_hostile_images_and_refuses_bad_arguments(reproduced, t
     for arguments, message in [
         (["--top-k", "0"], "must be 1 or more"),
         (["--top-k", "-1"], "must be 1 or more"),
-        (["--out", "metrics/eval"], "inside metrics/, where the pipeline keeps its outputs"),
+        (["--out", "metrics/eval"], "/metrics, where the pipeline keeps its outputs"),
         (["--out", str(photos / "a_good.jpg" / "predictions")], "is not writable"),
         (["--model", str(photos / "a_good.jpg")], "is not a readable model file"),
     ]:
