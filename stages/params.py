@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -524,7 +525,14 @@ def describe(error: dict, raw: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error":  # our own validators name the param and the allowed values
         return message if message.startswith(f"{key}.") else f"{key}: {message}"
-    return f"{key}: {message} (got {given!r})"
+    return f"{key}: {message} (got {GIVEN.repr(given)})"
+
+
+# What a refused value is shown as: bounded, since YAML aliases can make a 6 KB file a value whose full repr
+# is gigabytes (a "billion laughs" as train.lr printed 1.26 GB of error text).
+GIVEN = reprlib.Repr()
+GIVEN.maxlevel, GIVEN.maxlist, GIVEN.maxtuple, GIVEN.maxdict, GIVEN.maxset = 2, 4, 4, 4, 4
+GIVEN.maxstring, GIVEN.maxother, GIVEN.maxlong = 120, 120, 40
 
 
 def did_you_mean(loc: tuple, raw: dict) -> str:

@@ -172,6 +172,16 @@ def test_caltech_style_7_2_1_split_is_stratified_and_disjoint():
     assert list(everything) == ["train"] and everything["train"].tolist() == list(range(len(labels)))
 
 
+def test_a_carved_split_left_empty_is_refused_and_classes_left_out_are_reported(capsys):
+    """Before: one image per class with test_fraction 0.3 kept `test 0` without a warning, and train crashed with
+    an IndexError."""
+    with pytest.raises(StageError, match="data.test_fraction=0.3 carved no test image .*largest class has 1"):
+        carve_splits(SimpleNamespace(labels=[0, 1, 2, 3]), {"test": 0.3}, seed=0)
+    splits = carve_splits(SimpleNamespace(labels=[0, 0, 0, 1, 2]), {"test": 0.3}, seed=0)
+    assert len(splits["test"]) == 1
+    assert "2 class(es) have no test image" in capsys.readouterr().err
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -290,3 +300,41 @@ def test_duplicates_and_classes_without_train_images_are_reported(tmp_path, imag
     assert f"\n  test/{classes[1]}/000.jpg is the same image as train/{classes[1]}/007.jpg\n" in result.stderr
     assert "1 class(es) have no train image left" in result.stderr and f"  {classes[2]}" in result.stderr
     assert not orphan.exists()
+
+
+ORPHANS = """
+import time
+from stages.prepare import ordered_results
+
+def forever(index):
+    time.sleep(600)
+    return index
+
+for _ in ordered_results(forever, [(i,) for i in range(8)], 2):
+    pass
+"""
+
+
+def test_decode_processes_end_when_prepare_is_killed():
+    """Before: after `kill -9` of prepare its decode processes stayed alive (~640 MB each) indefinitely, blocked
+    writing to the dead parent."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import REPO
+
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANS], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while len(children := psutil.Process(parent.pid).children()) < 2:
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    for process in alive:
+        process.kill()
+    assert not alive, f"{len(alive)} decode process(es) outlived the killed prepare"
