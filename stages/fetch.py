@@ -68,7 +68,7 @@ def check_image_folder(root: Path) -> FolderListing:
     anywhere inside the folder but never outside it (a link to /etc/passwd must not reach the DVC cache)."""
     listing = FolderListing(root)
     splits = {}
-    for entry in sorted(root.iterdir()):
+    for entry in entries(root):
         if usable_folder(entry, listing):
             split = SPLIT_ALIASES.get(entry.name)
             if split is None:
@@ -80,18 +80,18 @@ def check_image_folder(root: Path) -> FolderListing:
         elif not entry.is_dir():
             listing.leave_out(entry, "a file outside the split/class folders: left out")
     if "train" not in splits:
-        found = ", ".join(p.name for p in root.iterdir() if p.is_dir()) or "no folders"
+        found = ", ".join(p.name for p in entries(root) if p.is_dir()) or "no folders"
         raise SourceError(
             f"data.source folder {root} needs a train split folder (and test, or data.test_fraction > 0 to carve "
             f"one out of train; optionally validation), each holding one folder per class; found {found}"
         )
-    listing.classes = sorted(p.name for p in splits["train"].iterdir() if usable_folder(p))
+    listing.classes = sorted(p.name for p in entries(splits["train"]) if usable_folder(p))
     if len(listing.classes) < 2:
         raise SourceError(f"data.source folder {splits['train']} has {len(listing.classes)} class folder(s); "
                           f"at least 2 are needed")
     for split, folder in splits.items():
         listing.files[split] = []
-        for class_dir in sorted(folder.iterdir()):
+        for class_dir in entries(folder):
             if not usable_folder(class_dir, listing):  # a hidden or symlinked folder is listed by usable_folder
                 if not class_dir.is_dir():
                     listing.leave_out(class_dir, "a file outside the class folders: left out")
@@ -111,6 +111,15 @@ def check_image_folder(root: Path) -> FolderListing:
     return listing
 
 
+def entries(folder: Path) -> list[Path]:
+    """A folder's entries, sorted; one that cannot be listed (permissions, a dead mount) names itself."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as error:
+        raise SourceError(f"cannot list the folder {folder} ({error.strerror or type(error).__name__}): fix its "
+                          f"permissions (chmod +rx), or move it out of data.source") from None
+
+
 def usable_folder(path: Path, listing: FolderListing | None = None) -> bool:
     """A real, visible folder. Hidden and symlinked folders are left out; with a listing, they are listed."""
     if not path.is_dir():
@@ -128,7 +137,7 @@ def usable_folder(path: Path, listing: FolderListing | None = None) -> bool:
 def list_class_folder(class_dir: Path, listing: FolderListing) -> list[Path]:
     """The image files of one class folder (by suffix), each a regular file readable here and inside the source."""
     images = []
-    for path in sorted(class_dir.iterdir()):
+    for path in entries(class_dir):
         reason = None
         if path.is_dir():
             reason = "a folder inside a class folder: left out (images must sit directly in the class folder)"

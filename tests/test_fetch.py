@@ -74,6 +74,24 @@ def test_empty_class_folder_is_refused(tmp_path):
         check_image_folder(tmp_path)
 
 
+def test_an_unreadable_class_folder_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """Before: a class folder that could not be listed (chmod 000; here faked, as root lists anything) gave a
+    PermissionError traceback."""
+    make_image_folder(tmp_path, num_classes=2, per_class={"train": 2, "test": 1})
+    locked = tmp_path / "test" / "Audi S5 Coupe 2012"
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(SourceError, match=f"cannot list the folder {locked} \\(Permission denied\\): fix its "
+                                          f"permissions"):
+        check_image_folder(tmp_path)
+
+
 def test_test_class_unknown_to_train_is_refused(tmp_path):
     make_image_folder(tmp_path, num_classes=2, per_class={"train": 2, "test": 1})
     extra = tmp_path / "test" / "Ghost Car 1999"
