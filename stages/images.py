@@ -9,8 +9,13 @@ more than MAX_ASPECT_RATIO times (a 60000x1 strip would ask a shorter-side resiz
 from __future__ import annotations
 
 import io
+import os
 import stat
 import struct
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +114,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.alpha_composite(image.convert("RGBA"))
         return background.convert("RGB")
     return image.convert("RGB")
+
+
+_CAPTURE = None  # this process's file that fd 2 points to while libjpeg decodes
+
+
+@contextmanager
+def libjpeg_warnings() -> Iterator[list[str]]:
+    """Collects what libjpeg writes to the process's stderr (fd 2) inside the block: its warnings ("Corrupt JPEG
+    data: premature end of data segment") reach no Python decoder. Anything else written there is passed on."""
+    global _CAPTURE
+    if _CAPTURE is None:
+        _CAPTURE = tempfile.TemporaryFile()
+    _CAPTURE.seek(0)
+    _CAPTURE.truncate()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(_CAPTURE.fileno(), 2)
+    found: list[str] = []
+    try:
+        yield found
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        _CAPTURE.seek(0)
+        lines = _CAPTURE.read().decode(errors="replace").splitlines()
+        found += [line.strip() for line in lines if "JPEG" in line]
+        others = [line for line in lines if "JPEG" not in line]
+        if others:
+            print("\n".join(others), file=sys.stderr)
 
 
 DCT_REDUCTIONS = (8, 4, 2)  # libjpeg decodes a JPEG at 1/8, 1/4 or 1/2 scale in the DCT domain

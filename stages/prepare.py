@@ -37,7 +37,15 @@ from tqdm import tqdm
 
 from stages.errors import StageError, run_stage
 from stages.files import atomic_dir, scratch_dir, write_csv, write_json
-from stages.images import ImageRejected, decode_prepared, exif_orientation, jpeg_size, load_pixels, open_header
+from stages.images import (
+    ImageRejected,
+    decode_prepared,
+    exif_orientation,
+    jpeg_size,
+    libjpeg_warnings,
+    load_pixels,
+    open_header,
+)
 from stages.params import Params, PrepareParams, load_params
 from stages.paths import DATA_METRICS, DROPPED_LIST, LEFT_OUT_FILES, PREPARED_DIR, RAW_DIR
 
@@ -78,12 +86,18 @@ def scaled_size(size: tuple[int, int], max_short_side: int) -> tuple[int, int] |
 def the_loader_decodes(encoded: bytes) -> bool:
     """Whether training's own decoder reads these bytes whole, at the size their header gives (the crop box is
     drawn from it): kept bytes must never fail mid-epoch. Those it refuses go through Pillow, which re-encodes
-    what it can read and reports what it cannot."""
+    what it can read and reports what it cannot. Corrupt data that libjpeg only warns about (no decoder raises:
+    a file cut short that still ends in an EOI marker decodes with its bottom flat grey; a header claiming
+    arithmetic coding over Huffman data decodes as noise) is an ImageRejected with libjpeg's words."""
     try:
-        whole = decode_prepared(encoded)
-        return jpeg_size(encoded) == (whole.shape[-1], whole.shape[-2])
+        with libjpeg_warnings() as warnings:
+            whole = decode_prepared(encoded)
     except (RuntimeError, ImageRejected):
         return False
+    if warnings:
+        raise ImageRejected(f"truncated or corrupt JPEG data (libjpeg: {warnings[0]}): part of its pixels would be "
+                            f"invented")
+    return jpeg_size(encoded) == (whole.shape[-1], whole.shape[-2])
 
 
 def prepare_image(encoded: bytes, max_short_side: int, jpeg_quality: int) -> Prepared:
@@ -93,8 +107,9 @@ def prepare_image(encoded: bytes, max_short_side: int, jpeg_quality: int) -> Pre
         image = open_header(encoded)  # the header only; bombs and extreme aspect ratios are refused here
         result.width, result.height, result.mode = image.width, image.height, image.mode
         target = scaled_size(image.size, max_short_side)
+        decodes = image.format == "JPEG" and the_loader_decodes(encoded)  # every JPEG: corrupt ones are refused
         if (image.format == "JPEG" and image.mode == "RGB" and exif_orientation(image) == 1 and target is None
-                and the_loader_decodes(encoded)):
+                and decodes):
             result.encoded, result.stored_short_side = encoded, min(image.size)
             return result
         image = load_pixels(image, draft_size=target)

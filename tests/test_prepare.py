@@ -107,6 +107,22 @@ def test_truncated_jpeg_is_refused_not_padded():
     assert result.encoded is None and "truncated" in result.error
 
 
+def test_jpegs_that_libjpeg_only_warns_about_are_dropped_with_its_words(capfd):
+    """Before: a JPEG cut at 40% that still ends in an EOI marker was kept with its bottom 60% flat grey (only
+    libjpeg's stderr warned), and a header claiming arithmetic coding over Huffman data was kept as garbage
+    pixels; neither was counted as dropped."""
+    gradient = np.repeat(np.linspace(0, 255, 400)[None, :, None], 300, 0).repeat(3, 2).astype(np.uint8)
+    full = encode(Image.fromarray(gradient))
+    cut = full[: int(len(full) * 0.4)] + b"\xff\xd9"
+    sof = full.find(b"\xff\xc0")
+    arithmetic = full[:sof] + b"\xff\xc9" + full[sof + 2:]
+    for broken in (cut, arithmetic):
+        result = prepare_image(broken, 512, 95)
+        assert result.encoded is None and result.error.startswith("truncated or corrupt JPEG data (libjpeg: Corrupt")
+    assert prepare_image(full, 512, 95).encoded == full  # a sound JPEG is still kept as it is
+    assert "Corrupt JPEG" not in capfd.readouterr().err  # captured, not printed
+
+
 @pytest.mark.parametrize("source", ["grey jpeg", "cmyk jpeg", "progressive jpeg", "rgba png", "large jpeg",
                                     "rotated jpeg"])
 def test_whatever_is_stored_the_training_decoder_reads_as_rgb(source):
