@@ -354,3 +354,34 @@ def test_decode_processes_end_when_prepare_is_killed():
     for process in alive:
         process.kill()
     assert not alive, f"{len(alive)} decode process(es) outlived the killed prepare"
+
+
+HUGE_IMAGE_MEMORY = """
+import io, resource, sys
+from PIL import Image
+from stages.prepare import prepare_image
+
+mode, side = sys.argv[1], int(sys.argv[2])
+buffer = io.BytesIO()
+image = Image.new(mode, (side, side), 1000 if mode == "I;16" else (20, 40, 60, 128))
+image.save(buffer, format="PNG")
+del image
+encoded = buffer.getvalue()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = prepare_image(encoded, 512, 95)
+assert result.encoded and not result.error, result.error
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,decoded_mb", [("I;16", 162), ("RGBA", 324)])
+def test_a_huge_16_bit_or_rgba_png_is_reduced_before_its_mode_is_converted(mode, decoded_mb):
+    """Before: a 13000x13000 16-bit PNG (330 KB, under the bomb limit) cost +3.4 GB in one prepare process
+    (float64 full-size temporaries), RGBA +3.2 GB (full-size composites). Here 9000x9000: the peak over the
+    decoded image itself stays small."""
+    from tests.conftest import REPO
+
+    peak = subprocess.run([sys.executable, "-c", HUGE_IMAGE_MEMORY, mode, "9000"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert int(peak) < decoded_mb + 250, f"{mode}: +{peak} MB for a {decoded_mb} MB decoded image"
