@@ -502,3 +502,32 @@ def test_a_model_file_with_damaged_preprocessing_is_refused_with_the_field(tmp_p
     torch.save(payload, tmp_path / "model.pt")
     with pytest.raises(StageError, match=f"is damaged or was written by another version .*{message}"):
         load_checkpoint(tmp_path / "model.pt")
+
+
+PLANTED_WEIGHTS = """
+import os, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+torch.save({{"state_dict": Payload()}}, "{path}")
+"""
+
+
+def test_refused_files_give_reasons_without_torchs_advice_to_run_them(tmp_path):
+    """Before: refusals of planted pickles relayed torch's advice to re-run with weights_only=False (wrong advice
+    for a file treated as hostile), and a file of zeros was "saved in the legacy .tar format"."""
+    import subprocess
+    import sys
+
+    planted, marker = tmp_path / "planted.pt", tmp_path / "code_ran"
+    subprocess.run([sys.executable, "-c", PLANTED_WEIGHTS.format(marker=marker, path=planted)], check=True)
+    zeros = tmp_path / "zeros.pt"
+    zeros.write_bytes(bytes(100_000))
+    for path, reason in [(planted, "holds Python objects that loading would have to run, refused .*posix.system"),
+                         (zeros, "not a PyTorch file \\(it starts with b'\\\\x00\\\\x00\\\\x00\\\\x00'")]:
+        for load in (load_checkpoint, lambda p: build_model("resnet18", 3, str(p))):
+            with pytest.raises(StageError, match=reason) as refused:
+                load(path)
+            assert "weights_only" not in str(refused.value).replace("weights_only=True", "") and "legacy" not in str(
+                refused.value)
+    assert not marker.exists()
