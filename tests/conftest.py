@@ -37,9 +37,25 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
+def shipped_text(path: str) -> str:
+    """A file of the project as it ships, whatever the user's workspace holds: an applied experiment, an edited
+    params.yaml, a trial's params committed as the README says. Read from the clone's origin (the project as
+    cloned) when there is one, else from the last commit; outside git, the file itself."""
+    for ref in ("origin/HEAD", "HEAD"):
+        shown = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=REPO, capture_output=True, text=True)
+        if shown.returncode == 0:
+            return shown.stdout
+    return (REPO / path).read_text()
+
+
+def shipped_params() -> dict:
+    """params.yaml's defaults as the project ships them (a fresh copy each call)."""
+    return yaml.safe_load(shipped_text("params.yaml"))
+
+
 def tiny_params(source: Path, **overrides) -> dict:
-    """params.yaml with a run small enough for a 2-core CPU: resnet18 from scratch at 64 px."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    """The shipped params.yaml with a run small enough for a 2-core CPU: resnet18 from scratch at 64 px."""
+    params = shipped_params()
     params["data"]["source"] = str(source)
     params["prepare"].update(max_short_side=80, num_workers=2)
     params["model"].update(arch="resnet18", weights="none")

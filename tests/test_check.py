@@ -6,17 +6,16 @@ import os
 
 import pytest
 import torch
-import yaml
 
 from stages.check import check_recipe
 from stages.errors import StageError
 from stages.model import build_model
 from stages.params import parse_params
-from tests.conftest import REPO
+from tests.conftest import shipped_params
 
 
 def params_with(**changes):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = shipped_params()
     for dotted, value in changes.items():
         section, key = dotted.split(".")
         raw[section][key] = value

@@ -26,7 +26,7 @@ from stages.runtime import (
     training_device,
 )
 from stages.trainer import Trainer
-from tests.conftest import REPO, make_project, run, tiny_params
+from tests.conftest import REPO, make_project, run, shipped_params, tiny_params
 from tests.test_resume import interrupt_after_first_epoch, run_ok, weights
 
 CPU = torch.device("cpu")
@@ -78,7 +78,7 @@ def test_auto_falls_back_to_the_cpu_saying_why(capsys):
 
 
 def trainer_on_cpu(device_param: str, epochs: int = 90) -> Trainer:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = shipped_params()
     raw["model"].update(arch="resnet18", weights="none")
     raw["train"].update(resolution=32, epochs=epochs, device=device_param)
     return Trainer(parse_params(raw), 3, CPU)

@@ -23,7 +23,7 @@ from stages.recipe import build_mixer, layer_ids, lr_factor
 from stages.timm_models import create
 from stages.trainer import Trainer, loader_batches_per_epoch, optimizer_steps_per_epoch
 from stages.transforms import train_transform
-from tests.conftest import REPO, make_project, run, tiny_params
+from tests.conftest import make_project, run, shipped_params, tiny_params
 
 CPU = torch.device("cpu")
 VIT = "timm/test_vit"  # timm's own tiny test models: a ViT (LayerNorm only, no BatchNorm) and a ConvNeXt
@@ -31,7 +31,7 @@ CONVNEXT = "timm/test_convnext"
 
 
 def params_with(**overrides):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = shipped_params()
     raw["model"].update(arch="resnet18", weights="none")
     raw["train"].update(resolution=32, num_workers=0)
     for dotted, value in overrides.items():

@@ -8,12 +8,12 @@ import pytest
 import yaml
 
 from stages.params import ParamsError, load_params, parse_params
-from tests.conftest import REPO
+from tests.conftest import REPO, shipped_params, shipped_text
 
 
 @pytest.fixture(scope="module")
 def defaults() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return shipped_params()
 
 
 def problems(raw: dict) -> str:
@@ -28,8 +28,9 @@ def with_change(defaults: dict, section: str, key: str, value) -> dict:
     return raw
 
 
-def test_shipped_params_are_the_seeds_recipe():
-    params = load_params(REPO / "params.yaml")
+def test_shipped_params_are_the_seeds_recipe(tmp_path):
+    (tmp_path / "params.yaml").write_text(shipped_text("params.yaml"))
+    params = load_params(tmp_path / "params.yaml")
     assert params.data.source == "tanganke/stanford_cars" and params.data.val_fraction == 0
     assert (params.model.arch, params.model.weights) == ("resnet50", "IMAGENET1K_V2")
     t = params.train
@@ -122,7 +123,7 @@ def test_exponent_floats_written_by_dvc_load_as_numbers(tmp_path):
     from dvc.utils.hydra import apply_overrides
 
     path = tmp_path / "params.yaml"
-    path.write_text((REPO / "params.yaml").read_text())
+    path.write_text(shipped_text("params.yaml"))
     apply_overrides(str(path), ["train.lr=1e-5", "train.weight_decay=5e-4"])
     assert "1e-05" in path.read_text()  # YAML 1.1 (PyYAML's safe_load) would read this as a string
     params = load_params(path)
@@ -177,7 +178,7 @@ def test_a_yaml_alias_bomb_is_refused_in_a_few_lines(tmp_path):
 
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
-    text = (REPO / "params.yaml").read_text().replace("  lr: 0.1 ", "  lr: *a8 ", 1)
+    text = shipped_text("params.yaml").replace("  lr: 0.1 ", "  lr: *a8 ", 1)
     path = tmp_path / "params.yaml"
     path.write_text("bombs:\n" + "\n".join(f"  {line}" for line in levels) + "\n" + text)
     start = time.monotonic()

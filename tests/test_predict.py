@@ -18,7 +18,7 @@ from stages.checkpoint import Checkpoint, save_checkpoint
 from stages.errors import StageError
 from stages.model import build_model
 from stages.transforms import Preprocessing
-from tests.conftest import REPO
+from tests.conftest import REPO, shipped_text
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_outputs_are_refused_before_any_work(tmp_path, model_file, monkeypatch):
 def test_a_custom_state_dir_is_protected_too(tmp_path, monkeypatch):
     project = tmp_path / "project"
     (project / "stages").mkdir(parents=True)
-    params = (REPO / "params.yaml").read_text().replace("state_dir: checkpoints", f"state_dir: {tmp_path}/states")
+    params = shipped_text("params.yaml").replace("state_dir: checkpoints", f"state_dir: {tmp_path}/states")
     (project / "params.yaml").write_text(params)
     monkeypatch.setattr(predict, "PROJECT_ROOT", project)
     monkeypatch.chdir(tmp_path)

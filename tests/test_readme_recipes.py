@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
 from stages.params import load_params
 from stages.trainer import Trainer
-from tests.conftest import REPO, make_project, run, tiny_params
+from tests.conftest import REPO, make_project, run, shipped_text, tiny_params
 from tests.synthetic import make_image_folder
 
 pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
@@ -53,7 +52,7 @@ def expanded(command: str) -> list[list[str]]:
 
 def params_after(overrides: list[str], tmp_path):
     path = tmp_path / "params.yaml"
-    shutil.copy(REPO / "params.yaml", path)
+    path.write_text(shipped_text("params.yaml"))
     apply_overrides(str(path), overrides)
     return load_params(path)
 
