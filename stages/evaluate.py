@@ -94,6 +94,12 @@ def class_rows(confusion: torch.Tensor, names: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["accuracy"], r["class_id"]))
 
 
+def shown_rows(classes: int) -> int:
+    """Rows of the worst and the best tables: every class in one table when there are at most TABLE_ROWS, else
+    at most half each, so that no class is both among the worst and among the best."""
+    return classes if classes <= TABLE_ROWS else min(TABLE_ROWS, classes // 2)
+
+
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     print(f"\n{title}")
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in columns]
@@ -135,11 +141,12 @@ def main() -> None:
                     "confidence": round(probs[i, predicted[i]].item(), 4)} for i in range(len(labels))]
 
     write_json(EVAL_METRICS, metrics)
+    shown = shown_rows(len(per_class))
     write_json(EVAL_REPORT, {
         "test_images": len(labels),
         "classes_without_test_images": len(names) - len(per_class),
-        "worst_classes": per_class[:TABLE_ROWS],
-        "best_classes": per_class[::-1][:TABLE_ROWS],
+        "worst_classes": per_class[:shown],
+        "best_classes": per_class[::-1][:shown] if shown < len(per_class) else [],
         "most_confused": confused,
     })
     write_csv(PER_CLASS_CSV, per_class, ["class_id", "class_name", "accuracy", "images"])
@@ -151,9 +158,12 @@ def main() -> None:
     print(f"\ntest: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
           f"mean per-class {metrics['mean_class_accuracy']:.2%}  ({len(labels)} images, {precision.name})"
           + (f"\nTTA (3 scales x 2 flips): top-1 {tta['top1']:.2%}  top-5 {tta['top5']:.2%}" if tta else ""))
-    print_table(f"{TABLE_ROWS} worst classes", per_class[:TABLE_ROWS], ["class_name", "accuracy", "images"])
-    print_table(f"{TABLE_ROWS} best classes", per_class[::-1][:TABLE_ROWS], ["class_name", "accuracy", "images"])
-    print_table(f"{TABLE_ROWS} most-confused pairs", confused, ["true", "predicted", "count"])
+    if shown == len(per_class):  # a few classes: one table, not the same classes twice
+        print_table(f"all {len(per_class)} classes, worst first", per_class, ["class_name", "accuracy", "images"])
+    else:
+        print_table(f"{shown} worst classes", per_class[:shown], ["class_name", "accuracy", "images"])
+        print_table(f"{shown} best classes", per_class[::-1][:shown], ["class_name", "accuracy", "images"])
+    print_table(f"{len(confused)} most-confused pairs", confused, ["true", "predicted", "count"])
 
 
 if __name__ == "__main__":

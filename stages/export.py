@@ -21,7 +21,7 @@ from stages.checkpoint import Checkpoint, load_checkpoint
 from stages.data import ImageSplit, make_loader, open_split
 from stages.errors import StageError, run_stage
 from stages.files import atomic_path, read_json, write_json
-from stages.markdown import markdown_table, markdown_text
+from stages.markdown import markdown_code, markdown_table, markdown_text
 from stages.params import load_params
 from stages.paths import DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS, MODEL_PATH
 from stages.transforms import eval_transform, to_model_input
@@ -97,11 +97,11 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
     return "\n\n".join([
         f"# Model card: {checkpoint.arch} fine-tuned on {markdown_text(str(d.get('source')))}",
         f"A {checkpoint.arch} image classifier ({len(names)} classes), initialised from "
-        f"`{markdown_text(str(params.get('model', {}).get('weights')))}` and fine-tuned by this project's "
+        f"{markdown_code(str(params.get('model', {}).get('weights')))} and fine-tuned by this project's "
         f"`dvc repro` (stage `train`, epoch {checkpoint.epoch} of {t.get('epochs')} kept). File: "
         f"`{EXPORT_FILES[export_format]}` ({export_format}); `model.json` beside it holds the class names in output "
         f"order and the input specification.",
-        "## Data\n\n" + f"Source: `{markdown_text(str(d.get('source')))}`. Images (train / validation / test): "
+        "## Data\n\n" + f"Source: {markdown_code(str(d.get('source')))}. Images (train / validation / test): "
         + " / ".join(str(splits[s]["images"]) if s in splits else "-" for s in ("train", "validation", "test"))
         + f". Dropped as unreadable or refused: {data.get('dropped', 0)}; the same image in two splits: "
           f"{data.get('duplicates_across_splits', 0)}.\n\nClasses: {shown}.",
@@ -122,9 +122,22 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
         "classes will score lower. Check it on your own images before relying on it.\n"
         "- Classes with few training images are the least reliable: see `plots/report/report.md` for the "
         "per-class accuracy and the most-confused pairs.\n"
-        "- It inherits the biases of its pretraining data (ImageNet for torchvision weights) and of the "
-        "fine-tuning data.",
+        f"- {inherited_biases(checkpoint.arch, str(params.get('model', {}).get('weights')))}",
     ]) + "\n"
+
+
+def inherited_biases(arch: str, weights: str) -> str:
+    """Where the model's biases come from, by how it was initialised."""
+    if weights == "none":
+        return ("It was trained from random initialisation, so it inherits the biases of its fine-tuning data "
+                "alone (what the training images show and leave out).")
+    if weights in ("pretrained", "DEFAULT") and arch.startswith("timm/"):
+        return ("It inherits the biases of its pretraining data (the timm weights' own: see their model card on "
+                "the Hugging Face hub) and of the fine-tuning data.")
+    if Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in weights:
+        return (f"It inherits the biases of whatever data the weights in {markdown_code(weights)} were trained on "
+                f"and of the fine-tuning data.")
+    return "It inherits the biases of its pretraining data (ImageNet) and of the fine-tuning data."
 
 
 def main() -> None:

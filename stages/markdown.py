@@ -19,6 +19,14 @@ def format_cell(value) -> str:
     return markdown_text(str(value))
 
 
+def markdown_code(text: str) -> str:
+    """Text from data (a path, a hub id) as an inline code span: shown as it is, where a backslash escape would
+    show as a backslash. A backtick inside it gets a longer fence."""
+    text = " ".join(text.split())
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+
+
 def markdown_text(text: str) -> str:
     """A class name (any text from the data) as literal Markdown: one line, no markup, no HTML."""
     text = " ".join(text.split())

@@ -152,6 +152,7 @@ def plot_confusion(confusion: np.ndarray, names: list[str], block: tuple[int, in
 
 
 def plot_confusion_zoom(confusion: np.ndarray, names: list[str], block: tuple[int, int], path: Path) -> None:
+    """The block with counts and full names; for a run of at most ZOOM_SIZE classes, the whole matrix."""
     start, size = block
     counts = confusion[start:start + size, start:start + size]
     fig = Figure(figsize=(4 + 0.6 * size, 3 + 0.55 * size), layout="constrained")
@@ -166,7 +167,8 @@ def plot_confusion_zoom(confusion: np.ndarray, names: list[str], block: tuple[in
     ax.set_xticks(range(size), labels, rotation=90, fontsize=8, parse_math=False)
     ax.set_yticks(range(size), labels, fontsize=8, parse_math=False)
     ax.set(xlabel="predicted class", ylabel="true class")
-    ax.set_title(f"Most-confused block: classes {start}-{start + size - 1} (test image counts)", fontsize=11)
+    ax.set_title("Confusion matrix (test image counts), rows normalised" if size == len(names) else
+                 f"Most-confused block: classes {start}-{start + size - 1} (test image counts)", fontsize=11)
     save(fig, path)
 
 
@@ -200,16 +202,44 @@ def headline(params: Params, eval_metrics: dict, train_summary: dict, data: dict
     return rows
 
 
+def imbalance_warning(data: dict, confusion: np.ndarray, names: list[str]) -> str | None:
+    """A line when the train classes are imbalanced (the largest 3x the smallest or more), naming the classes the
+    model predicts well beyond their share of the test split (it learnt the imbalance), else None."""
+    counts = data["splits"]["train"]["images_per_class"]
+    if not counts["min"] or counts["max"] / counts["min"] < IMBALANCE_RATIO:
+        return None
+    truth, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    over = [(names[i], int(predicted[i]), int(truth[i])) for i in np.argsort(truth - predicted)
+            if predicted[i] >= 1.5 * truth[i] + 2][:3]
+    text = (f"**Imbalanced classes:** train images per class range from {counts['min']} to {counts['max']} "
+            f"(mean {counts['mean']}); mean per-class accuracy weighs every class alike, top-1 does not.")
+    if over:
+        text += " Predicted far more often than they occur in the test split: " + ", ".join(
+            f"{markdown_text(name)} ({p} predictions for {t} images)" for name, p, t in over) + "."
+    return text
+
+
+IMBALANCE_RATIO = 3
+
+
 def write_markdown(path: Path, params: Params, eval_metrics: dict, eval_report: dict, train_summary: dict,
-                   data: dict, block: tuple[int, int], names: list[str], gradcam: list[str]) -> None:
+                   data: dict, block: tuple[int, int], names: list[str], gradcam: list[str],
+                   imbalance: str | None = None) -> None:
     m, t = params.model, params.train
     start, size = block
+    if size == len(names):
+        confusion_text = ("\n\n![confusion matrix with counts](confusion.png)")
+    else:
+        confusion_text = (f"\n\n![confusion matrix](confusion.png)\n\nThe outlined block, classes {start}-"
+                          f"{start + size - 1} ({markdown_text(names[start])} … "
+                          f"{markdown_text(names[start + size - 1])}):\n\n![most-confused block](confusion_zoom.png)")
     sections = [
         f"# Run report: {m.arch} ({markdown_text(m.weights)}) on {markdown_text(params.data.source)}, "
         f"{t.resolution} px, {t.epochs} epochs",
         "Written by `dvc repro` (stage `report`) from this run's metrics; `dvc metrics show` / "
         "`dvc exp show` hold the same numbers, `dvc plots diff` overlays runs.",
-        markdown_table(headline(params, eval_metrics, train_summary, data), {"what": "metric", "value": "value"}),
+        markdown_table(headline(params, eval_metrics, train_summary, data), {"what": "metric", "value": "value"})
+        + (f"\n\n{imbalance}" if imbalance else ""),
         "## Training curves\n\n![loss, accuracy and learning rate per epoch](curves.png)",
         "## Per-class accuracy\n\nWorst classes:\n\n"
         + markdown_table(eval_report["worst_classes"], {"class_name": "class", "accuracy": "accuracy",
@@ -218,9 +248,7 @@ def write_markdown(path: Path, params: Params, eval_metrics: dict, eval_report: 
         "## Confusion\n\nMost-confused pairs:\n\n"
         + markdown_table(eval_report["most_confused"], {"true": "true class", "predicted": "predicted as",
                                                         "count": "test images"})
-        + f"\n\n![confusion matrix](confusion.png)\n\nThe outlined block, classes {start}-{start + size - 1} "
-        f"({markdown_text(names[start])} … {markdown_text(names[start + size - 1])}):"
-        "\n\n![most-confused block](confusion_zoom.png)",
+        + confusion_text,
     ]
     if gradcam:
         sections.append("## GradCAM\n\n" + "\n\n".join(f"![{name}](../gradcam/{name})" for name in gradcam))
@@ -242,12 +270,18 @@ def main() -> None:
         out.mkdir(parents=True)
         plot_curves(read_curves(LIVE_CURVES), train_summary.get("kept_epoch"), out / "curves.png")
         plot_per_class(per_class, out / "per_class_accuracy.png")
-        plot_confusion(confusion, names, block, out / "confusion.png")
-        plot_confusion_zoom(confusion, names, block, out / "confusion_zoom.png")
+        if block[1] == len(names):  # a few classes: the matrix with counts is the whole figure, not a repeat
+            plot_confusion_zoom(confusion, names, block, out / "confusion.png")
+        else:
+            plot_confusion(confusion, names, block, out / "confusion.png")
+            plot_confusion_zoom(confusion, names, block, out / "confusion_zoom.png")
+        imbalance = imbalance_warning(data, confusion, names)
         write_markdown(out / "report.md", params, eval_metrics, eval_report, train_summary, data, block, names,
-                       gradcam)
-    print(f"report: wrote {REPORT_DIR}/report.md with curves.png, per_class_accuracy.png, confusion.png, "
-          f"confusion_zoom.png")
+                       gradcam, imbalance)
+    print(f"report: wrote {REPORT_DIR}/report.md with curves.png, per_class_accuracy.png, confusion.png"
+          + (", confusion_zoom.png" if block[1] < len(names) else ""))
+    if imbalance:
+        print(f"report: {imbalance.replace('**', '')}")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,10 @@ def test_tta_reuses_the_plain_pass_and_averages_the_six_views(monkeypatch):
     probs = tta_probs(None, [0, 1], Preprocessing(32), 2, 0, "cpu", None, plain)
     assert len(passes) == 5 and "tta 0.875" not in passes and "tta 0.875 flip" in passes
     assert torch.allclose(probs, torch.full((2, 3), 1 / 3)) and torch.allclose(probs.sum(1), torch.ones(2))
+
+
+def test_worst_and_best_tables_never_show_a_class_twice():
+    from stages.evaluate import shown_rows
+
+    assert shown_rows(6) == 6 and shown_rows(10) == 10  # one table of all of them
+    assert shown_rows(15) == 7 and shown_rows(196) == 10

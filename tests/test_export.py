@@ -37,3 +37,25 @@ def test_compare_reports_a_disagreeing_export():
     assert check["relative_logit_difference"] == pytest.approx(2 / 3)
     huge = torch.tensor([[4e11, 0.0]])  # untrained networks reach such logits: judged relative to them
     assert compare(huge, huge + 1e5)["relative_logit_difference"] == pytest.approx(2.5e-7)
+
+
+@pytest.mark.parametrize("weights,says", [
+    ("none", "random initialisation, so it inherits the biases of its fine-tuning data alone"),
+    ("IMAGENET1K_V2", "pretraining data (ImageNet)"),
+    ("/data/my_weights.pth", "weights in `/data/my_weights.pth` were trained on"),
+])
+def test_the_model_card_says_where_the_biases_come_from_and_shows_paths_as_they_are(weights, says):
+    """Before: the card of a random-init model said it inherits ImageNet's biases, and a source such as
+    `.../my_images` was shown as `.../my\\_images` (a backslash escape inside a code span shows literally)."""
+    from stages.checkpoint import Checkpoint
+    from stages.export import model_card
+    from stages.transforms import Preprocessing
+
+    checkpoint = Checkpoint("resnet18", ["a_b", "c"], Preprocessing(64), {"head": "linear"}, epoch=3,
+                            params={"model": {"weights": weights}, "data": {"source": "/home/me/my_images"},
+                                    "train": {"epochs": 3}})
+    card = model_card(checkpoint, "onnx", {"top1": 0.5, "top5": 1.0, "mean_class_accuracy": 0.5},
+                      {"splits": {"train": {"images": 10}}}, {"images": 8, "top1_agreement": 1.0,
+                                                                "relative_logit_difference": 1e-7})
+    assert says in card and "Source: `/home/me/my_images`." in card
+    assert ("ImageNet" in card) == (weights == "IMAGENET1K_V2")

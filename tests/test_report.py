@@ -128,3 +128,14 @@ def test_class_names_with_dollar_signs_are_drawn_literally(tmp_path, monkeypatch
     assert len(drawn) == 4 and all(drawn)
     assert all(not text.get_parse_math() for texts in drawn for text in texts)
     assert any("Model $\\alpha$ 2012" in text.get_text() for text in drawn[-1])
+
+
+def test_imbalanced_classes_are_flagged_with_the_over_predicted_ones():
+    """Before: one class with 4x the others' images, and over-predicted, went unmentioned."""
+    names = ["big", "small a", "small b", "small c"]
+    confusion = np.array([[20, 0, 0, 0], [8, 12, 0, 0], [7, 0, 13, 0], [1, 0, 0, 19]])
+    imbalanced = {"splits": {"train": {"images_per_class": {"min": 10, "mean": 17.5, "max": 40}}}}
+    text = report.imbalance_warning(imbalanced, confusion, names)
+    assert "train images per class range from 10 to 40" in text and "big (36 predictions for 20 images)" in text
+    balanced = {"splits": {"train": {"images_per_class": {"min": 30, "mean": 32.0, "max": 40}}}}
+    assert report.imbalance_warning(balanced, confusion, names) is None
