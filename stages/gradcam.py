@@ -27,8 +27,9 @@ from stages.paths import GRADCAM_DIR, MODEL_PATH, PER_CLASS_CSV, PREDICTIONS_CSV
 from stages.runtime import pick_device
 from stages.transforms import eval_transform, to_model_input
 
-COLUMNS = 4
+COLUMNS = 3  # 690 px wide: two runs' grids side by side in `dvc plots diff` fit a 1400-px screen
 BATCH = 16
+TILE_INCHES, DPI = 2.3, 100
 
 
 def worst_misclassified(per_class: list[dict], predictions: list[dict], count: int,
@@ -67,24 +68,24 @@ def cam_tiles(model, target, split, rows: list[int], checkpoint, device) -> list
 def draw_grid(tiles, names: list[str], title: str, path: Path) -> None:
     columns = max(1, min(COLUMNS, len(tiles)))
     rows = max(1, math.ceil(len(tiles) / columns))
-    fig = Figure(figsize=(columns * 3.2, rows * 3.7 + 0.4), layout="constrained")
+    fig = Figure(figsize=(columns * TILE_INCHES, rows * (TILE_INCHES + 0.55) + 0.4), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (overlay, true, pred) in zip(axes.flat, tiles):
         ax.imshow(overlay)
         # parse_math=False: a class name is literal text; `under_$5_over_$10` is no mathtext formula
-        ax.set_title(f"true: {wrap(names[true])}\npred: {wrap(names[pred])}", fontsize=8,
+        ax.set_title(f"true: {wrap(names[true])}\npred: {wrap(names[pred])}", fontsize=7,
                      color="darkgreen" if true == pred else "firebrick", parse_math=False)
     if not tiles:
         axes.flat[0].text(0, 0.5, "no misclassified test images", fontsize=12)
-    fig.suptitle(title, fontsize=11, parse_math=False)
+    fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=9, parse_math=False)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=DPI, format="png")
 
 
 def wrap(name: str) -> str:
-    return "\n".join(textwrap.wrap(name, 30))
+    return "\n".join(textwrap.wrap(name, 28))
 
 
 def main() -> None:

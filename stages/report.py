@@ -42,11 +42,11 @@ DPI = 100
 
 
 def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(epochs, values) of one DVCLive TSV; its step counts epochs from 0."""
+    """(epochs, values) of one DVCLive TSV; its step is the epoch (train counts them from 1)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     name = [c for c in rows[0] if c not in ("step", "timestamp")][0] if rows else None
-    return (np.array([int(r["step"]) + 1 for r in rows]), np.array([float(r[name]) for r in rows]))
+    return (np.array([int(r["step"]) for r in rows]), np.array([float(r[name]) for r in rows]))
 
 
 def read_curves(curves_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -58,8 +58,8 @@ def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_lo
     epoch exactly once whether or not the run was interrupted."""
     p, is_main = trainer.p, trainer.processes.is_main
     with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) if is_main else nullcontext() as live:
-        for metrics in progress.history:
-            log_epoch(live, metrics)
+        for done, metrics in enumerate(progress.history, start=1):
+            log_epoch(live, metrics, done)
         for epoch in range(progress.epochs_done, p.epochs):
             train_loader.sampler.set_epoch(epoch)
             lrs = trainer.learning_rates()
@@ -77,7 +77,7 @@ def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_lo
             progress.history.append(metrics)
             if is_main:
                 save_state(state, trainer, progress, fingerprint)
-            log_epoch(live, metrics)
+            log_epoch(live, metrics, epoch + 1)
         if is_main:
             live.summary["kept_epoch"] = progress.best_epoch or p.epochs
 
@@ -109,9 +109,12 @@ def epoch_line(epoch: int, p: TrainParams, metrics: dict) -> str:
     return f"{line}, {metrics['train/images_per_s']:.0f} images/s"
 
 
-def log_epoch(live: Live | None, metrics: dict) -> None:
+def log_epoch(live: Live | None, metrics: dict, epoch: int) -> None:
+    """DVCLive's step is the epoch, counted from 1 as the logs count it (its own count starts at 0): `dvc plots`
+    draws epoch 1-10 for a 10-epoch run, as train prints them and the report draws them."""
     if live is None:  # not rank 0
         return
+    live.step = epoch
     for name, value in metrics.items():
         live.log_metric(name, value)
     live.next_step()

@@ -79,13 +79,13 @@ def test_confusion_figures_are_large_enough_to_read(cars_like, tmp_path):
 
 
 def test_curves_come_from_dvclive_files(tmp_path):
+    """As train logs them: DVCLive's step set to the epoch, from 1."""
+    from stages.train import log_epoch
+
     with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False, report=None) as live:
         for epoch in range(4):
-            live.log_metric("lr", 0.1 * 0.1 ** (epoch // 2))
-            live.log_metric("train/loss", 2.0 - epoch * 0.3)
-            if epoch % 2:
-                live.log_metric("validation/acc", 0.2 * epoch)
-            live.next_step()
+            metrics = {"lr": 0.1 * 0.1 ** (epoch // 2), "train/loss": 2.0 - epoch * 0.3}
+            log_epoch(live, metrics | ({"validation/acc": 0.2 * epoch} if epoch % 2 else {}), epoch + 1)
     curves = report.read_curves(tmp_path / "live" / "plots" / "metrics")
     assert set(curves) == {"lr", "train/loss", "validation/acc"}
     epochs, values = curves["validation/acc"]

@@ -120,7 +120,7 @@ def test_killed_run_resumes_to_the_same_weights_and_curves(workdir, uninterrupte
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     for name in ("train/loss.tsv", "train/acc.tsv", "validation/acc.tsv", "lr.tsv"):
         assert curve(workdir, name) == curve(uninterrupted, name)
-    assert [step for step, _ in curve(workdir, "train/loss.tsv")] == [str(s) for s in range(EPOCHS)]
+    assert [step for step, _ in curve(workdir, "train/loss.tsv")] == [str(s) for s in range(1, EPOCHS + 1)]
 
 
 MODERN_KNOBS = {"ema_decay": 0.9, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "accumulate_steps": 2,
@@ -315,7 +315,7 @@ def test_dvc_repro_resumes_after_the_whole_run_is_killed(tmp_path, image_folder)
     log = run(["dvc", "repro"], project).stdout
     assert "Running stage 'fetch'" not in log and "Running stage 'prepare'" not in log
     assert "train: resuming after epoch" in log
-    assert [step for step, _ in curve(project, "train/loss.tsv")] == [str(s) for s in range(EPOCHS)]
+    assert [step for step, _ in curve(project, "train/loss.tsv")] == [str(s) for s in range(1, EPOCHS + 1)]
     assert run(["dvc", "status", "--json"], project).stdout.strip() == "{}"
 
 
