@@ -1,0 +1,145 @@
+"""`python -m stages.compare`: every experiment's headline metrics and the params that differ between the
+experiments themselves, in one table that fits the terminal (150 columns when it cannot tell).
+
+`dvc exp show --only-changed` compares each experiment with its baseline commit: when the commit holds the
+Stanford Cars defaults and every run passes a CPU trial's params with -S, all of them "changed" (316 columns,
+the one param that differs cut off at 150). Here only what differs among the runs listed is shown. Experiments
+of every commit are listed (`dvc exp show -A`: an experiment made before a commit stays in the table), with
+the commits that hold a run of their own; `--rev REV` limits them to one commit's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+
+from stages.errors import StageError, run_stage
+from stages.paths import EVAL_METRICS
+
+DEFAULT_WIDTH = 150
+METRICS = (("top1", "top1"), ("top5", "top5"), ("mean_class_accuracy", "mean/class"), ("tta.top1", "TTA top1"),
+           ("kept_epoch", "epoch"))
+MAX_CELL = 26  # characters of one value; longer ones (paths) are cut in the middle
+SEPARATOR = "  "
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def runs_of(shown: list[dict]) -> list[dict]:
+    """One row per experiment (and per commit holding metrics of its own), oldest first:
+    {name, created, params (flat), metrics (flat)}."""
+    rows = []
+
+    def add(name: str, record: dict) -> None:
+        data = record.get("data") or {}
+        metrics = ((data.get("metrics") or {}).get(str(EVAL_METRICS)) or {}).get("data")
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+        if metrics and params:
+            rows.append({"name": name, "created": data.get("timestamp") or "", "params": flatten(params),
+                         "metrics": flatten(metrics)})
+
+    for commit in shown:
+        if commit.get("rev") == "workspace":
+            continue  # the workspace repeats the applied experiment or the last commit
+        add(f"{commit.get('name') or commit['rev'][:7]} (commit)", commit)
+        for experiment in commit.get("experiments") or []:
+            for revision in experiment.get("revs") or []:
+                add(revision.get("name") or revision["rev"][:7], revision)
+    return sorted(rows, key=lambda row: row["created"])
+
+
+def cell(value) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4f}" if 0 < abs(value) < 1 else f"{value:g}"
+    elif isinstance(value, list):
+        text = ",".join(cell(v) for v in value)
+    elif value is None:
+        text = "null"
+    else:
+        text = str(value)
+    if len(text) > MAX_CELL:
+        half = (MAX_CELL - 1) // 2
+        text = text[:half] + "…" + text[-(MAX_CELL - 1 - half):]
+    return text
+
+
+def differing_params(rows: list[dict]) -> list[str]:
+    """Params whose value is not the same in every row, in params.yaml's order."""
+    keys = list(dict.fromkeys(key for row in rows for key in row["params"]))
+    return [key for key in keys if len({json.dumps(row["params"].get(key), sort_keys=True) for row in rows}) > 1]
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """train.lr -> lr, unless another section has an `lr` too."""
+    tails = [key.split(".", 1)[-1] for key in keys]
+    return {key: tail if tails.count(tail) == 1 else key for key, tail in zip(keys, tails)}
+
+
+def table(rows: list[dict], width: int) -> str:
+    """The experiments, their metrics, then as many differing params as fit `width`; the rest named below."""
+    metrics = [(key, title) for key, title in METRICS if any(key in row["metrics"] for row in rows)]
+    columns = [("Experiment", [row["name"] for row in rows]), ("Created", [row["created"][5:16].replace("T", " ")
+                                                                          for row in rows])]
+    columns += [(title, [cell(row["metrics"].get(key, "-")) for row in rows]) for key, title in metrics]
+    params = differing_params(rows)
+    names = short_names(params)
+    left_out = []
+    used = sum(max(len(title), *map(len, values)) for title, values in columns) + len(SEPARATOR) * (len(columns) - 1)
+    for key in params:
+        values = [cell(row["params"].get(key, "-")) for row in rows]
+        column_width = max(len(names[key]), *map(len, values))
+        if used + len(SEPARATOR) + column_width > width:
+            left_out.append(key)
+            continue
+        columns.append((names[key], values))
+        used += len(SEPARATOR) + column_width
+    widths = [max(len(title), *map(len, values)) for title, values in columns]
+    lines = [SEPARATOR.join(title.ljust(w) for (title, _), w in zip(columns, widths)).rstrip()]
+    lines.append(SEPARATOR.join("-" * w for w in widths))
+    for index in range(len(rows)):
+        lines.append(SEPARATOR.join(values[index].ljust(w) for (_, values), w in zip(columns, widths)).rstrip())
+    if not params:
+        lines.append("(the runs have the same params)")
+    if left_out:
+        lines.append(f"{len(left_out)} more param(s) differ, left out to fit {width} columns: "
+                     f"{', '.join(left_out)} (--width to widen)")
+    return "\n".join(line[:width] if index < len(rows) + 2 else line for index, line in enumerate(lines))
+
+
+def show_experiments(rev: str | None) -> list[dict]:
+    command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else ["--all-commits"])]
+    try:
+        shown = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise StageError("dvc not found: activate the project's environment (. .venv/bin/activate)") from None
+    except subprocess.CalledProcessError as error:
+        raise StageError(f"`{' '.join(command)}` failed: {error.stderr.strip().splitlines()[-1:]}") from None
+    return json.loads(shown or "[]")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", help="only the experiments of this commit (default: of every commit)")
+    parser.add_argument("--width", type=int, default=shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns,
+                        help=f"columns to fit (default: the terminal's, else {DEFAULT_WIDTH})")
+    args = parser.parse_args(argv)
+    rows = runs_of(show_experiments(args.rev))
+    if not rows:
+        raise StageError("no experiment with metrics/eval.json yet: run `dvc exp run` (or `dvc repro`) first")
+    print(table(rows, args.width))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_stage(main)

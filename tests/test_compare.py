@@ -1,0 +1,56 @@
+"""`python -m stages.compare`: the runs and what differs between them, in 150 columns, on the README's CPU path."""
+
+from __future__ import annotations
+
+import copy
+
+from stages import compare
+from tests.conftest import shipped_params
+
+CPU_TRIAL = {"data": {"preset": "none", "source": "/home/me/my_images", "val_fraction": 0, "test_fraction": 0.2},
+             "model": {"arch": "resnet18", "weights": "none"},
+             "train": {"resolution": 128, "batch_size": 32, "lr": 0.025, "epochs": 10, "lr_step_epochs": 7,
+                       "device": "cpu"}}
+
+
+def experiment(name: str, created: str, changes: dict, top1: float | None) -> dict:
+    params = copy.deepcopy(shipped_params())
+    for section, values in changes.items():
+        params[section].update(values)
+    metrics = {"metrics/eval.json": {"data": {"top1": top1, "top5": 0.9, "mean_class_accuracy": top1,
+                                              "kept_epoch": 10}}} if top1 is not None else {}
+    return {"rev": f"{name:0<40}"[:40], "name": name, "data": {"timestamp": created, "metrics": metrics,
+                                                               "params": {"params.yaml": {"data": params}}}}
+
+
+def test_only_the_params_that_differ_between_the_runs_are_shown_in_150_columns():
+    """Before: `dvc exp show --only-changed` compared each run with the baseline commit, which holds the Stanford
+    Cars defaults: every CPU-trial param counted as changed (316 columns), and at 150 columns the one param that
+    differed (train.lr) was cut off."""
+    second = copy.deepcopy(CPU_TRIAL)
+    second["train"]["lr"] = 0.05
+    queued = copy.deepcopy(CPU_TRIAL)
+    queued["train"]["lr"] = 0.1
+    baseline = experiment("main", "2026-11-24T21:00:00", {}, None)  # the shipped defaults: no run of its own
+    baseline["experiments"] = [{"revs": [experiment("cpu-trial", "2026-12-01T10:00:00", CPU_TRIAL, 0.61)]},
+                               {"revs": [experiment("cpu-trial-lr", "2026-12-01T10:05:00", second, 0.64)]},
+                               {"revs": [experiment("queued", "2026-12-01T10:06:00", queued, None)]}]
+    shown = [experiment("workspace", "", second, 0.64) | {"rev": "workspace"}, baseline]
+    rows = compare.runs_of(shown)
+    assert [row["name"] for row in rows] == ["cpu-trial", "cpu-trial-lr"]  # no metrics yet: not a run
+    text = compare.table(rows, 150)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 150
+    header = lines[0].split()
+    assert header == ["Experiment", "Created", "top1", "top5", "mean/class", "epoch", "lr"]
+    assert "0.025" in lines[2] and "0.05" in lines[3] and "0.6100" in lines[2]
+
+
+def test_params_that_do_not_fit_are_named_not_cut():
+    many = {"train": {"lr": 0.05, "momentum": 0.8, "weight_decay": 0.001, "label_smoothing": 0.1,
+                      "crop_scale": [0.25, 1.0], "state_dir": "/mnt/shared/a-very-long-bucket-path/cars"}}
+    rows = compare.runs_of([experiment("main", "2026-12-01T09:00:00", {}, 0.5) | {"experiments": [
+        {"revs": [experiment("other", "2026-12-01T10:00:00", many, 0.6)]}]}])
+    text = compare.table(rows, 80)
+    assert all(len(line) <= 80 for line in text.splitlines()[:4])
+    assert "more param(s) differ, left out to fit 80 columns" in text and "--width" in text
