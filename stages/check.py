@@ -6,7 +6,8 @@ it first: a bad value passed with `dvc exp run -S ...` stops the run here with t
 It checks the params schema (stages/params.py), then what needs the model but no data and no compute:
 that model.arch takes train.resolution, that train.unfreeze_from names one of its modules, and that a local
 model.weights file is a state dict that fits it; and what the machine must have: a usable GPU for
-train.device: cuda, a C++ compiler for torch.compile on the CPU, a writable train.state_dir. Its output is one
+train.device: cuda, a C++ compiler for torch.compile on the CPU, a writable train.state_dir, and named
+weights in the local cache (downloaded there now if need be). Its output is one
 constant line, so passing the check never makes a later stage re-run.
 """
 
@@ -21,14 +22,14 @@ import torch
 
 from stages.errors import StageError, run_stage
 from stages.files import atomic_path
-from stages.model import build_model, fit_to_resolution
+from stages.model import build_model, fetch_pretrained, fit_to_resolution
 from stages.params import Params, load_params
 from stages.paths import PARAMS_CHECK
 from stages.recipe import Freezer
 from stages.runtime import cuda_unavailable_reason
 
 PASSED = ("params.yaml passed `python -m stages.check` (schema, model and resolution, unfreeze_from, weights file, "
-          "device and compiler)\n")
+          "device and compiler, weights in the cache)\n")
 CHECK_CLASSES = 2  # any class count builds the same backbone
 
 
@@ -45,6 +46,17 @@ def check_recipe(params: Params) -> None:
             model = build_model(m.arch, CHECK_CLASSES, "none", m.head, m.head_hidden, m.head_dropout, m.drop_path,
                                 **constructor)
     Freezer(model, p)
+
+
+def check_weights(params: Params) -> None:
+    """Named or hub weights (model.weights IMAGENET1K_V2, timm's pretrained) in the local cache, downloaded into
+    it now if they are not and the network allows: a run offline stops here, before fetch, prepare and train
+    have worked for nothing, with the ways to get them (WeightsUnavailable)."""
+    m = params.model
+    if m.weights == "none" or Path(m.weights).is_file():
+        return
+    fetch_pretrained(m.arch, m.weights)
+    print(f"check: {m.arch} weights {m.weights} are in the local cache")
 
 
 def check_machine(params: Params) -> None:
@@ -80,6 +92,7 @@ def main() -> None:
     params = load_params()
     check_recipe(params)
     check_machine(params)
+    check_weights(params)
     with atomic_path(PARAMS_CHECK) as tmp:
         tmp.write_text(PASSED)
     print("check: params.yaml is valid")

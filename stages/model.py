@@ -62,6 +62,12 @@ def original_model(arch: str, pretrained_weights: str | None, drop_path: float =
     return torchvision.models.get_model(arch, weights=pretrained_weights, **constructor)
 
 
+def fetch_pretrained(arch: str, weights: str) -> None:
+    """Named (torchvision) or hub (timm) weights into the local cache, or WeightsUnavailable with the fixes: the
+    same download train's build_model makes, done up front (an already cached file is only read)."""
+    download_pretrained(arch, weights, lambda pretrained_weights: original_model(arch, pretrained_weights))
+
+
 def download_pretrained(arch: str, weights: str, original) -> nn.Module:
     if timm_models.is_timm(arch):
         try:

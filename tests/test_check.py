@@ -81,3 +81,22 @@ def test_a_state_dir_that_os_access_calls_writable_but_is_not_is_refused():
 
     with pytest.raises(StageError, match="train.state_dir /sys/x/run cannot be written"):
         check_machine(params_with(**{"train.state_dir": "/sys/x/run"}))
+
+
+def test_named_weights_are_fetched_by_check_or_refused_with_the_fix(monkeypatch, tmp_path, capsys):
+    """Before: `model.weights=IMAGENET1K_V1` offline failed at train, after check, fetch and prepare had run."""
+    from stages.check import check_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    params = params_with(**{"model.arch": "resnet18", "model.weights": "IMAGENET1K_V1"})
+    with pytest.raises(StageError, match="could not download torchvision weights resnet18/IMAGENET1K_V1"):
+        check_weights(params)
+    # In the cache (as a run where the network is reachable leaves it): found, nothing downloaded.
+    from torchvision.models import ResNet18_Weights
+
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(build_model("resnet18", 1000, "none").state_dict(), cached)
+    check_weights(params)
+    assert "check: resnet18 weights IMAGENET1K_V1 are in the local cache" in capsys.readouterr().out
+    check_weights(params_with(**{"model.arch": "resnet18", "model.weights": "none"}))  # nothing to fetch
