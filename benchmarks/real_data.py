@@ -313,6 +313,9 @@ def main() -> None:
     args.cars, args.weights = args.cars.resolve(), args.weights.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(exist_ok=True)
+    # The code the parts run: each clones HEAD as it is now
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
     for part in args.parts:
         tool, _, recipe = part.partition(":")
         print(f"real_data: {part} on CPUs {args.cpus}", flush=True)
@@ -325,8 +328,7 @@ def main() -> None:
         else:
             sys.exit(f"unknown part {part}: pipeline:<recipe>, timm:<recipe> or probe")
         result |= {"epochs": result.get("epochs", args.epochs), "resolution": BASE["train.resolution"],
-                   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                            text=True).stdout.strip(),
+                   "commit": commit,
                    "cpus": len(args.cpus), "threads": len(args.cpus), "date": time.strftime("%Y-%m-%d"),
                    "machine": f"{os.cpu_count()}-core CPU, no GPU", "load_average_after": os.getloadavg()}
         name = part.replace(":", "-")
