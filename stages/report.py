@@ -199,6 +199,11 @@ def headline(params: Params, eval_metrics: dict, train_summary: dict, data: dict
         {"what": "classes", "value": data["classes"]},
         {"what": "images dropped by prepare (unreadable)", "value": data["dropped"]},
     ]
+    if data.get("duplicates_across_splits"):  # real Stanford Cars has 19 (prepare lists them)
+        rows.append({"what": "images also in another split (the same bytes: not held out)",
+                     "value": f"{data['duplicates_across_splits']} (listed by prepare; they lift the test score "
+                              f"by at most {data['duplicates_across_splits'] / max(splits['test']['images'], 1):.2%})"
+                     if "test" in splits else data["duplicates_across_splits"]})
     return rows
 
 
