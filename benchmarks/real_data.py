@@ -14,7 +14,10 @@ Each part runs in a fresh clone of this repository's HEAD under `--workdir`, pin
 that many PyTorch threads and one loader process, and writes `benchmarks/real_data/<part>.json`. Parts:
 - `pipeline:<recipe>`: `dvc exp run -n <recipe> -S ...` exactly as a user types it (RECIPES below);
 - `timm:<recipe>`: timm's train.py on the same folders with the same settings (TIMM_ARGS: what maps to what);
-- `probe`: logistic regression on the frozen pooled features of the same weights (the floor a fine-tune must beat).
+- `probe`: logistic regression on the frozen pooled features of the same weights (the floor a fine-tune must beat);
+- `throughput`: train images/s of both trainers with the `sgd` recipe on the same subset (8 train and 2 test images
+  per class), one epoch each, alternated pipeline, timm, pipeline, timm... (`--rounds`), each tool's own epoch
+  figure; run it on an otherwise idle machine.
 Two parts given to two processes with different `--cpus` run side by side, paired on the same machine.
 `--table` prints the Markdown table of every part found in benchmarks/real_data/.
 """
@@ -191,6 +194,46 @@ def timm_mean_class_accuracy(model_file: Path, args) -> float:
     return round((correct / total).mean().item(), 5)
 
 
+def subset_folder(cars: Path, dest: Path, per_split: dict[str, int]) -> Path:
+    """The first images of each class, linked, as a folder of the same layout."""
+    for split, count in per_split.items():
+        for class_dir in sorted((cars / split).iterdir()):
+            (dest / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (dest / split / class_dir.name / image.name).symlink_to(image)
+    return dest
+
+
+def run_throughput(args) -> dict:
+    subset = subset_folder(args.cars, args.workdir / "throughput-subset", {"train": 8, "test": 2})
+    clone = fresh_clone(args.workdir / "throughput-pipeline")
+    threads = len(args.cpus)
+    env = environment(threads)
+    set_params(clone, pipeline_overrides("sgd", subset, args.weights, threads, 1))
+    run_logged(["dvc", "repro", "prepare"], clone, clone / "prepare.log", env)
+    out = args.workdir / "throughput-timm"
+    out.mkdir()
+    timm_command = [sys.executable, str(args.timm_train), "--data-dir", str(subset), "--train-split", "train",
+                    "--val-split", "test", "--model", ARCH.removeprefix("timm/"), "--pretrained",
+                    "--pretrained-path", str(args.weights), "--num-classes", "196", "--img-size",
+                    str(BASE["train.resolution"]), "-b", str(BASE["train.batch_size"]), "--epochs", "1",
+                    "--device", "cpu", "-j", "1", "--log-interval", "10", "--output", str(out), *TIMM_ARGS["sgd"]]
+    figures = {"pipeline": [], "timm train.py": []}
+    for round_ in range(args.rounds):
+        run_logged([sys.executable, "-m", "stages.train"], clone, clone / f"train-{round_}.log", env)
+        figures["pipeline"].append(float(re.findall(r"epoch 1/1: .* ([\d.]+) images/s",
+                                                    (clone / f"train-{round_}.log").read_text())[-1]))
+        log = out / f"run-{round_}.log"
+        run_logged([*timm_command, "--experiment", f"round{round_}"], out, log, env)
+        figures["timm train.py"].append(epoch_speeds(log)[-1])
+        print(f"real_data: throughput round {round_ + 1}: pipeline {figures['pipeline'][-1]} images/s, timm "
+              f"{figures['timm train.py'][-1]} images/s", flush=True)
+    return {"tool": "both", "recipe": "sgd, 1 epoch of 1,568 images", "top1": None, "mean_class_accuracy": None,
+            "tta_top1": None, "wall_s": 0.0, "rounds": args.rounds, "threads_each": threads,
+            "train_images_per_s": {tool: spread(values) for tool, values in figures.items()},
+            "runs": figures, "epochs": 1}
+
+
 def run_probe(args) -> dict:
     """Fetch and prepare as the pipeline does (its own clone), pooled features of the frozen weights through the
     pipeline's eval transform, then scikit-learn's logistic regression: C chosen on a stratified 20% of train,
@@ -206,7 +249,7 @@ def run_probe(args) -> dict:
                 ",".join(map(str, args.cpus))], clone, features_log, env)
     result = json.loads((clone / "probe.json").read_text())
     return {"tool": "linear probe", "recipe": "logistic regression on frozen pooled features", **result,
-            "tta_top1": None, "wall_s": round(time.perf_counter() - start, 1)}
+            "tta_top1": None, "wall_s": round(time.perf_counter() - start, 1), "epochs": None}
 
 
 def set_params(clone: Path, overrides: dict) -> None:
@@ -276,7 +319,7 @@ def probe_features() -> None:
 
 
 def print_table() -> None:
-    rows = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
+    rows = [row for path in sorted(RESULTS.glob("*.json")) if (row := json.loads(path.read_text()))["top1"] is not None]
     print("| Run | Recipe | Resolution | Epochs | Test top-1 | Mean per-class | TTA top-1 | Wall time | "
           "Train images/s (min / median / max over epochs) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -285,7 +328,7 @@ def print_table() -> None:
         speed_text = (f"{speed['min']} / {speed['median']} / {speed['max']}" if speed
                       else f"features: {row['feature_images_per_s']['train']}")
         tta = f"{row['tta_top1']:.2%}" if row.get("tta_top1") is not None else "-"
-        print(f"| {row['tool']} | {row['recipe']} | {row.get('resolution', 160)} | {row.get('epochs', '-')} | "
+        print(f"| {row['tool']} | {row['recipe']} | {row.get('resolution', 160)} | {row.get('epochs') or '-'} | "
               f"{row['top1']:.2%} | {row['mean_class_accuracy']:.2%} | {tta} | {row['wall_s'] / 60:.1f} min | "
               f"{speed_text} |")
 
@@ -299,6 +342,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/real_data"))
     parser.add_argument("--cpus", type=lambda s: [int(c) for c in s.split(",")], default=[0])
     parser.add_argument("--epochs", type=int, default=BASE["train.epochs"])
+    parser.add_argument("--rounds", type=int, default=3, help="throughput: pairs of runs")
     parser.add_argument("--table", action="store_true", help="print the table of benchmarks/real_data/*.json")
     parser.add_argument("--probe-features", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -325,6 +369,8 @@ def main() -> None:
             result = run_timm(recipe, args)
         elif tool == "probe":
             result = run_probe(args)
+        elif tool == "throughput":
+            result = run_throughput(args)
         else:
             sys.exit(f"unknown part {part}: pipeline:<recipe>, timm:<recipe> or probe")
         result |= {"epochs": result.get("epochs", args.epochs), "resolution": BASE["train.resolution"],
@@ -333,7 +379,8 @@ def main() -> None:
                    "machine": f"{os.cpu_count()}-core CPU, no GPU", "load_average_after": os.getloadavg()}
         name = part.replace(":", "-")
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(f"real_data: {part}: test top-1 {result['top1']:.2%}, {result['wall_s'] / 60:.1f} min", flush=True)
+        if result["top1"] is not None:
+            print(f"real_data: {part}: test top-1 {result['top1']:.2%}, {result['wall_s'] / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

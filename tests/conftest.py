@@ -76,16 +76,18 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) 
     return result
 
 
-def make_project(dest: Path, params: dict) -> Path:
-    """A copy of this project (tracked and untracked-not-ignored files, no tests) in a fresh git + DVC repo."""
+def make_project(dest: Path, params: dict | str, with_tests: bool = False) -> Path:
+    """A copy of this project (tracked and untracked-not-ignored files, no tests unless asked) in a fresh git + DVC
+    repo; params: a dict, or params.yaml's text."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+                           text=True, check=True).stdout.splitlines()
+    skipped = ("metrics/", "plots/") if with_tests else ("tests/", "metrics/", "plots/")
     for name in files:
-        if name.startswith(("tests/", "metrics/", "plots/")) or name == "dvc.lock" or not (REPO / name).is_file():
+        if name.startswith(skipped) or name == "dvc.lock" or not (REPO / name).is_file():
             continue
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, dest / name)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / "params.yaml").write_text(params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dest)
     run(["git", "config", "user.email", "tests@example.com"], dest)
     run(["git", "config", "user.name", "tests"], dest)

@@ -1,0 +1,76 @@
+"""The README's CPU path, walked literally by a new user on generated photos (the install aside): a fresh clone, a
+CPU trial, a second experiment, the comparison, two queued runs, a commit, the earlier runs shown, and then the
+suite itself in that same used clone."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, make_project, shipped_text
+from tests.synthetic import make_image_folder
+
+pytestmark = pytest.mark.slow  # real stages, DVC runs and the fast suite in a subprocess
+
+
+def readme_cpu_trial_offline() -> str:
+    """The offline CPU-trial command of README 'Try it on a CPU', as the user pastes it."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Try it on a CPU"):text.index("## Results")]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    (command,) = [block for block in blocks if "model.weights=none" in block]
+    return command.replace("\\\n", " ").strip()
+
+
+def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_the_readme_cpu_path_from_trial_to_comparing_runs_in_a_used_clone(tmp_path):
+    upstream = make_project(tmp_path / "upstream", shipped_text("params.yaml"), with_tests=True)  # as published
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(upstream), str(clone)], check=True)
+    make_image_folder(clone / "my_images", num_classes=3, per_class={"train": 15})
+
+    trial = readme_cpu_trial_offline()
+    assert "-n cpu-trial-offline" in trial and "$PWD/my_images" in trial
+    shell(trial, clone)
+    shell(trial.replace("-n cpu-trial-offline", "-n cpu-trial-lr").replace("train.lr=0.025", "train.lr=0.05"), clone)
+
+    table = shell(f"{sys.executable} -m stages.compare --width 150", clone).stdout
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= 150 and lines[0].split()[-1] == "lr", table
+    assert any("cpu-trial-offline" in line and "0.025" in line for line in lines)
+
+    shell("git add -A && git commit -qm 'CPU trial'", clone)  # before queueing (docs/operations.md)
+    assert "my_images" not in shell("git show --stat HEAD", clone).stdout  # the photos stay out of git
+    for lr in ("0.01", "0.1"):
+        shell(f"dvc exp run --queue -n queued-{lr} -S train.lr={lr}", clone)
+    shell("dvc queue start -j 1", clone)
+    deadline = time.monotonic() + 900
+    while any(word in (status := shell("dvc queue status", clone).stdout) for word in ("Queued", "Running")):
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    for lr in ("0.01", "0.1"):
+        logs = shell(f"dvc queue logs queued-{lr}", clone).stdout
+        assert "Running stage 'prepare'" not in logs and "WARNING" not in logs, logs
+
+    shell("git add -A && git commit -qm 'after the sweep'", clone)
+    shown = shell("dvc exp show -A --json", clone).stdout
+    assert all(name in shown for name in ("cpu-trial-offline", "cpu-trial-lr", "queued-0.01", "queued-0.1"))
+
+    # The suite, in this same used clone: it reads the params as the project ships them.
+    fast = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "-x"],
+                          cwd=clone, capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
+    assert fast.returncode == 0, fast.stdout[-3000:] + fast.stderr[-2000:]
