@@ -65,7 +65,8 @@ def test_the_readme_cpu_path_from_trial_to_comparing_runs_in_a_used_clone(tmp_pa
         logs = shell(f"dvc queue logs queued-{lr}", clone).stdout
         assert "Running stage 'prepare'" not in logs and "WARNING" not in logs, logs
 
-    shell("git add -A && git commit -qm 'after the sweep'", clone)
+    shell("dvc exp apply queued-0.1 && git add -A && git commit -qm 'the best run'", clone)  # README's last step
+    assert "cpu-trial-lr" not in shell("dvc exp show --json", clone).stdout  # of the new commit only
     shown = shell("dvc exp show -A --json", clone).stdout
     assert all(name in shown for name in ("cpu-trial-offline", "cpu-trial-lr", "queued-0.01", "queued-0.1"))
 
