@@ -29,6 +29,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -195,12 +196,12 @@ def timm_mean_class_accuracy(model_file: Path, args) -> float:
 
 
 def subset_folder(cars: Path, dest: Path, per_split: dict[str, int]) -> Path:
-    """The first images of each class, linked, as a folder of the same layout."""
+    """The first images of each class, copied (fetch refuses links that leave data.source), in the same layout."""
     for split, count in per_split.items():
         for class_dir in sorted((cars / split).iterdir()):
             (dest / split / class_dir.name).mkdir(parents=True)
             for image in sorted(class_dir.iterdir())[:count]:
-                (dest / split / class_dir.name / image.name).symlink_to(image)
+                shutil.copyfile(image, dest / split / class_dir.name / image.name)
     return dest
 
 
