@@ -254,7 +254,7 @@ def save(splits: datasets.DatasetDict, out: Path, left_out: list[dict] = ()) -> 
 
 
 def main() -> None:
-    params = load_params()
+    params = load_params(look_up_models=False)
     kind = source_kind(params.data.source)
     if kind == "folder":
         listing = check_image_folder(Path(params.data.source).expanduser())

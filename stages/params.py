@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stages.errors import StageError
 
@@ -116,8 +116,8 @@ class ModelParams(Section):
 
     @field_validator("arch")
     @classmethod
-    def known_arch(cls, arch: str) -> str:
-        if arch.startswith(TIMM_PREFIX):
+    def known_arch(cls, arch: str, info: ValidationInfo) -> str:
+        if arch.startswith(TIMM_PREFIX) or not looks_up_models(info):
             return arch  # checked with the weights (known_weights): timm is imported only for timm archs
         allowed = classification_archs()
         if arch not in allowed:
@@ -127,14 +127,16 @@ class ModelParams(Section):
         return arch
 
     @model_validator(mode="after")
-    def known_weights(self) -> ModelParams:
+    def known_weights(self, info: ValidationInfo) -> ModelParams:
         if self.arch.startswith(TIMM_PREFIX):
             return self.known_timm_model()
         if self.drop_path:
             raise ValueError(f"model.drop_path applies to timm models (model.arch: timm/...); {self.arch} is a "
                              f"torchvision model: set model.drop_path: 0")
+        if self.weights == "none" or Path(self.weights).is_file() or not looks_up_models(info):
+            return self
         allowed = weights_names(self.arch)
-        if self.weights in allowed or self.weights == "none" or Path(self.weights).is_file():
+        if self.weights in allowed:
             return self
         raise ValueError(
             f"model.weights '{self.weights}' is neither a weights name of {self.arch} nor an existing file. "
@@ -479,6 +481,13 @@ class ParamsError(StageError):
     """params.yaml is malformed; the message lists every problem found."""
 
 
+def looks_up_models(info: ValidationInfo) -> bool:
+    """Whether model.arch and a weights name are looked up in torchvision's lists: importing torchvision costs
+    ~3.5 s, which stages that never build a model (fetch, prepare, report, predict's start) skip; `check`, which
+    runs before them, and every stage that builds a model look them up."""
+    return not info.context or info.context.get("look_up_models", True)
+
+
 def classification_archs() -> list[str]:
     import torchvision
 
@@ -491,7 +500,8 @@ def weights_names(arch: str) -> list[str]:
     return [w.name for w in get_model_weights(arch)] + ["DEFAULT"]
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Params:
+def load_params(path: Path | str = PARAMS_FILE, look_up_models: bool = True) -> Params:
+    """look_up_models=False: model.arch and model.weights are not looked up in torchvision (see looks_up_models)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root, where params.yaml lives")
@@ -504,12 +514,12 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
                           f"file (or `git checkout {path}` to go back to the committed params)") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} holds a {type(raw).__name__}, not sections of params (data:, train:, ...)")
-    return parse_params(raw, source=str(path))
+    return parse_params(raw, source=str(path), look_up_models=look_up_models)
 
 
-def parse_params(raw: dict, source: str = "params") -> Params:
+def parse_params(raw: dict, source: str = "params", look_up_models: bool = True) -> Params:
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(raw, context={"look_up_models": look_up_models})
     except ValidationError as error:
         problems = "\n".join(f"  - {describe(e, raw)}" for e in error.errors())
         raise ParamsError(f"{source} has {error.error_count()} problem(s):\n{problems}") from None

@@ -49,7 +49,7 @@ def protected_folders() -> list[Path]:
     try:
         from stages.params import load_params
 
-        state_dir = Path(load_params(PROJECT_ROOT / "params.yaml").train.state_dir).expanduser()
+        state_dir = Path(load_params(PROJECT_ROOT / "params.yaml", look_up_models=False).train.state_dir).expanduser()
         folders.append(state_dir if state_dir.is_absolute() else PROJECT_ROOT / state_dir)
     except (StageError, OSError):  # no or invalid params.yaml: the fixed folders are still refused
         pass

@@ -428,7 +428,7 @@ def warn(items: list, describe: Callable, what: str) -> None:
 
 
 def main() -> None:
-    prepare(load_params())
+    prepare(load_params(look_up_models=False))
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ def write_markdown(path: Path, params: Params, eval_metrics: dict, eval_report: 
 
 
 def main() -> None:
-    params = load_params()
+    params = load_params(look_up_models=False)
     per_class = read_csv(PER_CLASS_CSV)
     eval_metrics, eval_report = read_json(EVAL_METRICS, "evaluate"), read_json(EVAL_REPORT, "evaluate")
     confusion_record = read_json(CONFUSION_JSON, "evaluate")

@@ -95,6 +95,22 @@ def test_missing_key_is_named(defaults):
     assert "train.seed: missing" in problems(raw)
 
 
+def test_stages_that_build_no_model_skip_the_model_name_lookup(tmp_path, defaults):
+    """fetch, prepare and report read params without importing torchvision (~3.5 s each); check looks the names
+    up before them, and the stages that build the model look them up too."""
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change(defaults, "model", "arch", "resnet5")))
+    probe = ("import sys; from stages.params import load_params; p = load_params('params.yaml', "
+             "look_up_models=False); print(p.model.arch, 'torchvision' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.stdout.split() == ["resnet5", "False"], result.stderr
+    assert "unknown torchvision classification model 'resnet5'" in problems(with_change(defaults, "model", "arch",
+                                                                                          "resnet5"))
+
+
 def test_params_cli_exits_with_the_message(tmp_path, defaults):
     import subprocess
     import sys
