@@ -1,10 +1,15 @@
-# `make repro`: set up and run the pipeline. `make test`: set up, lint, and run the whole test suite (~18 min on
+# `make repro`: set up and run the pipeline. `make test`: set up, lint, and run the whole test suite (~MIN on
 # 2 CPU cores). `make test-fast`: the tests not marked slow (~1 min). `make gpu-check`: on a CUDA machine, the
 # whole pipeline with the default GPU settings on generated data, one PASS/FAIL line per path.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
+# Test files run in TEST_JOBS processes (pytest-xdist), each file whole in one of them (its module fixtures are
+# built once). 2 on 2 cores: the slow tests spend much of their time in DVC, git and imports, not on the cores
+# (1.8x faster than one process there). TEST_JOBS=1 runs them in this process.
+TEST_JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 .PHONY: setup repro lint test test-fast gpu-check
 
@@ -22,10 +27,10 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: lint
-	$(RUN) $(BIN)/python -m pytest
+	$(RUN) $(PYTEST)
 
 test-fast: lint
-	$(RUN) $(BIN)/python -m pytest -m "not slow"
+	$(RUN) $(PYTEST) -m "not slow"
 
 gpu-check: setup
 	$(RUN) $(BIN)/python -m benchmarks.gpu_check
