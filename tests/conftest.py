@@ -22,9 +22,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 # The test files that take longest (seconds of one CI run, 2026-12-01), collected first: `make test` hands whole
-# files to its two processes in collection order, so starting with these lets the short ones fill the gaps and
-# both processes end together (in alphabetical order the longest came last and ran alone).
-LONGEST_FILES = ["test_resume.py", "test_readme_recipes.py", "test_readme_path.py", "test_gpu_path.py",  # 720-400
+# files to its two processes in collection order (--no-loadscope-reorder), so starting with these lets the short
+# ones fill the gaps and both processes end together (the one-test README walk, 500 s, ran alone at the end when
+# xdist ordered the files by their number of tests).
+LONGEST_FILES = ["test_readme_path.py", "test_resume.py", "test_readme_recipes.py", "test_gpu_path.py",  # 500-720
                  "test_queue_and_remote.py", "test_distributed.py", "test_pipeline.py"]  # 390-280
 
 
