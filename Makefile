@@ -6,9 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 # Test files run in TEST_JOBS processes (pytest-xdist), each file whole in one of them (its module fixtures are
-# built once), in the order tests/conftest.py collects them (longest first; xdist's own order is by test count). 2 on 2 cores: the slow tests spend much of their time in DVC, git and imports, not on the cores
-# (1.8x faster than one process there). TEST_JOBS=1 runs them in this process.
-TEST_JOBS ?= 2
+# built once), in the order tests/conftest.py collects them (longest first; xdist's own order is by test count).
+# The slow tests spend much of their time in DVC, git, imports and waits rather than on the cores, so on 2 cores
+# the whole suite took 58.7 min in one process, 33.2 in two and THREE in three (2026-12-01). TEST_JOBS=1: one.
+TEST_JOBS ?= 3
 PYTEST := $(BIN)/python -m pytest $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: setup repro lint test test-fast gpu-check
