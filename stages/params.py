@@ -118,7 +118,7 @@ class ModelParams(Section):
     @classmethod
     def known_arch(cls, arch: str, info: ValidationInfo) -> str:
         if arch.startswith(TIMM_PREFIX) or not looks_up_models(info):
-            return arch  # checked with the weights (known_weights): timm is imported only for timm archs
+            return arch  # timm archs: checked by `check` (known_timm_model); unlooked-up: see looks_up_models
         allowed = classification_archs()
         if arch not in allowed:
             close = difflib.get_close_matches(arch, allowed, n=3)

@@ -176,17 +176,16 @@ def test_dvc_plots_and_metrics_read_the_outputs(reproduced):
     assert not plots.get("errors")
     names = set(plots["data"])
     assert {"Per-class test accuracy", "Confusion (test)", "plots/gradcam/samples.png"} <= names
-    assert drawn_curves(project) == {"metrics/train/plots/metrics/train/loss.tsv": "Train loss",
+    assert drawn_curves(project, plots) == {"metrics/train/plots/metrics/train/loss.tsv": "Train loss",
                                      "metrics/train/plots/metrics/train/acc.tsv": "Train accuracy",
                                      "metrics/train/plots/metrics/train/images_per_s.tsv": "Train images/s",
                                      "metrics/train/plots/metrics/lr.tsv": "Learning rate"}
 
 
-def drawn_curves(project: Path) -> dict[str, str]:
-    """The title of each DVCLive curve's chart in `dvc plots show`, after checking that every curve file is drawn
-    (DVC leaves out a file of a plotted folder when another file beside it has its own definition)."""
+def drawn_curves(project: Path, plots: dict) -> dict[str, str]:
+    """The title of each DVCLive curve's chart in `plots` (`dvc plots show --json`), after checking that every curve
+    file is drawn (DVC leaves out a file of a plotted folder when another file beside it has its own definition)."""
     live_dir = "metrics/train/plots/metrics"
-    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
     charts = {name: plot[0]["content"]["title"]["text"] for name, plot in plots["data"].items()
               if name.startswith(live_dir)}
     files = {path.relative_to(project).as_posix() for path in (project / live_dir).rglob("*.tsv")}
@@ -242,7 +241,8 @@ def test_validation_split_picks_the_kept_epoch(tmp_path, image_folder):
     rows = (project / "metrics/train/plots/metrics/validation/acc.tsv").read_text().splitlines()[1:]
     accuracies = [float(row.split("\t")[-1]) for row in rows]
     assert live["kept_epoch"] == accuracies.index(max(accuracies)) + 1
-    titles = drawn_curves(project)  # the validation curves drawn too, titled by their path
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)
+    titles = drawn_curves(project, plots)  # the validation curves drawn too, titled by their path
     assert titles["metrics/train/plots/metrics/validation/acc.tsv"] == "metrics/train/plots/metrics/validation/acc.tsv"
     assert titles["metrics/train/plots/metrics/train/acc.tsv"] == "Train accuracy"
     checkpoint = torch.load(project / "models/model.pt", weights_only=True)
