@@ -65,8 +65,8 @@ def checks(project: Path, log: str, gpus: int) -> list[tuple[str, bool, str]]:
 def throughput(project: Path) -> tuple[bool, str]:
     """Train images/s with the real loader against synthetic batches, with train's own Trainer.step."""
     from benchmarks.speed import model_throughput
-    from stages.data import open_split, resolve_workers
-    from stages.params import load_params
+    from finetune.data import open_split, resolve_workers
+    from finetune.params import load_params
 
     here = Path.cwd()
     os.chdir(project)
@@ -82,7 +82,7 @@ def throughput(project: Path) -> tuple[bool, str]:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        from stages.runtime import cuda_unavailable_reason
+        from finetune.runtime import cuda_unavailable_reason
 
         print(f"gpu_check: no usable GPU ({cuda_unavailable_reason()}). Nothing to check: see README 'GPU drivers'")
         return 2

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.predict`: images/s of `python -m stages.predict` on a folder of photos, one at a time
+"""`python -m benchmarks.predict`: images/s of `python -m commands.predict` on a folder of photos, one at a time
 (`--batch-size 1 --workers 0`) against its defaults (batches of 8 on the CPU, 64 on a GPU, loader processes
 reading the images). `--baseline` also times predict as it was at another commit (`--baseline-commit`; default
 BASELINE, before it was batched), checked out into a temporary git worktree.
@@ -47,9 +47,9 @@ def photo_size(text: str) -> tuple[int, int]:
 
 
 def write_model(path: Path, arch: str, resolution: int, classes: int) -> None:
-    from stages.checkpoint import Checkpoint, save_checkpoint
-    from stages.model import build_model
-    from stages.transforms import Preprocessing
+    from finetune.checkpoint import Checkpoint, save_checkpoint
+    from finetune.model import build_model
+    from finetune.transforms import Preprocessing
 
     model = build_model(arch, classes, "none")
     save_checkpoint(path, model, Checkpoint(arch, [f"class {i:03d}" for i in range(classes)],
@@ -59,7 +59,7 @@ def write_model(path: Path, arch: str, resolution: int, classes: int) -> None:
 
 def timed_predict(photos: Path, model: Path, extra: list[str], out: Path, code: Path) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.predict", str(photos), "--model", str(model), "--out", str(out),
+    subprocess.run([sys.executable, "-m", "commands.predict", str(photos), "--model", str(model), "--out", str(out),
                     *extra], cwd=code, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env=dict(os.environ, PYTHONPATH=str(code)))
     return time.perf_counter() - start

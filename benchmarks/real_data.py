@@ -273,10 +273,10 @@ def probe_features() -> None:
     from sklearn.preprocessing import StandardScaler
     from torch import nn
 
-    from stages.data import ImageSplit, make_loader, open_split
-    from stages.model import build_model, model_preprocessing
-    from stages.params import load_params
-    from stages.transforms import eval_transform, to_model_input
+    from finetune.data import ImageSplit, make_loader, open_split
+    from finetune.model import build_model, model_preprocessing
+    from finetune.params import load_params
+    from finetune.transforms import eval_transform, to_model_input
 
     params = load_params()
     torch.set_num_threads(params.train.num_threads if params.train.num_threads != "auto" else 1)

@@ -38,13 +38,13 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
-from stages.data import ImageSplit, SeededEpochSampler, make_loader, resolve_workers
-from stages.images import dct_reduction, decode_prepared, jpeg_size, load_pixels, open_header
-from stages.params import Params, load_params
-from stages.prepare import prepare_image
-from stages.runtime import pick_device
-from stages.trainer import Trainer
-from stages.transforms import (
+from finetune.data import ImageSplit, SeededEpochSampler, make_loader, resolve_workers
+from finetune.images import dct_reduction, decode_prepared, jpeg_size, load_pixels, open_header
+from finetune.params import Params, load_params
+from finetune.preparation import prepare_image
+from finetune.runtime import pick_device
+from finetune.trainer import Trainer
+from finetune.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocessing,

@@ -26,10 +26,10 @@ def measure(resolution: int, batch: int, threads: int, steps: int, warmup: int) 
     import torchvision
 
     from benchmarks.speed import cars_like_jpegs
-    from stages.data import make_loader
-    from stages.images import decode_prepared
-    from stages.prepare import prepare_image
-    from stages.transforms import to_model_input, train_transform
+    from finetune.data import make_loader
+    from finetune.images import decode_prepared
+    from finetune.preparation import prepare_image
+    from finetune.transforms import to_model_input, train_transform
 
     torch.set_num_threads(threads)
     images = [prepare_image(b, 512, 95).encoded for b in cars_like_jpegs(64)]

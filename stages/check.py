@@ -3,7 +3,7 @@
 DVC deletes a stage's outputs just before running it, so a stage that refused its own params would already
 have lost the previous run's model and metrics. Every other stage depends on this one's output, so DVC runs
 it first: a bad value passed with `dvc exp run -S ...` stops the run here with the previous results intact.
-It checks the params schema (stages/params.py), then what needs the model but no data and no compute:
+It checks the params schema (finetune/params.py), then what needs the model but no data and no compute:
 that model.arch takes train.resolution, that train.unfreeze_from names one of its modules, and that a local
 model.weights file is a state dict that fits it; and what the machine must have: a usable GPU for
 train.device: cuda, a C++ compiler for torch.compile on the CPU, a writable train.state_dir, and named
@@ -13,86 +13,16 @@ constant line, so passing the check never makes a later stage re-run.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
-from pathlib import Path
-
-import torch
-
-from stages.errors import StageError, run_stage
-from stages.files import atomic_path
-from stages.model import build_model, fetch_pretrained, fit_to_resolution
-from stages.params import Params, load_params
-from stages.paths import PARAMS_CHECK
-from stages.recipe import Freezer
-from stages.runtime import cuda_unavailable_reason
-
-PASSED = ("params.yaml passed `python -m stages.check` (schema, model and resolution, unfreeze_from, weights file, "
-          "device and compiler, weights in the cache)\n")
-CHECK_CLASSES = 2  # any class count builds the same backbone
-
-
-def check_recipe(params: Params) -> None:
-    """What the schema cannot know: the model's own modules and input sizes. Built on the meta device (shapes
-    only, no memory, no weights read) unless model.weights is a local file, which is loaded and fitted."""
-    m, p = params.model, params.train
-    constructor = fit_to_resolution(m.arch, p.resolution, m.weights)
-    if Path(m.weights).is_file():
-        model = build_model(m.arch, CHECK_CLASSES, m.weights, m.head, m.head_hidden, m.head_dropout, m.drop_path,
-                            **constructor)
-    else:
-        with torch.device("meta"):
-            model = build_model(m.arch, CHECK_CLASSES, "none", m.head, m.head_hidden, m.head_dropout, m.drop_path,
-                                **constructor)
-    Freezer(model, p)
-
-
-def check_weights(params: Params) -> None:
-    """Named or hub weights (model.weights IMAGENET1K_V2, timm's pretrained) in the local cache, downloaded into
-    it now if they are not and the network allows: a run offline stops here, before fetch, prepare and train
-    have worked for nothing, with the ways to get them (WeightsUnavailable)."""
-    m = params.model
-    if m.weights == "none" or Path(m.weights).is_file():
-        return
-    fetch_pretrained(m.arch, m.weights)
-    print(f"check: {m.arch} weights {m.weights} are in the local cache")
-
-
-def check_machine(params: Params) -> None:
-    p = params.train
-    if p.device == "cuda" and not torch.cuda.is_available():
-        raise StageError(f"train.device: cuda, but no GPU is usable ({cuda_unavailable_reason()}). See README "
-                         f"'GPU drivers', or set train.device: auto or cpu")
-    check_writable_state_dir(Path(p.state_dir).expanduser())
-    compiles_on_cpu = p.compile is True and (p.device == "cpu" or not torch.cuda.is_available())
-    if compiles_on_cpu and not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
-        raise StageError("train.compile: true on the CPU needs a C++ compiler (inductor builds C++ kernels): "
-                         "install one (Debian/Ubuntu: apt-get install g++), or set train.compile: auto")
-
-
-def check_writable_state_dir(state_dir: Path) -> None:
-    """A real write: as root os.access says yes to almost anything (/sys, /proc), and a FUSE bucket mount can
-    accept permissions it then refuses. Folders created for the check are removed again."""
-    existing = next(folder for folder in (state_dir, *state_dir.parents) if folder.exists())
-    created = [folder for folder in (state_dir, *state_dir.parents) if not folder.exists()]
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=state_dir).close()
-    except OSError as error:
-        raise StageError(f"train.state_dir {state_dir} cannot be written ({existing}: {error.strerror}): mount "
-                         f"the shared storage, fix its permissions, or set train.state_dir: checkpoints") from None
-    finally:
-        for folder in created:  # innermost first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+from finetune.errors import run_stage
+from finetune.files import atomic_path
+from finetune.params import load_params
+from finetune.paths import PARAMS_CHECK
+from finetune.preflight import PASSED, check
 
 
 def main() -> None:
     params = load_params()
-    check_recipe(params)
-    check_machine(params)
-    check_weights(params)
+    check(params)
     with atomic_path(PARAMS_CHECK) as tmp:
         tmp.write_text(PASSED)
     print("check: params.yaml is valid")

@@ -11,133 +11,23 @@ difference and the top-1 agreement go to metrics/export.json, and a mismatch fai
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
-from torch import nn
 
-from stages.checkpoint import Checkpoint, load_checkpoint
-from stages.data import ImageSplit, make_loader, open_split
-from stages.errors import StageError, run_stage
-from stages.files import atomic_path, read_json, write_json
-from stages.markdown import markdown_code, markdown_table, markdown_text
-from stages.params import load_params
-from stages.paths import DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS, MODEL_PATH
-from stages.transforms import eval_transform, to_model_input
-
-EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-CHECK_IMAGES = 32
-# Relative to the largest logit: float32 on the CPU leaves only summation-order differences, and an
-# untrained network's logits can reach 1e11, where an absolute bound means nothing.
-RELATIVE_TOLERANCE = 1e-4
-
-
-def sample_batch(checkpoint: Checkpoint) -> torch.Tensor:
-    """Up to CHECK_IMAGES test images through the model's eval transform, normalized."""
-    test, preprocessing = open_split("test"), checkpoint.preprocessing
-    loader = make_loader(ImageSplit(test, eval_transform(preprocessing)), min(CHECK_IMAGES, len(test)), workers=0)
-    images, _ = next(iter(loader))
-    return to_model_input(images, torch.device("cpu"), False, preprocessing.mean, preprocessing.std)
-
-
-def export_model(model: nn.Module, example: torch.Tensor, export_format: str, path: Path) -> None:
-    """Write `model` to `path`, its batch dimension left free (the example only fixes channels and size).
-    Written in place, not renamed: ONNX puts the weights of models over 2 GB in a file named after `path`."""
-    if export_format == "onnx":
-        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
-                                    verbose=False, dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
-        program.save(str(path))
-    else:
-        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path))
-
-
-def load_exported(path: Path, export_format: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The exported model as its users will run it: onnxruntime for ONNX, torch.jit for TorchScript."""
-    if export_format == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
-    scripted = torch.jit.load(str(path), map_location="cpu")
-    return lambda images: scripted(images)
-
-
-def compare(expected: torch.Tensor, got: torch.Tensor) -> dict:
-    difference = (got - expected).abs().max().item()
-    return {"images": len(expected), "max_abs_logit_difference": difference,
-            "relative_logit_difference": difference / max(1.0, expected.abs().max().item()),
-            "top1_agreement": (got.argmax(1) == expected.argmax(1)).float().mean().item()}
-
-
-def serving_notes(checkpoint: Checkpoint, export_format: str) -> dict:
-    p = checkpoint.preprocessing
-    return {
-        "format": export_format, "file": EXPORT_FILES[export_format], "arch": checkpoint.arch,
-        "class_names": checkpoint.class_names,
-        "input": {"name": "image", "layout": "NCHW float32 RGB", "size": p.resolution, "mean": list(p.mean),
-                  "std": list(p.std), "scale": "pixel values / 255 before mean/std", "resize": p.describe(),
-                  "interpolation": p.interpolation},
-        "output": {"name": "logits", "layout": "N x classes, in class_names order; softmax for probabilities"},
-    }
-
-
-def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, data: dict, check: dict) -> str:
-    """What a person receiving the model needs to know, in one page."""
-    params, p = checkpoint.params, checkpoint.preprocessing
-    t, d = params.get("train", {}), params.get("data", {})
-    splits = data.get("splits", {})
-    names = checkpoint.class_names
-    shown = ", ".join(markdown_text(name) for name in names[:20]) + (f", … ({len(names) - 20} more)" if len(names) > 20
-                                                                     else "")
-    metrics = [{"what": "test top-1", "value": evaluation["top1"]}, {"what": "test top-5", "value": evaluation["top5"]},
-               {"what": "test mean per-class accuracy", "value": evaluation["mean_class_accuracy"]}]
-    metrics += [{"what": "test top-1 with TTA (3 scales x 2 flips)", "value": evaluation["tta"]["top1"]}
-                ] if "tta" in evaluation else []
-    return "\n\n".join([
-        f"# Model card: {checkpoint.arch} fine-tuned on {markdown_text(str(d.get('source')))}",
-        f"A {checkpoint.arch} image classifier ({len(names)} classes), initialised from "
-        f"{markdown_code(str(params.get('model', {}).get('weights')))} and fine-tuned by this project's "
-        f"`dvc repro` (stage `train`, epoch {checkpoint.epoch} of {t.get('epochs')} kept). File: "
-        f"`{EXPORT_FILES[export_format]}` ({export_format}); `model.json` beside it holds the class names in output "
-        f"order and the input specification.",
-        "## Data\n\n" + f"Source: {markdown_code(str(d.get('source')))}. Images (train / validation / test): "
-        + " / ".join(str(splits[s]["images"]) if s in splits else "-" for s in ("train", "validation", "test"))
-        + f". Dropped as unreadable or refused: {data.get('dropped', 0)}; the same image in two splits: "
-          f"{data.get('duplicates_across_splits', 0)}.\n\nClasses: {shown}.",
-        "## Results on the test split\n\n" + markdown_table(metrics, {"what": "metric", "value": "value"})
-        + f"\n\nThe export was checked against the PyTorch model on {check['images']} test images: top-1 agreement "
-          f"{check['top1_agreement']:.0%}, largest logit difference {check['relative_logit_difference']:.1e} of "
-          f"the largest logit.",
-        "## Recipe\n\n" + markdown_table([{"param": f"train.{key}", "value": str(t.get(key))} for key in (
-            "resolution", "batch_size", "epochs", "optimizer", "lr", "weight_decay", "lr_schedule", "freeze_epochs",
-            "crop", "augment", "label_smoothing", "amp", "seed")], {"param": "param", "value": "value"}),
-        f"## Input\n\nRGB, resized ({p.describe()}, {p.interpolation}), pixel values / 255, then normalised with "
-        f"mean {list(p.mean)} and std {list(p.std)}; NCHW float32, any batch size. Output: logits, one per class "
-        f"in `class_names` order (softmax for probabilities).",
-        "## Intended use and limits\n\n"
-        f"- Classifying images like those of the training data into its {len(names)} classes. It always answers "
-        "with one of them: it cannot say \"none of these\", and its probabilities are not calibrated.\n"
-        "- The test figures hold for images drawn like the test split; other cameras, crops, lighting or "
-        "classes will score lower. Check it on your own images before relying on it.\n"
-        "- Classes with few training images are the least reliable: see `plots/report/report.md` for the "
-        "per-class accuracy and the most-confused pairs.\n"
-        f"- {inherited_biases(checkpoint.arch, str(params.get('model', {}).get('weights')))}",
-    ]) + "\n"
-
-
-def inherited_biases(arch: str, weights: str) -> str:
-    """Where the model's biases come from, by how it was initialised."""
-    if weights == "none":
-        return ("It was trained from random initialisation, so it inherits the biases of its fine-tuning data "
-                "alone (what the training images show and leave out).")
-    if weights in ("pretrained", "DEFAULT") and arch.startswith("timm/"):
-        return ("It inherits the biases of its pretraining data (the timm weights' own: see their model card on "
-                "the Hugging Face hub) and of the fine-tuning data.")
-    if Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in weights:
-        return (f"It inherits the biases of whatever data the weights in {markdown_code(weights)} were trained on "
-                f"and of the fine-tuning data.")
-    return "It inherits the biases of its pretraining data (ImageNet) and of the fine-tuning data."
+from finetune.checkpoint import load_checkpoint
+from finetune.errors import StageError, run_stage
+from finetune.exporting import (
+    EXPORT_FILES,
+    RELATIVE_TOLERANCE,
+    compare,
+    export_model,
+    load_exported,
+    model_card,
+    sample_batch,
+    serving_notes,
+)
+from finetune.files import atomic_path, read_json, write_json
+from finetune.params import load_params
+from finetune.paths import DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_METRICS, MODEL_PATH
 
 
 def main() -> None:

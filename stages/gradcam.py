@@ -9,83 +9,21 @@ true and the predicted class names.
 
 from __future__ import annotations
 
-import math
-import textwrap
-from pathlib import Path
-
 import numpy as np
-import torch
-from matplotlib.figure import Figure
 
-from stages.cam import cam_overlays, gradcam_target, warn_if_coarse
-from stages.checkpoint import load_checkpoint
-from stages.data import open_split
-from stages.errors import run_stage
-from stages.files import atomic_path, read_csv
-from stages.params import load_params
-from stages.paths import GRADCAM_DIR, MODEL_PATH, PER_CLASS_CSV, PREDICTIONS_CSV
-from stages.runtime import pick_device
-from stages.transforms import eval_transform, to_model_input
-
-COLUMNS = 3  # 690 px wide: two runs' grids side by side in `dvc plots diff` fit a 1400-px screen
-BATCH = 16
-TILE_INCHES, DPI = 2.3, 100
-
-
-def worst_misclassified(per_class: list[dict], predictions: list[dict], count: int,
-                        rng: np.random.Generator) -> list[str]:
-    """Ids of misclassified test images: one from each class, worst class first."""
-    wrong_by_class: dict[str, list[str]] = {}
-    for row in predictions:
-        if row["actual"] != row["predicted"]:
-            wrong_by_class.setdefault(row["actual"], []).append(row["id"])
-    chosen = []
-    for row in sorted(per_class, key=lambda r: float(r["accuracy"])):
-        if len(chosen) == count:
-            break
-        if wrong := wrong_by_class.get(row["class_name"]):
-            chosen.append(wrong[rng.integers(len(wrong))])
-    return chosen
-
-
-def cam_tiles(model, target, split, rows: list[int], checkpoint, device) -> list[tuple[np.ndarray, int, int]]:
-    """(overlay RGB image, true label, predicted label) per row of the split; target: (layer, reshape)."""
-    transform, preprocessing = eval_transform(checkpoint.preprocessing), checkpoint.preprocessing
-    tiles = []
-    for start in range(0, len(rows), BATCH):
-        batch = [split[i] for i in rows[start:start + BATCH]]
-        images = torch.stack([transform(r["image"]["bytes"]) for r in batch])
-        with torch.no_grad():
-            predicted = model(to_model_input(images, device, False, preprocessing.mean, preprocessing.std)
-                              ).argmax(1).tolist()
-        overlays, size = cam_overlays(model, target, images, predicted, preprocessing, device)
-        if start == 0:
-            warn_if_coarse(size, preprocessing.resolution, "gradcam")
-        tiles += [(overlay, row["label"], pred) for overlay, row, pred in zip(overlays, batch, predicted)]
-    return tiles
-
-
-def draw_grid(tiles, names: list[str], title: str, path: Path) -> None:
-    columns = max(1, min(COLUMNS, len(tiles)))
-    rows = max(1, math.ceil(len(tiles) / columns))
-    fig = Figure(figsize=(columns * TILE_INCHES, rows * (TILE_INCHES + 0.55) + 0.4), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (overlay, true, pred) in zip(axes.flat, tiles):
-        ax.imshow(overlay)
-        # parse_math=False: a class name is literal text; `under_$5_over_$10` is no mathtext formula
-        ax.set_title(f"true: {wrap(names[true])}\npred: {wrap(names[pred])}", fontsize=7,
-                     color="darkgreen" if true == pred else "firebrick", parse_math=False)
-    if not tiles:
-        axes.flat[0].text(0, 0.5, "no misclassified test images", fontsize=12)
-    fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=9, parse_math=False)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
-
-
-def wrap(name: str) -> str:
-    return "\n".join(textwrap.wrap(name, 28))
+from finetune.cam import (
+    cam_tiles,
+    draw_grid,
+    gradcam_target,
+    worst_misclassified,
+)
+from finetune.checkpoint import load_checkpoint
+from finetune.data import open_split
+from finetune.errors import run_stage
+from finetune.files import read_csv
+from finetune.params import load_params
+from finetune.paths import GRADCAM_DIR, MODEL_PATH, PER_CLASS_CSV, PREDICTIONS_CSV
+from finetune.runtime import pick_device
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 Default recipe (the seeds' run 7, the validated 89.38% Stanford Cars run of the project's source documents):
 full fine-tune, one lr for every layer, SGD lr 0.1 momentum 0.9 wd 1e-4, batch 128, 90 epochs, lr /10 every
-30, RandomResizedCrop + flip. Other recipes are params (stages/recipe.py); the model, optimizer, steps and
-loaders are stages/trainer.py; the resume state is stages/resume.py.
+30, RandomResizedCrop + flip. Other recipes are params (finetune/recipe.py); the epoch loop is
+finetune/training.py, one step and one epoch finetune/trainer.py, the resume state finetune/resume.py.
 
 Per epoch DVCLive logs train loss/accuracy, learning rate(s) and images/s, and, when the prepared data has a
 validation split, validation loss/accuracy: the best validation epoch is the one kept. Without one the last
@@ -12,228 +12,17 @@ epoch is kept. The test split is never read here; it belongs to `evaluate`.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import sys
-from contextlib import nullcontext
-from pathlib import Path
-
-import torch
-from dvclive import Live
-
-from stages.checkpoint import Checkpoint, save_checkpoint
-from stages.data import class_names, open_split, resolve_workers, split_names, stop_workers
-from stages.errors import StageError, run_stage
-from stages.model import constructor_kwargs
-from stages.params import Params, TrainParams, load_params
-from stages.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR
-from stages.resume import Progress, load_state, other_states, run_fingerprint, save_state, state_path
-from stages.runtime import (
-    Processes,
-    relaunch_under_torchrun,
-    resolve_threads,
-    seed_everything,
-    start_processes,
-    stop_processes,
-    training_device,
-    under_torchrun,
-)
-from stages.trainer import LossNotFinite, Trainer, make_loaders, pass_batch_size
-
-
-class Interrupted(Exception):
-    """SIGTERM (a stopped spot instance, `kill`), handled like Ctrl-C."""
-
-
-class RunStopped(Exception):
-    """Ctrl-C or SIGTERM ended the run between two saved epochs: not an error, main says how to resume."""
-
-
-def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_loader, fingerprint: dict,
-               state: Path) -> None:
-    """Epochs from the first unfinished one to the last: train, validate, keep the best, save the state, log.
-
-    A fresh DVCLive dir each run; a resumed run replays the logged epochs first, so the curves have every
-    epoch exactly once whether or not the run was interrupted."""
-    p, is_main = trainer.p, trainer.processes.is_main
-    with Live(str(LIVE_DIR), dvcyaml=False, save_dvc_exp=False, report=None) if is_main else nullcontext() as live:
-        for done, metrics in enumerate(progress.history, start=1):
-            log_epoch(live, metrics, done)
-        for epoch in range(progress.epochs_done, p.epochs):
-            train_loader.sampler.set_epoch(epoch)
-            lrs = trainer.learning_rates()
-            result = trainer.train_epoch(train_loader, epoch)
-            metrics = {**lrs, "train/loss": result.loss, "train/acc": result.accuracy,
-                       "train/images_per_s": result.images / result.seconds}
-            if validation_loader is not None and should_validate(epoch, p):
-                loss, accuracy = trainer.validate(validation_loader)
-                metrics |= {"validation/loss": loss, "validation/acc": accuracy}
-                if accuracy > progress.best_accuracy:
-                    progress.best_accuracy, progress.best_epoch = accuracy, epoch + 1
-                    progress.best_state = trainer.weights_copy() if is_main else None
-            print(epoch_line(epoch, p, metrics))
-            progress.epochs_done = epoch + 1
-            progress.history.append(metrics)
-            if is_main:
-                save_state(state, trainer, progress, fingerprint)
-            log_epoch(live, metrics, epoch + 1)
-        if is_main:
-            live.summary["kept_epoch"] = progress.best_epoch or p.epochs
-
-
-def check_same_start(processes: Processes, progress: Progress, path: Path) -> None:
-    """Every process must resume from the same epoch. On several machines each reads the state from its own
-    train.state_dir: unless that is storage they all see, rank 0 alone finds it. (All processes take the same
-    decision from the same two sums, so none is left waiting in a collective.)"""
-    if not processes.distributed:
-        return
-    done = torch.tensor(float(progress.epochs_done))
-    total, squares = processes.sum(done, done * done)
-    if processes.world_size * squares.item() != total.item() ** 2:
-        raise StageError(f"the training processes found different resume states (this one: {progress.epochs_done} "
-                         f"finished epoch(s) in {path}). On several machines, set train.state_dir to storage every "
-                         f"machine sees (NFS, a mounted bucket), or delete {path} on each to start fresh")
-
-
-def should_validate(epoch: int, p: TrainParams) -> bool:
-    last = epoch == p.epochs - 1
-    return last or (p.eval_every > 0 and (epoch + 1) % p.eval_every == 0)
-
-
-def epoch_line(epoch: int, p: TrainParams, metrics: dict) -> str:
-    lrs = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("lr"))
-    line = f"epoch {epoch + 1}/{p.epochs}: {lrs}, train loss {metrics['train/loss']:.4f} acc {metrics['train/acc']:.4f}"
-    if "validation/acc" in metrics:
-        line += f", validation loss {metrics['validation/loss']:.4f} acc {metrics['validation/acc']:.4f}"
-    return f"{line}, {metrics['train/images_per_s']:.0f} images/s"
-
-
-def log_epoch(live: Live | None, metrics: dict, epoch: int) -> None:
-    """DVCLive's step is the epoch, counted from 1 as the logs count it (its own count starts at 0): `dvc plots`
-    draws epoch 1-10 for a 10-epoch run, as train prints them and the report draws them."""
-    if live is None:  # not rank 0
-        return
-    live.step = epoch
-    for name, value in metrics.items():
-        live.log_metric(name, value)
-    live.next_step()
-
-
-def train(params: Params, processes: Processes) -> None:
-    p = params.train
-    seed_everything(p.seed)
-    device = training_device(p.device, processes.local_rank)
-    train_split = open_split("train")
-    names = class_names(train_split)
-    validation_split = open_split("validation") if "validation" in split_names() else None
-    trainer = Trainer(params, len(names), device, processes, train_images=len(train_split))
-    workers = resolve_workers(p.num_workers, processes.world_size)
-    threads = resolve_threads(p.num_threads, workers, processes.world_size)
-    torch.set_num_threads(threads)
-    train_loader, validation_loader = make_loaders(p, trainer.preprocessing, train_split, validation_split, workers,
-                                                   processes)
-    fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints())
-    state = state_path(p.state_dir, fingerprint)
-    progress = load_state(state, trainer, fingerprint)
-    check_same_start(processes, progress, state)
-    print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers, threads))
-    if processes.is_main and (others := other_states(state)):
-        print(f"train: {state.parent} also holds the state of {len(others)} unfinished run(s) of other params or "
-              f"data ({', '.join(o.name for o in others[:3])}{', ...' if len(others) > 3 else ''}): left as they "
-              f"are, to resume when their params come back; delete them when you no longer need them")
-
-    # SIGTERM stops training between two saved epochs; once the last epoch's state is saved it takes its default
-    # action again: a run killed while writing the model finishes from that state when run again.
-    previous_handler = signal.signal(signal.SIGTERM, raise_interrupted)
-    try:
-        run_epochs(trainer, progress, train_loader, validation_loader, fingerprint, state)
-    except (KeyboardInterrupt, Interrupted):
-        raise RunStopped(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished "
-                         f"epoch(s) are saved in {state}: run `dvc repro` again to resume") from None
-    except LossNotFinite as error:
-        raise StageError(
-            f"the training loss became {error} in epoch {progress.epochs_done + 1}. The learning rate is likely too "
-            f"high for this batch size (train.lr={p.lr}, train.batch_size={p.batch_size}): scale it with the batch "
-            f"size (the seeds' 0.1 is for batch 128) or lower it."
-            + (f" The last good epoch ({progress.epochs_done}) is kept in {state}." if progress.epochs_done
-               else "")) from None
-    except torch.OutOfMemoryError:
-        raise StageError(f"CUDA out of memory at train.batch_size={p.batch_size}, train.resolution={p.resolution}. "
-                         f"Lower train.batch_size (and scale train.lr with it: lr 0.1 per 128 images), keep "
-                         f"train.amp: bf16, or lower the resolution.") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        stop_workers(train_loader, validation_loader)
-
-    if processes.is_main:
-        save_model(params, trainer, progress, names, state)
-
-
-def save_model(params: Params, trainer: Trainer, progress: Progress, names: list[str], state: Path) -> None:
-    """The best validation epoch's weights (the EMA's with train.ema_decay), else the last epoch's."""
-    trainer.model.load_state_dict(progress.best_state if progress.best_state is not None else trainer.weights_copy())
-    kept_epoch = progress.best_epoch or params.train.epochs
-    m = params.model
-    save_checkpoint(MODEL_PATH, trainer.model, Checkpoint(
-        arch=m.arch, class_names=names, preprocessing=trainer.preprocessing,
-        head={"head": m.head, "head_hidden": m.head_hidden, "head_dropout": m.head_dropout},
-        constructor=constructor_kwargs(trainer.model, trainer.constructor), epoch=kept_epoch,
-        params=params.model_dump()))
-    state.unlink(missing_ok=True)  # this run's own state only: other runs' states in the folder stay
-    print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
-
-
-def prepared_fingerprints() -> dict:
-    """Each prepared split's content fingerprint (prepare derives it from the images, ids and labels)."""
-    return {split: json.loads((PREPARED_DIR / split / "state.json").read_text())["_fingerprint"]
-            for split in split_names()}
-
-
-def start_line(params: Params, trainer: Trainer, processes: Processes, train_images: int, validation_split,
-               classes: int, workers: int, threads: int) -> str:
-    p = params.train
-    validation = f"{len(validation_split)} validation" if validation_split is not None else (
-        "no validation (data.val_fraction: 0: the last epoch is kept)")
-    where = (f"{processes.world_size} processes x {trainer.device.type}" if processes.distributed
-             else str(trainer.device))
-    per_process = f" ({p.batch_size // processes.world_size} per process)" if processes.distributed else ""
-    switches = [trainer.precision.name] + ["channels_last"] * trainer.channels_last + [
-        "torch.compile (inductor)"] * trainer.compiled + [f"EMA {p.ema_decay:g}"] * (trainer.ema is not None)
-    accumulated = (f" in {p.accumulate_steps} passes of {pass_batch_size(p, processes.world_size)}"
-                   if p.accumulate_steps > 1 else "")
-    each = " per process" if processes.distributed else ""
-    threads_rule = "train.num_threads: auto, the cores left by the loader workers" if p.num_threads == "auto" else (
-        "train.num_threads")
-    return (f"train: {params.model.arch} ({params.model.weights}) on {where} ({', '.join(switches)}), "
-            f"{train_images} train / {validation} images, {classes} classes, {p.resolution}px, batch {p.batch_size}"
-            f"{per_process}{accumulated}, {workers} loader workers{each}, {threads} CPU thread(s){each} "
-            f"({threads_rule})")
-
-
-def raise_interrupted(signum, frame):
-    raise Interrupted()
+from finetune import training
+from finetune.errors import run_stage
+from finetune.params import load_params
+from finetune.runtime import relaunch_under_torchrun, under_torchrun
 
 
 def main() -> None:
     params = load_params()
-    devices = params.train.devices
-    if devices > 1 and not under_torchrun():
-        relaunch_under_torchrun("stages.train", devices)  # does not return
-    processes = start_processes()
-    try:
-        if processes.world_size != devices:
-            raise StageError(f"started as {processes.world_size} process(es) but train.devices={devices}: set "
-                             f"train.devices to the number of processes (it is part of the recipe and the resume "
-                             f"check)")
-        if not processes.is_main:  # rank 0 alone prints; errors still reach stderr from every rank
-            sys.stdout = open(os.devnull, "w")
-            os.environ["TQDM_DISABLE"] = "1"
-        train(params, processes)
-    except RunStopped as stopped:
-        sys.exit(str(stopped))
-    finally:
-        stop_processes(processes)
+    if params.train.devices > 1 and not under_torchrun():
+        relaunch_under_torchrun("stages.train", params.train.devices)  # does not return
+    training.run(params)
 
 
 if __name__ == "__main__":

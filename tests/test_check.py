@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from stages.check import check_recipe
-from stages.errors import StageError
-from stages.model import build_model
-from stages.params import parse_params
+from finetune.errors import StageError
+from finetune.model import build_model
+from finetune.params import parse_params
+from finetune.preflight import check_recipe
 from tests.conftest import shipped_params
 
 
@@ -54,7 +54,7 @@ def test_a_truncated_or_foreign_weights_file_is_refused_up_front(tmp_path):
 
 
 def test_an_unwritable_state_dir_is_refused(tmp_path):
-    from stages.check import check_machine
+    from finetune.preflight import check_machine
 
     locked = tmp_path / "mnt"
     locked.mkdir()
@@ -77,7 +77,7 @@ def test_an_unwritable_state_dir_is_refused(tmp_path):
 def test_a_state_dir_that_os_access_calls_writable_but_is_not_is_refused():
     """Before: as root, os.access said /sys/x could be written, check passed, and train died after epoch 1 (a
     FUSE bucket mount can do the same)."""
-    from stages.check import check_machine
+    from finetune.preflight import check_machine
 
     with pytest.raises(StageError, match="train.state_dir /sys/x/run cannot be written"):
         check_machine(params_with(**{"train.state_dir": "/sys/x/run"}))
@@ -85,7 +85,7 @@ def test_a_state_dir_that_os_access_calls_writable_but_is_not_is_refused():
 
 def test_named_weights_are_fetched_by_check_or_refused_with_the_fix(monkeypatch, tmp_path, capsys):
     """Before: `model.weights=IMAGENET1K_V1` offline failed at train, after check, fetch and prepare had run."""
-    from stages.check import check_weights
+    from finetune.preflight import check_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     params = params_with(**{"model.arch": "resnet18", "model.weights": "IMAGENET1K_V1"})

@@ -1,10 +1,10 @@
-"""`python -m stages.compare`: the runs and what differs between them, in 150 columns, on the README's CPU path."""
+"""`python -m commands.compare`: the runs and what differs between them, in 150 columns, on the README's CPU path."""
 
 from __future__ import annotations
 
 import copy
 
-from stages import compare
+from commands import compare
 from tests.conftest import shipped_params
 
 CPU_TRIAL = {"data": {"preset": "none", "source": "/home/me/my_images", "val_fraction": 0, "test_fraction": 0.2},

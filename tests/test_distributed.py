@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from stages.data import SeededEpochSampler
-from stages.errors import StageError
+from finetune.data import SeededEpochSampler
+from finetune.errors import StageError
 from tests.conftest import REPO, make_project, run, tiny_params
 from tests.test_resume import curve, interrupt_after_first_epoch, run_ok, weights
 

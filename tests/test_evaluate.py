@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from stages import evaluate
-from stages.evaluate import (
+from finetune import metrics as evaluate
+from finetune.metrics import (
     class_rows,
     confusion_matrix,
     most_confused,
@@ -62,7 +62,7 @@ def test_class_rows_are_named_and_sorted_worst_first():
 def test_tta_reuses_the_plain_pass_and_averages_the_six_views(monkeypatch):
     """The plain evaluation is the TTA member at the model's crop fraction without a flip: it is passed in, not
     computed again, and the average still has six members."""
-    from stages.transforms import TTA_CROP_FRACTIONS, Preprocessing
+    from finetune.transforms import TTA_CROP_FRACTIONS, Preprocessing
 
     passes = []
 
@@ -84,7 +84,7 @@ def test_tta_reuses_the_plain_pass_and_averages_the_six_views(monkeypatch):
 
 
 def test_worst_and_best_tables_never_show_a_class_twice():
-    from stages.evaluate import shown_rows
+    from finetune.metrics import shown_rows
 
     assert shown_rows(6) == 6 and shown_rows(10) == 10  # one table of all of them
     assert shown_rows(15) == 7 and shown_rows(196) == 10

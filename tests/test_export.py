@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.export import EXPORT_FILES, compare, export_model, load_exported
-from stages.model import build_model
+from finetune.exporting import EXPORT_FILES, compare, export_model, load_exported
+from finetune.model import build_model
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def test_compare_reports_a_disagreeing_export():
 def test_the_model_card_says_where_the_biases_come_from_and_shows_paths_as_they_are(weights, says):
     """Before: the card of a random-init model said it inherits ImageNet's biases, and a source such as
     `.../my_images` was shown as `.../my\\_images` (a backslash escape inside a code span shows literally)."""
-    from stages.checkpoint import Checkpoint
-    from stages.export import model_card
-    from stages.transforms import Preprocessing
+    from finetune.checkpoint import Checkpoint
+    from finetune.exporting import model_card
+    from finetune.transforms import Preprocessing
 
     checkpoint = Checkpoint("resnet18", ["a_b", "c"], Preprocessing(64), {"head": "linear"}, epoch=3,
                             params={"model": {"weights": weights}, "data": {"source": "/home/me/my_images"},

@@ -8,8 +8,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from stages.fetch import SourceError, check_image_folder, load_folder, load_source, save, source_kind, standardize
-from stages.params import DataParams
+from finetune.params import DataParams
+from finetune.sources import SourceError, check_image_folder, load_folder, load_source, save, source_kind, standardize
 from tests.synthetic import class_image, make_image_folder
 
 

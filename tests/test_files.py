@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import files
-from stages.errors import StageError
-from stages.files import atomic_dir, remove_stale_siblings, save_torch, temporary_sibling, write_json
+from finetune import files
+from finetune.errors import StageError
+from finetune.files import atomic_dir, remove_stale_siblings, save_torch, temporary_sibling, write_json
 
 needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev/full (always ENOSPC) is Linux's")
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from stages import runtime
-from stages.errors import StageError
-from stages.params import parse_params
-from stages.runtime import (
+from finetune import runtime
+from finetune.errors import StageError
+from finetune.params import parse_params
+from finetune.runtime import (
     Precision,
     resolve_channels_last,
     resolve_eval_batch,
@@ -25,7 +25,7 @@ from stages.runtime import (
     resolve_threads,
     training_device,
 )
-from stages.trainer import Trainer
+from finetune.trainer import Trainer
 from tests.conftest import REPO, make_project, run, shipped_params, tiny_params
 from tests.test_resume import interrupt_after_first_epoch, run_ok, weights
 
@@ -175,6 +175,6 @@ def test_gpu_check_says_why_it_cannot_run_without_a_gpu():
 @pytest.mark.parametrize("seconds,shown", [(0, "0:00"), (59.6, "1:00"), (754, "12:34"), (3723, "1:02:03"),
                                            (58 * 3600, "58:00:00")])
 def test_the_progress_bar_shows_the_runs_time_left_as_a_clock(seconds, shown):
-    from stages.trainer import format_duration
+    from finetune.trainer import format_duration
 
     assert format_duration(seconds) == shown

@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stages import model as model_module
-from stages.cam import channels_last_to_first, gradcam_target, vit_tokens_to_grid
-from stages.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from stages.data import resolve_workers
-from stages.errors import StageError
-from stages.images import ImageRejected, decode_prepared, jpeg_size
-from stages.model import WeightsUnavailable, build_model, constructor_kwargs, input_size_problem
-from stages.transforms import (
+from finetune import model as model_module
+from finetune.cam import channels_last_to_first, gradcam_target, vit_tokens_to_grid
+from finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from finetune.data import resolve_workers
+from finetune.errors import StageError
+from finetune.images import ImageRejected, decode_prepared, jpeg_size
+from finetune.model import WeightsUnavailable, build_model, constructor_kwargs, input_size_problem
+from finetune.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocessing,
@@ -77,8 +77,8 @@ def smooth_photo(width: int, height: int) -> Image.Image:
 
 @pytest.fixture
 def decodes(monkeypatch):
-    """The reductions the transforms asked stages.images.decode_prepared for, in order."""
-    from stages import transforms
+    """The reductions the transforms asked finetune.images.decode_prepared for, in order."""
+    from finetune import transforms
 
     asked = []
 
@@ -282,7 +282,7 @@ def test_local_checkpoint_with_matching_head_keeps_it(tmp_path):
 def test_a_pipeline_model_of_another_class_count_starts_a_run_with_its_backbone(tmp_path):
     """Before: model.weights = a models/model.pt of this pipeline (documented as allowed) was refused by check
     unless it had the ImageNet head count or this run's (check builds with 2 classes; train alone accepted it)."""
-    from stages.check import CHECK_CLASSES
+    from finetune.preflight import CHECK_CLASSES
 
     trained = build_model("resnet18", 5, "none")
     save_checkpoint(tmp_path / "model.pt", trained, record(list("abcde")))
@@ -339,7 +339,7 @@ def test_workers_stay_quiet_only_about_a_vanished_main_process(monkeypatch, caps
     import signal
     import sys
 
-    from stages.data import leave_interrupts_to_the_main_process
+    from finetune.data import leave_interrupts_to_the_main_process
 
     seen = []
     monkeypatch.setattr(sys, "excepthook", lambda *info: seen.append(info[0]))
@@ -353,11 +353,11 @@ def test_workers_stay_quiet_only_about_a_vanished_main_process(monkeypatch, caps
 
 LOADER_OUTLIVING_MAIN = """
 import sys, torch
-from stages.data import make_loader
+from finetune.data import make_loader
 loader = make_loader(torch.utils.data.TensorDataset(torch.arange(64)), batch_size=8, workers=2)
 assert sum(1 for _ in loader) == 8
 if sys.argv[1] == "stop":
-    from stages.data import stop_workers
+    from finetune.data import stop_workers
     stop_workers(loader)
     assert loader._iterator is None
     assert sum(1 for _ in loader) == 8  # a stopped loader starts fresh workers when iterated again
@@ -445,7 +445,7 @@ def test_missing_model_names_the_stage_to_run(tmp_path):
 
 def test_eval_transform_caps_the_longer_side_of_a_thin_image():
     """A 3000x100 strip would be resized to 7680x256 px by a plain shorter-side resize; images this thin are
-    refused where they are read (stages/images.py), and the cap bounds any that reach a transform anyway."""
+    refused where they are read (finetune/images.py), and the cap bounds any that reach a transform anyway."""
     thin = Image.new("RGB", (3000, 100), (255, 0, 0))
     transform = eval_transform(Preprocessing(224))
     resize = transform.transforms[1]
@@ -456,8 +456,8 @@ def test_eval_transform_caps_the_longer_side_of_a_thin_image():
 
 def test_batched_predict_keeps_the_order_the_errors_and_the_answers(tmp_path):
     """Batches of 2 read by a loader process give, file by file, what one image at a time gives."""
-    from stages.predict import predict_files
-    from stages.runtime import Precision
+    from commands.predict import predict_files
+    from finetune.runtime import Precision
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "model.pt", build_model("resnet18", 4, "none"), Checkpoint(

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from stages.params import ParamsError, load_params, parse_params
+from finetune.params import ParamsError, load_params, parse_params
 from tests.conftest import REPO, shipped_params, shipped_text
 
 
@@ -102,7 +102,7 @@ def test_stages_that_build_no_model_skip_the_model_name_lookup(tmp_path, default
     import sys
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change(defaults, "model", "arch", "resnet5")))
-    probe = ("import sys; from stages.params import load_params; p = load_params('params.yaml', "
+    probe = ("import sys; from finetune.params import load_params; p = load_params('params.yaml', "
              "look_up_models=False); print(p.model.arch, 'torchvision' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
@@ -116,19 +116,19 @@ def test_params_cli_exits_with_the_message(tmp_path, defaults):
     import sys
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change(defaults, "train", "learning_rate", 1)))
-    result = subprocess.run([sys.executable, "-m", "stages.params"], cwd=tmp_path, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "finetune.params"], cwd=tmp_path, capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1
     assert "did you mean train.lr?" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_the_params_doc_is_the_table_the_schema_generates(defaults):
-    """One source: the meanings live beside the schema (stages/params.py), the defaults in params.yaml."""
-    from stages.params import DESCRIPTIONS, params_table
+    """One source: the meanings live beside the schema (finetune/params.py), the defaults in params.yaml."""
+    from finetune.params import DESCRIPTIONS, params_table
 
     text = (REPO / "docs/params.md").read_text()
     table = params_table(defaults)
-    assert table in text, "docs/params.md is stale: paste the output of `python -m stages.params --table`"
+    assert table in text, "docs/params.md is stale: paste the output of `python -m finetune.params --table`"
     for section, keys in defaults.items():
         for key in keys:
             assert f"`{section}.{key}`" in table and DESCRIPTIONS[f"{section}.{key}"]
@@ -190,7 +190,7 @@ def test_a_yaml_alias_bomb_is_refused_in_a_few_lines(tmp_path):
     the error formatted the expanded value."""
     import time
 
-    from stages.params import ParamsError, load_params
+    from finetune.params import ParamsError, load_params
 
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]

@@ -146,7 +146,7 @@ def test_predict_names_classes_and_reports_broken_files(reproduced, image_folder
     Image.open(source).convert("L").resize((300, 500)).save(photos / "grey_tall.jpg")
     (photos / "broken.jpg").write_bytes(b"not really a jpeg")
     out = tmp_path / "preds"
-    result = run([sys.executable, "-m", "stages.predict", str(photos), "--top-k", "3", "--out", str(out),
+    result = run([sys.executable, "-m", "commands.predict", str(photos), "--top-k", "3", "--out", str(out),
                   "--gradcam", str(tmp_path / "cams")], project)
     assert "5 image(s) classified, 1 unreadable" in result.stdout
     rows = {Path(row["file"]).name: row for row in json.loads(out.with_suffix(".json").read_text())["images"]}
@@ -287,7 +287,7 @@ def test_predict_survives_hostile_images_and_refuses_bad_arguments(reproduced, t
     Image.new("L", (60000, 1)).save(photos / "thin.png")
     Image.new("RGB", (80, 60), (30, 30, 200)).save(photos / "z_good.png")
     out = tmp_path / "preds"
-    result = run([sys.executable, "-m", "stages.predict", str(photos), "--out", str(out)], project)
+    result = run([sys.executable, "-m", "commands.predict", str(photos), "--out", str(out)], project)
     assert "2 image(s) classified, 2 unreadable" in result.stdout
     rows = {Path(row["file"]).name: row for row in json.loads(out.with_suffix(".json").read_text())["images"]}
     assert "top" in rows["a_good.jpg"] and "top" in rows["z_good.png"]
@@ -301,7 +301,7 @@ def test_predict_survives_hostile_images_and_refuses_bad_arguments(reproduced, t
         (["--out", str(photos / "a_good.jpg" / "predictions")], "is not writable"),
         (["--model", str(photos / "a_good.jpg")], "is not a readable model file"),
     ]:
-        failed = run([sys.executable, "-m", "stages.predict", str(photos), *arguments], project, check=False)
+        failed = run([sys.executable, "-m", "commands.predict", str(photos), *arguments], project, check=False)
         assert failed.returncode != 0 and message in failed.stderr, (arguments, failed.stderr)
         assert "Traceback" not in failed.stderr
     assert json.loads((project / "metrics/eval_report.json").read_text())["test_images"] == 90  # untouched
@@ -310,7 +310,7 @@ def test_predict_survives_hostile_images_and_refuses_bad_arguments(reproduced, t
 def test_predict_exits_nonzero_when_nothing_could_be_classified(reproduced, tmp_path):
     project, _ = reproduced
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    result = run([sys.executable, "-m", "stages.predict", str(tmp_path / "broken.jpg"), "--out",
+    result = run([sys.executable, "-m", "commands.predict", str(tmp_path / "broken.jpg"), "--out",
                   str(tmp_path / "p")], project, check=False)
     assert result.returncode == 1 and "0 image(s) classified, 1 unreadable" in result.stdout
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import predict
-from stages.checkpoint import Checkpoint, save_checkpoint
-from stages.errors import StageError
-from stages.model import build_model
-from stages.transforms import Preprocessing
+from commands import predict
+from finetune.checkpoint import Checkpoint, save_checkpoint
+from finetune.errors import StageError
+from finetune.model import build_model
+from finetune.transforms import Preprocessing
 from tests.conftest import REPO, shipped_text
 
 
@@ -64,7 +64,7 @@ def test_a_fifo_with_loader_workers_does_not_hang(tmp_path, model_file):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     photos = [str(photo(tmp_path / f"{i}.jpg")) for i in range(4)]
-    result = subprocess.run([sys.executable, "-m", "stages.predict", *photos, str(fifo), "--model", str(model_file),
+    result = subprocess.run([sys.executable, "-m", "commands.predict", *photos, str(fifo), "--model", str(model_file),
                              "--out", str(tmp_path / "p"), "--batch-size", "2", "--workers", "1"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0 and "4 image(s) classified, 1 unreadable" in result.stdout, result.stderr
@@ -137,7 +137,7 @@ def test_a_custom_state_dir_is_protected_too(tmp_path, monkeypatch):
 def test_predict_on_the_cpu_uses_the_cores_the_loader_leaves(tmp_path, model_file, monkeypatch):
     """Before: predict kept PyTorch's default threads beside its loader workers: 1,000 small files took 85 s
     instead of 13 s on a busy 2-core machine (train had a thread rule, predict none)."""
-    from stages.runtime import resolve_threads
+    from finetune.runtime import resolve_threads
 
     monkeypatch.chdir(tmp_path)
     threads = []
@@ -150,9 +150,9 @@ def test_predict_on_the_cpu_uses_the_cores_the_loader_leaves(tmp_path, model_fil
 def test_help_answers_without_importing_torch():
     """Before: `predict --help` took seconds (torch, timm and grad-cam imported first) and its usage line said
     predict.py."""
-    code = "import sys, stages.predict; print('torch' in sys.modules)"
+    code = "import sys, commands.predict; print('torch' in sys.modules)"
     imported = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False"
-    usage = subprocess.run([sys.executable, "-m", "stages.predict", "--help"], cwd=REPO, capture_output=True,
+    usage = subprocess.run([sys.executable, "-m", "commands.predict", "--help"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout
-    assert usage.startswith("usage: python -m stages.predict")
+    assert usage.startswith("usage: python -m commands.predict")

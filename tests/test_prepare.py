@@ -17,10 +17,10 @@ import torch
 import yaml
 from PIL import Image
 
-from stages.errors import StageError
-from stages.images import MAX_ASPECT_RATIO, decode_prepared, to_rgb
-from stages.params import PrepareParams
-from stages.prepare import (
+from finetune.errors import StageError
+from finetune.images import MAX_ASPECT_RATIO, decode_prepared, to_rgb
+from finetune.params import PrepareParams
+from finetune.preparation import (
     carve_splits,
     check_split_layout,
     ordered_results,
@@ -148,7 +148,7 @@ def test_a_jpeg_the_training_decoder_refuses_is_reencoded_not_kept(monkeypatch):
     def refuse(encoded, reduction=1):
         raise RuntimeError("Unsupported JPEG feature")
 
-    monkeypatch.setattr("stages.prepare.decode_prepared", refuse)
+    monkeypatch.setattr("finetune.preparation.decode_prepared", refuse)
     result = prepare_image(original, 512, 95)
     assert result.reencoded and result.encoded != original and decoded(result).size == (120, 80)
 
@@ -320,7 +320,7 @@ def test_duplicates_and_classes_without_train_images_are_reported(tmp_path, imag
 
 ORPHANS = """
 import time
-from stages.prepare import ordered_results
+from finetune.pool import ordered_results
 
 def forever(index):
     time.sleep(600)
@@ -359,7 +359,7 @@ def test_decode_processes_end_when_prepare_is_killed():
 HUGE_IMAGE_MEMORY = """
 import io, resource, sys
 from PIL import Image
-from stages.prepare import prepare_image
+from finetune.preparation import prepare_image
 
 mode, side = sys.argv[1], int(sys.argv[2])
 buffer = io.BytesIO()

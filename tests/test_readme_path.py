@@ -46,7 +46,7 @@ def test_the_readme_cpu_path_from_trial_to_comparing_runs_in_a_used_clone(tmp_pa
     shell(trial, clone)
     shell(trial.replace("-n cpu-trial-offline", "-n cpu-trial-lr").replace("train.lr=0.025", "train.lr=0.05"), clone)
 
-    table = shell(f"{sys.executable} -m stages.compare --width 150", clone).stdout
+    table = shell(f"{sys.executable} -m commands.compare --width 150", clone).stdout
     lines = table.splitlines()
     assert max(map(len, lines)) <= 150 and lines[0].split()[-1] == "lr", table
     assert any("cpu-trial-offline" in line and "0.025" in line for line in lines)

@@ -13,8 +13,8 @@ import torch
 import yaml
 from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
-from stages.params import load_params
-from stages.trainer import Trainer
+from finetune.params import load_params
+from finetune.trainer import Trainer
 from tests.conftest import REPO, make_project, run, shipped_text, tiny_params
 from tests.synthetic import make_image_folder
 

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stages.model import RecipeError
-from stages.params import ParamsError, parse_params
-from stages.recipe import Freezer, build_optimizer, build_scheduler, param_groups
-from stages.trainer import Trainer
-from stages.transforms import train_transform
+from finetune.model import RecipeError
+from finetune.params import ParamsError, parse_params
+from finetune.recipe import Freezer, build_optimizer, build_scheduler, param_groups
+from finetune.trainer import Trainer
+from finetune.transforms import train_transform
 from tests.conftest import tiny_params
 
 CPU = torch.device("cpu")

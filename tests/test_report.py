@@ -7,8 +7,8 @@ import pytest
 from dvclive import Live
 from PIL import Image
 
-from stages import report
-from stages.markdown import markdown_table, markdown_text
+from finetune import run_report as report
+from finetune.markdown import markdown_table, markdown_text
 
 CLASSES = 196
 
@@ -80,7 +80,7 @@ def test_confusion_figures_are_large_enough_to_read(cars_like, tmp_path):
 
 def test_curves_come_from_dvclive_files(tmp_path):
     """As train logs them: DVCLive's step set to the epoch, from 1."""
-    from stages.train import log_epoch
+    from finetune.training import log_epoch
 
     with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False, report=None) as live:
         for epoch in range(4):
@@ -107,7 +107,7 @@ def test_class_names_with_dollar_signs_are_drawn_literally(tmp_path, monkeypatch
     read them as mathtext), and `Model $\\alpha$ 2012` was drawn as "Model α 2012"."""
     import matplotlib.figure
 
-    from stages import gradcam
+    from finetune import cam as gradcam
 
     names = ["under_$5_over_$10", "Model $\\alpha$ 2012", "$", "plain"]
     drawn = []

@@ -15,8 +15,9 @@ import pytest
 import torch
 import yaml
 
-from stages.errors import StageError
-from stages.files import atomic_path
+from finetune.errors import StageError
+from finetune.files import atomic_path
+from finetune.params import load_params
 from tests.conftest import REPO, tiny_params
 
 pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
@@ -143,8 +144,8 @@ def test_killed_run_with_every_modern_knob_resumes_to_the_same_weights(prepared,
     workdir = with_modern_knobs(prepared, tmp_path / "killed")
     code, _ = interrupt_after_first_epoch(workdir, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    from stages.files import read_torch
-    from stages.resume import unpack
+    from finetune.files import read_torch
+    from finetune.resume import unpack
 
     assert unpack(read_torch(the_state(workdir)))["ema"]["n_averaged"] > 0
     assert "train: resuming after epoch" in run_ok("train", workdir)
@@ -214,7 +215,7 @@ def test_a_run_stopped_after_its_last_epoch_writes_the_model_without_training_ag
     """Before: killed after the last epoch's state was saved and before models/model.pt was written, the next run
     said "it is a finished run; starting fresh" and trained every epoch again. And SIGTERM no longer raises in
     the model save (the handler is gone once the epochs are done): it ends the process, the state stays."""
-    from stages import train, trainer
+    from finetune import trainer, training
 
     monkeypatch.chdir(workdir)
     handlers = []
@@ -223,9 +224,9 @@ def test_a_run_stopped_after_its_last_epoch_writes_the_model_without_training_ag
         handlers.append(signal.getsignal(signal.SIGTERM))
         raise SystemExit("killed while writing the model")
 
-    monkeypatch.setattr(train, "save_model", killed_while_saving)
+    monkeypatch.setattr(training, "save_model", killed_while_saving)
     with pytest.raises(SystemExit):
-        train.main()
+        training.run(load_params())
     assert handlers == [signal.SIG_DFL] and len(states(workdir / STATE_DIR)) == 1
     monkeypatch.undo()
     monkeypatch.chdir(workdir)
@@ -234,7 +235,7 @@ def test_a_run_stopped_after_its_last_epoch_writes_the_model_without_training_ag
         raise AssertionError(f"epoch {epoch + 1} trained again")
 
     monkeypatch.setattr(trainer.Trainer, "train_epoch", must_not_train)
-    train.main()
+    training.run(load_params())
     expected, got = weights(uninterrupted), weights(workdir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert curve(workdir, "train/loss.tsv") == curve(uninterrupted, "train/loss.tsv")
@@ -269,7 +270,7 @@ def test_worker_count_does_not_change_the_result(workdir, uninterrupted):
 def test_diverging_loss_stops_with_the_likely_cause(workdir, monkeypatch):
     """A loss that turns NaN (here from the second epoch on; lr beyond the schema's 10 is refused up front) stops
     the run with the cause, keeping the last good epoch for a resume."""
-    from stages import train, trainer
+    from finetune import trainer, training
 
     real_epoch = trainer.Trainer.train_epoch
 
@@ -281,7 +282,7 @@ def test_diverging_loss_stops_with_the_likely_cause(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(trainer.Trainer, "train_epoch", diverging)
     with pytest.raises(StageError) as stopped:
-        train.main()
+        training.run(load_params())
     message = str(stopped.value)
     assert "the training loss became nan in epoch 2" in message and "learning rate is likely too high" in message
     assert "train.lr=0.05" in message and "The last good epoch (1) is kept" in message
@@ -320,15 +321,15 @@ def test_dvc_repro_resumes_after_the_whole_run_is_killed(tmp_path, image_folder)
 
 
 def test_cuda_out_of_memory_names_the_batch_size_and_the_fix(workdir, monkeypatch):
-    from stages import train
+    from finetune import training
 
     def out_of_memory(self, loader, epoch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.chdir(workdir)
-    monkeypatch.setattr(train.Trainer, "train_epoch", out_of_memory)
+    monkeypatch.setattr(training.Trainer, "train_epoch", out_of_memory)
     with pytest.raises(StageError) as stopped:
-        train.main()
+        training.run(load_params())
     message = str(stopped.value)
     assert "CUDA out of memory at train.batch_size=32, train.resolution=64" in message
     assert "Lower train.batch_size" in message and "scale train.lr" in message
@@ -344,7 +345,7 @@ def test_state_from_other_data_is_not_resumed(workdir):
 
 
 def test_crash_while_saving_a_dataset_leaves_the_old_one(tmp_path):
-    from stages.files import atomic_dir
+    from finetune.files import atomic_dir
 
     old = tmp_path / "prepared"
     old.mkdir()

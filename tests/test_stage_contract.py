@@ -10,11 +10,13 @@ import yaml
 
 from tests.conftest import REPO
 
-COMMANDS = ("predict",)  # stages/ modules run by hand, not by DVC: they may not import stages either
+LIBRARY = "finetune"  # the shared machinery; stages/ holds the DVC stages' entry points and nothing else
+COMMANDS = REPO / "commands"  # what a user runs by hand (predict, compare): they may not import stages either
 
 
 def project_imports(module: Path) -> set[Path]:
-    """The stages/*.py files `module` imports anywhere in its code (top level or inside functions)."""
+    """The project modules (stages/*.py, finetune/*.py) `module` imports anywhere in its code (top level or inside
+    functions)."""
     found = set()
     for node in ast.walk(ast.parse(module.read_text())):
         names = []
@@ -24,7 +26,7 @@ def project_imports(module: Path) -> set[Path]:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
             path = REPO / (name.replace(".", "/") + ".py")
-            if name.startswith("stages.") and path.is_file():
+            if name.startswith(("stages.", f"{LIBRARY}.")) and path.is_file():
                 found.add(path)
     return found
 
@@ -63,9 +65,9 @@ def test_every_imported_project_module_is_a_declared_dependency():
 
 
 def test_no_stage_imports_another_stage():
-    stage_files = set(stage_modules().values()) | {REPO / "stages" / f"{name}.py" for name in COMMANDS}
+    stage_files = set(stage_modules().values())
     problems = []
-    for module in sorted(stage_files):
+    for module in sorted(stage_files | set(COMMANDS.glob("*.py")) | set((REPO / LIBRARY).glob("*.py"))):
         others = (closure(module) - {module}) & stage_files
         if others:
             problems.append(f"{module.name} imports {sorted(p.name for p in others)}")
@@ -78,9 +80,23 @@ def test_stage_names_are_their_modules():
         assert module == REPO / "stages" / f"{name}.py"
 
 
+def test_stages_holds_the_stages_of_dvc_yaml_and_nothing_else():
+    """A newcomer names every stage from `ls stages/`: its modules are exactly dvc.yaml's stages."""
+    assert sorted(p.stem for p in (REPO / "stages").glob("*.py")) == sorted(stage_modules())
+    assert not [p for p in (REPO / "stages").iterdir() if p.suffix != ".py" and p.name != "__pycache__"]
+
+
+def test_nothing_imports_a_stage_entry_point():
+    """Tests, benchmarks, commands and the library call the library; a stage is run, never imported."""
+    importers = [*REPO.glob("finetune/*.py"), *REPO.glob("commands/*.py"), *REPO.glob("benchmarks/*.py"),
+                 *REPO.glob("tests/*.py")]
+    stage_files = set(stage_modules().values())
+    assert not [p.name for p in importers if project_imports(p) & stage_files]
+
+
 def test_the_contract_test_sees_imports_inside_functions(tmp_path):
-    module = REPO / "stages" / "files.py"  # imports torch inside save_torch, stages.errors at the top
-    assert REPO / "stages" / "errors.py" in project_imports(module)
+    module = REPO / LIBRARY / "files.py"  # imports torch inside save_torch, finetune.errors at the top
+    assert REPO / LIBRARY / "errors.py" in project_imports(module)
     lazy = tmp_path / "lazy.py"
-    lazy.write_text("def f():\n    from stages.cam import gradcam_target\n")
-    assert project_imports(lazy) == {REPO / "stages" / "cam.py"}
+    lazy.write_text(f"def f():\n    from {LIBRARY}.cam import gradcam_target\n")
+    assert project_imports(lazy) == {REPO / LIBRARY / "cam.py"}

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.data import ImageSplit, SeededEpochSampler, make_loader
-from stages.errors import StageError
-from stages.model import AUX_LOSS_WEIGHT, RecipeError, build_model, fit_to_resolution, model_preprocessing
-from stages.params import Params, TrainParams
-from stages.recipe import Freezer, build_ema, build_mixer, build_optimizer, build_scheduler
-from stages.runtime import (
+from finetune.data import ImageSplit, SeededEpochSampler, make_loader
+from finetune.errors import StageError
+from finetune.model import AUX_LOSS_WEIGHT, RecipeError, build_model, fit_to_resolution, model_preprocessing
+from finetune.params import Params, TrainParams
+from finetune.recipe import Freezer, build_ema, build_mixer, build_optimizer, build_scheduler
+from finetune.runtime import (
     CPU_RUN_LIMIT_HOURS,
     Precision,
     Processes,
@@ -33,7 +33,7 @@ from stages.runtime import (
     resolve_switch,
     seed_epoch,
 )
-from stages.transforms import Preprocessing, eval_transform, to_model_input, train_transform
+from finetune.transforms import Preprocessing, eval_transform, to_model_input, train_transform
 
 LOG_EVERY_STEPS = 5  # how often the running loss is shown and checked (each check costs one host sync)
 PROJECT_AFTER_STEPS = 5  # steps timed (after the first, which compiles and warms up) to project the run's length

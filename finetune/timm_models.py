@@ -1,5 +1,5 @@
 """timm backbones: `model.arch: timm/<model name>[.<pretrained tag>]`, the Hugging Face hub id of timm's weights
-(e.g. timm/convnext_tiny.fb_in22k). stages/model.py builds them through these functions, so a timm model gets
+(e.g. timm/convnext_tiny.fb_in22k). finetune/model.py builds them through these functions, so a timm model gets
 the same heads, checks and checkpoint as a torchvision one.
 
 timm is imported only when a timm arch is used: importing it costs about 2 s, which every stage would pay.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from stages.params import TIMM_PREFIX as PREFIX
-from stages.params import TIMM_PRETRAINED
+from finetune.params import TIMM_PREFIX as PREFIX
+from finetune.params import TIMM_PRETRAINED
 
 
 def is_timm(arch: str) -> bool:

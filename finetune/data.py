@@ -1,6 +1,6 @@
 """The prepared dataset and its loaders: splits, the seeded sampler, worker processes.
 
-The transforms are stages/transforms.py's; this module only reads prepared images and batches them. The
+The transforms are finetune/transforms.py's; this module only reads prepared images and batches them. The
 transforms decode the images themselves: only they know at what scale.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from stages.errors import StageError
-from stages.paths import PREPARED_DIR
+from finetune.errors import StageError
+from finetune.paths import PREPARED_DIR
 
 
 def open_split(split: str, root: Path = PREPARED_DIR) -> datasets.Dataset:

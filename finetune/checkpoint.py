@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.errors import StageError
-from stages.files import TorchFileUnreadable, read_torch, save_torch
-from stages.model import build_model, strip_wrapper_prefixes
-from stages.transforms import Preprocessing
+from finetune.errors import StageError
+from finetune.files import TorchFileUnreadable, read_torch, save_torch
+from finetune.model import build_model, strip_wrapper_prefixes
+from finetune.transforms import Preprocessing
 
 FORMAT = "transfer-learning-checkpoint/2"
 

@@ -1,4 +1,4 @@
-"""`python -m stages.compare`: every experiment's headline metrics and the params that differ between the
+"""`python -m commands.compare`: every experiment's headline metrics and the params that differ between the
 experiments themselves, in one table that fits the terminal (150 columns when it cannot tell).
 
 `dvc exp show --only-changed` compares each experiment with its baseline commit: when the commit holds the
@@ -16,8 +16,8 @@ import shutil
 import subprocess
 import sys
 
-from stages.errors import StageError, run_stage
-from stages.paths import EVAL_METRICS
+from finetune.errors import StageError, run_stage
+from finetune.paths import EVAL_METRICS
 
 DEFAULT_WIDTH = 150
 METRICS = (("top1", "top1"), ("top5", "top5"), ("mean_class_accuracy", "mean/class"), ("tta.top1", "TTA top1"),
@@ -129,7 +129,7 @@ def show_experiments(rev: str | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m commands.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--rev", help="only the experiments of this commit (default: of every commit)")
     parser.add_argument("--width", type=int, default=shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns,
                         help=f"columns to fit (default: the terminal's, else {DEFAULT_WIDTH})")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from stages.errors import StageError
+from finetune.errors import StageError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

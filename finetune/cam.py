@@ -7,19 +7,24 @@ puts the model in eval mode.
 
 from __future__ import annotations
 
+import math
 import sys
+import textwrap
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from stages import timm_models
-from stages.errors import StageError
-from stages.transforms import Preprocessing, to_model_input
+from finetune import timm_models
+from finetune.errors import StageError
+from finetune.files import atomic_path
+from finetune.transforms import Preprocessing, eval_transform, to_model_input
 
 MIN_MAP_SIDE = 4  # a CAM coarser than 4x4 says nothing about where the model looked
 
@@ -113,3 +118,64 @@ def warn_if_coarse(size: tuple[int, int], resolution: int, who: str) -> None:
         print(f"{who}: warning: at {resolution} px the GradCAM layer's map is {size[0]}x{size[1]}: too coarse to "
               f"show where the model looked; use a higher train.resolution or an earlier gradcam.target_layer "
               f"(e.g. layer3[-1])", file=sys.stderr)
+
+
+COLUMNS = 3  # 690 px wide: two runs' grids side by side in `dvc plots diff` fit a 1400-px screen
+BATCH = 16
+TILE_INCHES, DPI = 2.3, 100
+
+
+def worst_misclassified(per_class: list[dict], predictions: list[dict], count: int,
+                        rng: np.random.Generator) -> list[str]:
+    """Ids of misclassified test images: one from each class, worst class first."""
+    wrong_by_class: dict[str, list[str]] = {}
+    for row in predictions:
+        if row["actual"] != row["predicted"]:
+            wrong_by_class.setdefault(row["actual"], []).append(row["id"])
+    chosen = []
+    for row in sorted(per_class, key=lambda r: float(r["accuracy"])):
+        if len(chosen) == count:
+            break
+        if wrong := wrong_by_class.get(row["class_name"]):
+            chosen.append(wrong[rng.integers(len(wrong))])
+    return chosen
+
+
+def cam_tiles(model, target, split, rows: list[int], checkpoint, device) -> list[tuple[np.ndarray, int, int]]:
+    """(overlay RGB image, true label, predicted label) per row of the split; target: (layer, reshape)."""
+    transform, preprocessing = eval_transform(checkpoint.preprocessing), checkpoint.preprocessing
+    tiles = []
+    for start in range(0, len(rows), BATCH):
+        batch = [split[i] for i in rows[start:start + BATCH]]
+        images = torch.stack([transform(r["image"]["bytes"]) for r in batch])
+        with torch.no_grad():
+            predicted = model(to_model_input(images, device, False, preprocessing.mean, preprocessing.std)
+                              ).argmax(1).tolist()
+        overlays, size = cam_overlays(model, target, images, predicted, preprocessing, device)
+        if start == 0:
+            warn_if_coarse(size, preprocessing.resolution, "gradcam")
+        tiles += [(overlay, row["label"], pred) for overlay, row, pred in zip(overlays, batch, predicted)]
+    return tiles
+
+
+def draw_grid(tiles, names: list[str], title: str, path: Path) -> None:
+    columns = max(1, min(COLUMNS, len(tiles)))
+    rows = max(1, math.ceil(len(tiles) / columns))
+    fig = Figure(figsize=(columns * TILE_INCHES, rows * (TILE_INCHES + 0.55) + 0.4), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (overlay, true, pred) in zip(axes.flat, tiles):
+        ax.imshow(overlay)
+        # parse_math=False: a class name is literal text; `under_$5_over_$10` is no mathtext formula
+        ax.set_title(f"true: {wrap(names[true])}\npred: {wrap(names[pred])}", fontsize=7,
+                     color="darkgreen" if true == pred else "firebrick", parse_math=False)
+    if not tiles:
+        axes.flat[0].text(0, 0.5, "no misclassified test images", fontsize=12)
+    fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=9, parse_math=False)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+
+
+def wrap(name: str) -> str:
+    return "\n".join(textwrap.wrap(name, 28))

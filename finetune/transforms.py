@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from stages.images import MAX_ASPECT_RATIO, dct_reduction, decode_prepared, jpeg_size, load_pixels
+from finetune.images import MAX_ASPECT_RATIO, dct_reduction, decode_prepared, jpeg_size, load_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -140,7 +140,7 @@ class DecodeForResize(torch.nn.Module):
     def forward(self, image: bytes | Image.Image | torch.Tensor) -> torch.Tensor:
         if isinstance(image, bytes):
             return decode_prepared(image, dct_reduction(jpeg_size(image), (self.side, self.side)))
-        if isinstance(image, Image.Image):  # Pillow's draft applies the same rule (stages/images.py)
+        if isinstance(image, Image.Image):  # Pillow's draft applies the same rule (finetune/images.py)
             return F.pil_to_tensor(load_pixels(image, draft_size=(self.side, self.side)))
         return image
 

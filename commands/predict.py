@@ -1,4 +1,4 @@
-"""`python -m stages.predict PHOTO_OR_FOLDER...`: what the trained model says about your own images.
+"""`python -m commands.predict PHOTO_OR_FOLDER...`: what the trained model says about your own images.
 
 Prints the top-k class names with probabilities per image, writes them as JSON and CSV, and with --gradcam DIR
 an overlay per image showing where the model looked. Images are read as the dataset's are (EXIF rotation, any
@@ -18,9 +18,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from stages.errors import StageError, run_stage
-from stages.images import IMAGE_SUFFIXES, ImageRejected, open_header
-from stages.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS, PROJECT_ROOT
+from finetune.errors import StageError, run_stage
+from finetune.images import IMAGE_SUFFIXES, ImageRejected, open_header
+from finetune.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS, PROJECT_ROOT
 
 OVERLAY_SIDE = 320  # px: a GradCAM overlay a person can read, whatever the model's input size
 CUDA_BATCH, CPU_BATCH = 64, 8  # on the CPU, larger batches were slower (ResNet-50, 2 cores: 32 ran at 0.6x of 8)
@@ -47,7 +47,7 @@ def protected_folders() -> list[Path]:
     may be any), and train.state_dir when params.yaml names another."""
     folders = [PROJECT_ROOT / folder for folder in PIPELINE_OUTPUT_DIRS]
     try:
-        from stages.params import load_params
+        from finetune.params import load_params
 
         state_dir = Path(load_params(PROJECT_ROOT / "params.yaml", look_up_models=False).train.state_dir).expanduser()
         folders.append(state_dir if state_dir.is_absolute() else PROJECT_ROOT / state_dir)
@@ -124,8 +124,8 @@ def predict_files(files: list[Path], model, checkpoint, top_k: int, device, prec
     import torch
     from tqdm import tqdm
 
-    from stages.data import leave_interrupts_to_the_main_process
-    from stages.transforms import eval_transform
+    from finetune.data import leave_interrupts_to_the_main_process
+    from finetune.transforms import eval_transform
 
     preprocessing = checkpoint.preprocessing
     names = checkpoint.class_names
@@ -150,7 +150,7 @@ def classify(model, images, preprocessing, device, precision, k: int, names: lis
     """{"top": [...]} per image of a batch, or {"error": ...} for all of them if the model fails on it."""
     import torch
 
-    from stages.transforms import to_model_input
+    from finetune.transforms import to_model_input
 
     try:
         with torch.inference_mode(), precision.autocast():
@@ -166,10 +166,10 @@ def write_gradcam(files_and_rows: list[tuple[Path, dict]], model, checkpoint, ta
                   device) -> None:
     """One PNG per classified image: the CAM of its top class over the model's input crop, labelled. A file that
     cannot be read again (deleted or changed since it was classified) gets `gradcam_error`; the others go on.
-    target: stages.cam.gradcam_target's (layer, reshape)."""
-    from stages.cam import cam_overlays, warn_if_coarse
-    from stages.files import atomic_path
-    from stages.transforms import eval_transform
+    target: finetune.cam.gradcam_target's (layer, reshape)."""
+    from finetune.cam import cam_overlays, warn_if_coarse
+    from finetune.files import atomic_path
+    from finetune.transforms import eval_transform
 
     transform = eval_transform(checkpoint.preprocessing)
     names = checkpoint.class_names
@@ -226,7 +226,7 @@ positive_int = int_at_least(1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict",
+    parser = argparse.ArgumentParser(prog="python -m commands.predict",
                                      description="What the trained model says about your own images.")
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", default=str(MODEL_PATH),
@@ -254,11 +254,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from stages.cam import gradcam_target
-    from stages.checkpoint import load_checkpoint
-    from stages.data import resolve_workers
-    from stages.files import write_csv, write_json
-    from stages.runtime import Precision, pick_device, resolve_threads
+    from finetune.cam import gradcam_target
+    from finetune.checkpoint import load_checkpoint
+    from finetune.data import resolve_workers
+    from finetune.files import write_csv, write_json
+    from finetune.runtime import Precision, pick_device, resolve_threads
 
     device = pick_device()
     model, checkpoint = load_checkpoint(args.model, device)

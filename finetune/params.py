@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from stages.errors import StageError
+from finetune.errors import StageError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -43,7 +43,7 @@ MAX_WORKERS = 256  # data-loading processes; more only exhausts memory and file 
 MAX_RESOLUTION = 4096  # far above any fine-tuning recipe; a typo such as 100000 would ask for terabytes
 
 
-TIMM_PREFIX = "timm/"  # model.arch: timm/<model name>[.<pretrained tag>] (stages/timm_models.py)
+TIMM_PREFIX = "timm/"  # model.arch: timm/<model name>[.<pretrained tag>] (finetune/timm_models.py)
 TIMM_PRETRAINED = ("pretrained", "DEFAULT")  # model.weights values meaning the timm model's own weights
 
 
@@ -145,7 +145,7 @@ class ModelParams(Section):
 
     def known_timm_model(self) -> ModelParams:
         """The weights value only: whether timm knows the model and its tag is checked by stage `check`
-        (stages/model.py), so that the schema never pays timm's import."""
+        (finetune/model.py), so that the schema never pays timm's import."""
         if self.weights in TIMM_PRETRAINED or self.weights == "none" or Path(self.weights).is_file():
             return self
         raise ValueError(f"model.weights '{self.weights}' is neither pretrained (the timm weights of {self.arch}), "
@@ -252,7 +252,7 @@ class Params(Section):
 
 
 LABEL_COLUMNS = "column names in the source; the label should be a ClassLabel (its names become the class names)"
-# One line of docs/params.md per param (params sharing a text share a row): `python -m stages.params --table`
+# One line of docs/params.md per param (params sharing a text share a row): `python -m finetune.params --table`
 # writes the table, and tests/test_params.py keeps docs/params.md equal to it.
 DESCRIPTIONS = {
     'data.preset': (
@@ -555,10 +555,10 @@ def did_you_mean(loc: tuple, raw: dict) -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
-if __name__ == "__main__":  # `python -m stages.params` checks params.yaml against the schema; --table: docs table
+if __name__ == "__main__":  # `python -m finetune.params` checks params.yaml against the schema; --table: docs table
     import sys
 
-    from stages.errors import run_stage
+    from finetune.errors import run_stage
 
     def check_schema() -> None:
         load_params()

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.errors import StageError
-from stages.transforms import Preprocessing, to_model_input
+from finetune.errors import StageError
+from finetune.transforms import Preprocessing, to_model_input
 
 CPU_RUN_LIMIT_HOURS = 2.0  # train.device: auto refuses a CPU run projected longer than this
 NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")

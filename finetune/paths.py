@@ -5,7 +5,7 @@ prepare   RAW_DIR -> PREPARED_DIR, DATA_METRICS, DROPPED_LIST
 check     params.yaml -> PARAMS_CHECK (every other stage depends on it: bad params stop the run before DVC
           deletes any stage's outputs)
 train     PREPARED_DIR -> MODEL_PATH, LIVE_DIR (and STATE_DIR/train_state-<fingerprint>.pt while a run is unfinished:
-          stages/resume.py names it)
+          finetune/resume.py names it)
 evaluate  MODEL_PATH, PREPARED_DIR -> EVAL_METRICS, EVAL_REPORT, PER_CLASS_CSV, CONFUSED_CSV, PREDICTIONS_CSV,
           CONFUSION_JSON
 gradcam   MODEL_PATH, PREPARED_DIR, PER_CLASS_CSV, PREDICTIONS_CSV -> GRADCAM_DIR

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.errors import StageError
-from stages.files import TorchFileUnreadable, read_torch, save_torch
+from finetune.errors import StageError
+from finetune.files import TorchFileUnreadable, read_torch, save_torch
 
 FORMAT = "transfer-learning-train-state/4"  # 3: with the EMA weights; 4: checksummed, one file per fingerprint
 STATE_PREFIX = "train_state-"  # + the fingerprint's digest + .pt
@@ -88,7 +88,7 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_state(path: Path, trainer, progress: Progress, fingerprint: dict) -> None:
-    """trainer: a stages.trainer.Trainer (model, optimizer, scheduler, precision.scaler)."""
+    """trainer: a finetune.trainer.Trainer (model, optimizer, scheduler, precision.scaler)."""
     serialized = io.BytesIO()
     torch.save({
         "format": FORMAT,

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from stages.model import RecipeError
-from stages.params import TrainParams
+from finetune.model import RecipeError
+from finetune.params import TrainParams
 
 
 def is_head_param(name: str, head_paths: tuple[str, ...]) -> bool:

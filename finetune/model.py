@@ -9,10 +9,10 @@ import torch
 import torchvision
 from torch import nn
 
-from stages import timm_models
-from stages.errors import StageError
-from stages.files import TorchFileUnreadable, read_torch
-from stages.transforms import Preprocessing
+from finetune import timm_models
+from finetune.errors import StageError
+from finetune.files import TorchFileUnreadable, read_torch
+from finetune.transforms import Preprocessing
 
 
 class WeightsUnavailable(StageError):

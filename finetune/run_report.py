@@ -1,0 +1,241 @@
+"""The report a person reads offline: training curves, per-class accuracy, the confusion matrix (whole and its
+most-confused block), and the Markdown page around them.
+"""
+
+from __future__ import annotations
+
+import csv
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+from finetune.markdown import markdown_table, markdown_text
+from finetune.params import Params
+
+ZOOM_SIZE = 16  # classes in the zoomed block: counts and names stay legible
+DPI = 100
+
+
+def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, values) of one DVCLive TSV; its step is the epoch (train counts them from 1)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    name = [c for c in rows[0] if c not in ("step", "timestamp")][0] if rows else None
+    return (np.array([int(r["step"]) for r in rows]), np.array([float(r[name]) for r in rows]))
+
+
+def read_curves(curves_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every logged metric by its DVCLive name (train/loss, validation/acc, lr, ...)."""
+    return {str(p.relative_to(curves_dir).with_suffix("")): read_curve(p) for p in sorted(curves_dir.rglob("*.tsv"))}
+
+
+def plot_curves(curves: dict, kept_epoch: int | None, path: Path) -> None:
+    panels = [("loss", ["train/loss", "validation/loss"]), ("accuracy", ["train/acc", "validation/acc"]),
+              ("learning rate", ["lr", "lr_head"])]
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            if name in curves:
+                epochs, values = curves[name]
+                ax.plot(epochs, values, marker="o" if len(epochs) <= 30 else None, markersize=3,
+                        label=name.replace("lr_head", "lr (head)").replace("lr", "lr (backbone)", 1)
+                        if title == "learning rate" else name.split("/")[0])
+        if title == "accuracy":
+            ax.set_ylim(0, 1.02)
+        elif wide_positive_range([curves[n][1] for n in names if n in curves]):
+            ax.set_yscale("log")  # step schedules and early validation losses span decades
+        if kept_epoch:
+            ax.axvline(kept_epoch, color="grey", linestyle=":", label=f"kept (epoch {kept_epoch})")
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def wide_positive_range(series: list[np.ndarray]) -> bool:
+    values = np.concatenate(series) if series else np.array([])
+    return values.size > 0 and values.min() > 0 and values.max() / values.min() >= 10
+
+
+def plot_per_class(rows: list[dict], path: Path) -> None:
+    """Horizontal bars, worst class at the top; tall enough for one legible label per class."""
+    rows = sorted(rows, key=lambda r: (float(r["accuracy"]), int(r["class_id"])))
+    accuracy = np.array([float(r["accuracy"]) for r in rows])
+    labels = [f"{r['class_name']}  ({r['images']})" for r in rows]
+    fig = Figure(figsize=(9, 1.6 + 0.16 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(rows))
+    ax.barh(y, accuracy, color=colormaps["RdYlGn"](accuracy), height=0.8)
+    ax.axvline(accuracy.mean(), color="black", linestyle="--", linewidth=1)
+    ax.set_yticks(y, labels, fontsize=7, parse_math=False)  # class names are literal text, `$` included
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_ticks_position("both")
+    ax.tick_params(axis="x", labeltop=True)
+    ax.set_xlabel("test accuracy (images of the class classified as it)")
+    # The mean goes in the title, not a legend: a legend box would cover the best classes' bars.
+    ax.set_title(f"Per-class test accuracy, {len(rows)} classes, worst first (test images in brackets)\n"
+                 f"dashed line: mean per-class accuracy {accuracy.mean():.1%}", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    save(fig, path)
+
+
+def most_confused_block(confusion: np.ndarray, size: int) -> int:
+    """Start of the `size` consecutive classes whose mutual mistakes are most numerous (first on ties).
+
+    Consecutive in class order, so the block is a square on the diagonal of the full heatmap; sorted
+    class names (Stanford Cars) put a make's models side by side, where most mistakes are."""
+    n = len(confusion)
+    size = min(size, n)
+    off = confusion - np.diag(np.diag(confusion))
+    scores = [off[s:s + size, s:s + size].sum() for s in range(n - size + 1)]
+    return int(np.argmax(scores))
+
+
+def row_normalised(confusion: np.ndarray) -> np.ndarray:
+    totals = confusion.sum(axis=1, keepdims=True)
+    return np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
+
+
+def plot_confusion(confusion: np.ndarray, names: list[str], block: tuple[int, int], path: Path) -> None:
+    n = len(names)
+    side = min(24, max(6, 0.11 * n + 3))
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    # gamma < 1 lifts the rare off-diagonal mistakes out of the background next to the bright diagonal.
+    image = ax.imshow(row_normalised(confusion), cmap="viridis", norm=PowerNorm(0.4, 0, 1), interpolation="nearest")
+    row_points = side * 72 * 0.8 / max(n, 1)  # the matrix takes ~80% of the figure's height
+    fontsize = max(3.0, min(9.0, 0.8 * row_points))
+    ticks = np.arange(n)
+    ax.set_xticks(ticks, [short(name) for name in names], rotation=90, fontsize=fontsize, parse_math=False)
+    ax.set_yticks(ticks, [short(name) for name in names], fontsize=fontsize, parse_math=False)
+    start, size = block
+    if size < n:  # a white-edged red square: visible on the dark background and on the bright diagonal
+        for colour, width in (("white", 4), ("red", 2)):
+            ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor=colour,
+                                   linewidth=width))
+        zoom = f"red square: the {size}-class block shown with counts in confusion_zoom.png"
+    else:
+        zoom = "confusion_zoom.png shows it with counts"
+    ax.set(xlabel="predicted class", ylabel="true class")
+    title = f"Confusion matrix (test), rows normalised; {zoom}"
+    ax.set_title("\n".join(textwrap.wrap(title, int(side * 9))), fontsize=11)  # ~9 characters an inch at 11 pt
+    fig.colorbar(image, ax=ax, shrink=0.6, label="share of the true class's test images")
+    save(fig, path)
+
+
+def plot_confusion_zoom(confusion: np.ndarray, names: list[str], block: tuple[int, int], path: Path) -> None:
+    """The block with counts and full names; for a run of at most ZOOM_SIZE classes, the whole matrix."""
+    start, size = block
+    counts = confusion[start:start + size, start:start + size]
+    fig = Figure(figsize=(4 + 0.6 * size, 3 + 0.55 * size), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(row_normalised(confusion)[start:start + size, start:start + size], cmap="viridis",
+              norm=PowerNorm(0.4, 0, 1))
+    for (i, j), count in np.ndenumerate(counts):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="black" if i == j else "white", fontweight="normal" if i == j else "bold")
+    labels = ["\n".join(textwrap.wrap(name, 28)) for name in names[start:start + size]]
+    ax.set_xticks(range(size), labels, rotation=90, fontsize=8, parse_math=False)
+    ax.set_yticks(range(size), labels, fontsize=8, parse_math=False)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title("Confusion matrix (test image counts), rows normalised" if size == len(names) else
+                 f"Most-confused block: classes {start}-{start + size - 1} (test image counts)", fontsize=11)
+    save(fig, path)
+
+
+def short(name: str, width: int = 32) -> str:
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, format="png")
+
+
+def headline(params: Params, eval_metrics: dict, train_summary: dict, data: dict) -> list[dict]:
+    splits = data["splits"]
+    rows = [
+        {"what": "test top-1", "value": eval_metrics["top1"]},
+        {"what": "test top-5", "value": eval_metrics["top5"]},
+        {"what": "test mean per-class accuracy", "value": eval_metrics["mean_class_accuracy"]},
+    ]
+    if "tta" in eval_metrics:
+        rows.append({"what": "test top-1 with TTA (3 scales x 2 flips)", "value": eval_metrics["tta"]["top1"]})
+    kept = train_summary.get("kept_epoch")
+    rows += [
+        {"what": "kept epoch", "value": f"{kept} of {params.train.epochs}"
+         + (" (best validation accuracy)" if "validation" in splits else " (the last; no validation split)")},
+        {"what": "images (train / validation / test)",
+         "value": " / ".join(str(splits[s]["images"]) if s in splits else "-"
+                             for s in ("train", "validation", "test"))},
+        {"what": "classes", "value": data["classes"]},
+        {"what": "images dropped by prepare (unreadable)", "value": data["dropped"]},
+    ]
+    if data.get("duplicates_across_splits"):  # real Stanford Cars has 19 (prepare lists them)
+        rows.append({"what": "images also in another split (the same bytes: not held out)",
+                     "value": f"{data['duplicates_across_splits']} (listed by prepare; they lift the test score "
+                              f"by at most {data['duplicates_across_splits'] / max(splits['test']['images'], 1):.2%})"
+                     if "test" in splits else data["duplicates_across_splits"]})
+    return rows
+
+
+def imbalance_warning(data: dict, confusion: np.ndarray, names: list[str]) -> str | None:
+    """A line when the train classes are imbalanced (the largest 3x the smallest or more), naming the classes the
+    model predicts well beyond their share of the test split (it learnt the imbalance), else None."""
+    counts = data["splits"]["train"]["images_per_class"]
+    if not counts["min"] or counts["max"] / counts["min"] < IMBALANCE_RATIO:
+        return None
+    truth, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    over = [(names[i], int(predicted[i]), int(truth[i])) for i in np.argsort(truth - predicted)
+            if predicted[i] >= 1.5 * truth[i] + 2][:3]
+    text = (f"**Imbalanced classes:** train images per class range from {counts['min']} to {counts['max']} "
+            f"(mean {counts['mean']}); mean per-class accuracy weighs every class alike, top-1 does not.")
+    if over:
+        text += " Predicted far more often than they occur in the test split: " + ", ".join(
+            f"{markdown_text(name)} ({p} predictions for {t} images)" for name, p, t in over) + "."
+    return text
+
+
+IMBALANCE_RATIO = 3
+
+
+def write_markdown(path: Path, params: Params, eval_metrics: dict, eval_report: dict, train_summary: dict,
+                   data: dict, block: tuple[int, int], names: list[str], gradcam: list[str],
+                   imbalance: str | None = None) -> None:
+    m, t = params.model, params.train
+    start, size = block
+    if size == len(names):
+        confusion_text = ("\n\n![confusion matrix with counts](confusion.png)")
+    else:
+        confusion_text = (f"\n\n![confusion matrix](confusion.png)\n\nThe outlined block, classes {start}-"
+                          f"{start + size - 1} ({markdown_text(names[start])} … "
+                          f"{markdown_text(names[start + size - 1])}):\n\n![most-confused block](confusion_zoom.png)")
+    sections = [
+        f"# Run report: {m.arch} ({markdown_text(m.weights)}) on {markdown_text(params.data.source)}, "
+        f"{t.resolution} px, {t.epochs} epochs",
+        "Written by `dvc repro` (stage `report`) from this run's metrics; `dvc metrics show` / "
+        "`dvc exp show` hold the same numbers, `dvc plots diff` overlays runs.",
+        markdown_table(headline(params, eval_metrics, train_summary, data), {"what": "metric", "value": "value"})
+        + (f"\n\n{imbalance}" if imbalance else ""),
+        "## Training curves\n\n![loss, accuracy and learning rate per epoch](curves.png)",
+        "## Per-class accuracy\n\nWorst classes:\n\n"
+        + markdown_table(eval_report["worst_classes"], {"class_name": "class", "accuracy": "accuracy",
+                                                        "images": "test images"})
+        + "\n\n![per-class test accuracy, all classes, worst first](per_class_accuracy.png)",
+        "## Confusion\n\nMost-confused pairs:\n\n"
+        + markdown_table(eval_report["most_confused"], {"true": "true class", "predicted": "predicted as",
+                                                        "count": "test images"})
+        + confusion_text,
+    ]
+    if gradcam:
+        sections.append("## GradCAM\n\n" + "\n\n".join(f"![{name}](../gradcam/{name})" for name in gradcam))
+    path.write_text("\n\n".join(sections) + "\n")
