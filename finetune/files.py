@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import json
 import os
 import re
@@ -176,3 +177,12 @@ def read_json(path: Path | str, made_by: str):
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise StageError(f"{path} not found: run `dvc repro {made_by}` first") from None
+
+
+def file_digest(path: Path | str) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (a weights file can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

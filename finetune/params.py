@@ -67,14 +67,27 @@ PRESETS = {
 
 
 class DataParams(Section):
-    preset: Literal[tuple(PRESETS)]
-    source: str = Field(min_length=1)
-    revision: str | None = None
-    image_column: str = "image"
-    label_column: str = "label"
-    val_fraction: float = Field(ge=0.0, lt=1.0)
-    test_fraction: float = Field(ge=0.0, lt=1.0)
-    split_seed: int = Field(0, ge=0, le=MAX_SEED)
+    preset: Literal[tuple(PRESETS)] = Field(description=(
+        'stanford_cars, caltech101, flowers102 or none: fills in the nulls below. `stanford_cars`, `caltech101`, '
+        '`flowers102` or `none`: fills in `data.source`, `data.val_fraction` and `data.test_fraction` where they are '
+        '`null` (see [Datasets](recipes.md#datasets))'))
+    source: str = Field(min_length=1, description=(
+        "null: the preset's hub id; or a hub id, or a local folder. A hub dataset id, or a local folder: `split/class"
+        ' name/image` (splits `train`, optional `test` and `validation`/`val`), or a folder written by '
+        '`DatasetDict.save_to_disk`'))
+    revision: str | None = Field(None, description=(
+        'hub revision (commit, tag or branch) to pin; null: the default branch'))
+    image_column: str = Field("image", description=(
+        'the image column of a hub or saved source'))
+    label_column: str = Field("label", description=(
+        'the label column of a hub or saved source: a ClassLabel (its names are the class names)'))
+    val_fraction: float = Field(ge=0.0, lt=1.0, description=(
+        "share of each train class carved out as validation; null: the preset's. With a validation split, `train` "
+        'keeps the epoch that scores best on it'))
+    test_fraction: float = Field(ge=0.0, lt=1.0, description=(
+        "share of each train class carved out as test, for sources without one; null: the preset's"))
+    split_seed: int = Field(0, ge=0, le=MAX_SEED, description=(
+        'seed of those two splits'))
 
     @model_validator(mode="before")
     @classmethod
@@ -101,18 +114,38 @@ class DataParams(Section):
 
 
 class PrepareParams(Section):
-    max_short_side: int = Field(ge=32, le=8192)
-    jpeg_quality: int = Field(ge=50, le=100)
-    num_workers: int = Field(ge=0, le=MAX_WORKERS)  # 0: one per CPU core
+    max_short_side: int = Field(ge=32, le=8192, description=(
+        'images are stored with the shorter side at most this (enough for 448-px crops)'))
+    jpeg_quality: int = Field(ge=50, le=100, description=(
+        'quality of the images that have to be re-encoded'))
+    num_workers: int = Field(ge=0, le=MAX_WORKERS, description=(
+        'decode processes; 0: one per CPU core. Each holds a few images at a time: lower it only if a process is '
+        'killed for memory'))
 
 
 class ModelParams(Section):
-    arch: str
-    weights: str
-    head: Literal["linear", "mlp"]  # mlp: Linear(features, head_hidden) + ReLU + Dropout(head_dropout) + Linear
-    head_hidden: int = Field(ge=1, le=65536)
-    head_dropout: float = Field(ge=0.0, lt=1.0)
-    drop_path: float = Field(ge=0.0, lt=1.0)  # timm models: stochastic depth rate
+    arch: str = Field(description=(
+        'a torchvision classification model, or timm/<name>[.<pretrained tag>]. Any torchvision classification model '
+        '(`torchvision.models.list_models`) with a linear head, or a timm model as `timm/<name>[.<pretrained tag>]`, '
+        'its Hugging Face hub id (for example `timm/convnext_tiny.fb_in22k`): see [timm backbones](recipes.md#timm-'
+        'backbones). A timm model brings its own preprocessing (mean/std, interpolation, eval crop fraction), saved '
+        'with the model'))
+    weights: str = Field(description=(
+        "torchvision weights name (timm: pretrained), none (random init), or a state dict's path. A torchvision "
+        'weights name of that arch (or `DEFAULT`); for a timm model `pretrained` (the hub weights of its name; '
+        '`DEFAULT` means the same); `none` for random init; or the path of a state dict file (an ImageNet one, a '
+        '`torch.compile`d one, or a `models/model.pt` of this pipeline)'))
+    head: Literal["linear", "mlp"] = Field(description=(
+        'the new classifier: linear, or mlp (hidden layer + ReLU + dropout). `mlp` = Linear(features, `head_hidden`) '
+        '+ ReLU + Dropout(`head_dropout`) + Linear. Auxiliary heads (Inception, GoogLeNet) are replaced by linear '
+        'ones'))
+    head_hidden: int = Field(ge=1, le=65536, description=(
+        'mlp only: width of the hidden layer'))
+    head_dropout: float = Field(ge=0.0, lt=1.0, description=(
+        'mlp only: dropout before its last layer'))
+    drop_path: float = Field(ge=0.0, lt=1.0, description=(
+        "timm models only: stochastic depth rate (0.1-0.2 is usual for ConvNeXt/ViT fine-tuning). timm's "
+        '`drop_path_rate`'))
 
     @field_validator("arch")
     @classmethod
@@ -159,47 +192,131 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
-    resolution: int = Field(ge=32, le=MAX_RESOLUTION)
-    batch_size: int = Field(ge=1, le=65536)
-    epochs: int = Field(ge=1, le=10000)
-    optimizer: Literal["sgd", "adamw"]
-    lr: float = Field(gt=0, le=10)  # the backbone's lr; the new head's is lr * head_lr_multiplier
-    head_lr_multiplier: float = Field(gt=0, le=1000)
-    momentum: float = Field(ge=0, lt=1)  # sgd only; adamw uses its default betas
-    nesterov: bool  # sgd only
-    weight_decay: float = Field(ge=0, le=10)
-    no_weight_decay_on_norm_and_bias: bool
-    lr_schedule: Literal["step", "cosine", "exponential", "constant"]
-    lr_step_epochs: int = Field(ge=1, le=10000)  # step: lr * lr_gamma every lr_step_epochs epochs
-    lr_gamma: float = Field(gt=0, le=1)  # step and exponential (exponential: lr * lr_gamma every epoch)
-    warmup_epochs: int = Field(ge=0, le=10000)  # linear warmup before the schedule starts
-    lr_schedule_unit: Literal["epoch", "step"]  # the lr changes once per epoch, or at every optimizer step
-    layer_decay: float = Field(gt=0, le=1)  # layer-wise lr decay: each layer below the head gets this x the lr above
-    accumulate_steps: int = Field(ge=1, le=1024)  # batch_size images per step, in this many forward/backward passes
-    grad_clip_norm: float = Field(ge=0, le=1e6)  # 0: off
-    ema_decay: float = Field(ge=0, lt=1)  # 0: off; else an EMA of the weights is validated and saved
-    label_smoothing: float = Field(ge=0, lt=1)
-    mixup_alpha: float = Field(ge=0, le=100)  # 0: off
-    cutmix_alpha: float = Field(ge=0, le=100)  # 0: off
-    freeze_epochs: int = Field(ge=0, le=10000)  # epochs training only the new head
-    unfreeze_from: str | None  # after freeze_epochs: train layers from this module on (null: all layers)
-    crop: Literal["random_resized", "resize_then_crop"]
-    crop_scale: list[float]  # random_resized: the area range [min, max] of the crop
-    crop_padding: int = Field(ge=0, le=MAX_RESOLUTION)  # resize_then_crop: zero padding around the random crop
-    hflip: bool  # random horizontal flip (off for text, digits, anything with a handedness)
-    augment: Literal["none", "randaugment", "autoaugment", "trivial_augment", "color_jitter"]
-    random_erasing: float = Field(ge=0, le=1)  # probability per image
-    seed: int = Field(ge=0, le=MAX_SEED)
-    device: Literal["auto", "cuda", "cpu"]  # auto: CUDA when usable, else the CPU for short runs only (see runtime)
-    amp: Literal["auto", "bf16", "fp16", "none"]  # auto: bf16 on CUDA, fp32 on the CPU; explicit: on any device
-    channels_last: Literal["auto"] | bool  # auto: on (NHWC convolutions were faster on the CPU too, measured)
-    compile: Literal["auto"] | bool  # torch.compile (inductor); auto: on CUDA only
-    num_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_WORKERS)]  # PyTorch CPU threads per process
-    num_workers: int = Field(ge=-1, le=MAX_WORKERS)  # -1: chosen from the CPUs present
-    eval_every: int = Field(ge=0, le=10000)  # validation every N epochs; 0: only after the last
-    state_dir: str = Field(min_length=1)  # where an unfinished run's resume state lives: local, or shared storage
-    devices: int = Field(ge=1, le=1024)  # processes (one per GPU) under torchrun; batch_size and lr stay global
-    sync_batchnorm: bool  # devices > 1 on CUDA: BatchNorm statistics over the global batch
+    resolution: int = Field(ge=32, le=MAX_RESOLUTION, description=(
+        'training crop size and eval crop size. inception_v3 wants 299 (its auxiliary head is switched off below 299,'
+        ' with a message); sizes a model cannot take are refused before training'))
+    batch_size: int = Field(ge=1, le=65536, description=(
+        'images per optimizer step'))
+    epochs: int = Field(ge=1, le=10000, description=(
+        'passes over the train split'))
+    optimizer: Literal["sgd", "adamw"] = Field(description=(
+        'sgd or adamw (AdamW with its default betas)'))
+    lr: float = Field(gt=0, le=10, description=(
+        "the backbone's learning rate (every layer's, with head_lr_multiplier 1). Scale it with the batch size (0.1 "
+        'per 128 for SGD)'))
+    head_lr_multiplier: float = Field(gt=0, le=1000, description=(
+        'the new head\'s lr = lr x this (the seeds\' "differential lr"). Logged as `lr_head`'))
+    momentum: float = Field(ge=0, lt=1, description=(
+        'SGD only'))
+    nesterov: bool = Field(description=(
+        'SGD only: Nesterov momentum'))
+    weight_decay: float = Field(ge=0, le=10, description=(
+        'decoupled for AdamW, L2 for SGD'))
+    no_weight_decay_on_norm_and_bias: bool = Field(description=(
+        'true: norm weights and biases (every 1-d param) get no weight decay'))
+    lr_schedule: Literal["step", "cosine", "exponential", "constant"] = Field(description=(
+        'step, cosine, exponential or constant, after warmup_epochs. `step`: × `lr_gamma` every `lr_step_epochs`; '
+        '`exponential`: × `lr_gamma` every epoch; `cosine`: to ~0 at the last epoch'))
+    lr_step_epochs: int = Field(ge=1, le=10000, description=(
+        'step: lr x lr_gamma every lr_step_epochs epochs'))
+    lr_gamma: float = Field(gt=0, le=1, description=(
+        'step: the factor of each step; exponential: lr x lr_gamma every epoch'))
+    warmup_epochs: int = Field(ge=0, le=10000, description=(
+        'linear warmup epochs. Epoch k (0-based) of W runs at (k+1)/(W+1) of the lr'))
+    lr_schedule_unit: Literal["epoch", "step"] = Field(description=(
+        'epoch or step: the lr (warmup and schedule) changes once per epoch or after every step. The same curves; '
+        '`step` makes them smooth (warmup step s of S runs at (s+1)/(S+1) of the lr)'))
+    layer_decay: float = Field(gt=0, le=1, description=(
+        'layer-wise lr decay: each block below the top gets this x the lr above; 1: off. The head and the layers '
+        "after the trunk get `lr` (blocks: timm's own grouping; torchvision ResNets: `layer1`–`layer4`; others: the "
+        "children of `features` or a ViT's encoder layers). Logged `lr` is the top layer's"))
+    accumulate_steps: int = Field(ge=1, le=1024, description=(
+        'batch_size images per optimizer step, in this many forward/backward passes. `batch_size` stays the images '
+        'per optimizer step (the batch the lr rule refers to), run in passes of `batch_size`/(`devices` × '
+        '`accumulate_steps`) images each, to fit memory. Identical to one big batch for models without BatchNorm '
+        '(BatchNorm sees the smaller batches)'))
+    grad_clip_norm: float = Field(ge=0, le=1e6, description=(
+        "clip the gradients' global L2 norm to this before each step; 0: off. With fp16, after unscaling"))
+    ema_decay: float = Field(ge=0, lt=1, description=(
+        'an EMA of the weights is validated and saved instead of them (0.9998 is usual); 0: off. The exponential '
+        'moving average of the weights (and BatchNorm statistics) is updated after every optimizer step, and resumed '
+        'with the run. ~0.9998 suits runs of tens of thousands of steps'))
+    label_smoothing: float = Field(ge=0, lt=1, description=(
+        'label smoothing of the training loss. Validation loss is plain cross-entropy; applies to mixed targets too'))
+    mixup_alpha: float = Field(ge=0, le=100, description=(
+        "MixUp of each batch with Beta(alpha, alpha) weights (0.2 is usual); 0: off. torchvision's MixUp. Train "
+        'accuracy of a mixed image counts the share of its target held by the predicted class'))
+    cutmix_alpha: float = Field(ge=0, le=100, description=(
+        "CutMix (1.0 is usual); with mixup_alpha, one of the two per batch; 0: off. torchvision's CutMix"))
+    head_init: Literal["random", "probe"] = Field(description=(
+        "random, or probe: the new head starts as the fitted linear probe (LP-FT). `random` is PyTorch's init. With "
+        '`probe` the backbone starts under a head that already classifies, so its first updates do not distort the '
+        'pretrained features (LP-FT: Kumar et al., ICLR 2022, "Fine-Tuning can Distort Pretrained Features and '
+        'Underperform Out-of-Distribution"). `probe` needs pretrained weights and `model.head: linear`'))
+    freeze_epochs: int = Field(ge=0, le=10000, description=(
+        'the first epochs train only the new head (the backbone frozen, its BatchNorm statistics too). Frozen params '
+        'get no gradient (so no update, no weight decay, no momentum) and frozen BatchNorm layers stay in eval mode '
+        '(their ImageNet statistics are kept)'))
+    unfreeze_from: str | None = Field(description=(
+        'then train only from this module on (layer4, Mixed_7a...); null: every layer. After `freeze_epochs` (from '
+        'the start if 0), the modules from this one on, in definition order, train. An unknown name is refused with '
+        "the model's module list"))
+    crop: Literal["random_resized", "resize_then_crop"] = Field(description=(
+        'random_resized (RandomResizedCrop) or resize_then_crop (square resize, random crop). `random_resized`: '
+        'RandomResizedCrop(`resolution`, scale=`crop_scale`); `resize_then_crop`: resize to a square of '
+        '`resolution`/0.875 (512 for 448), then a random `resolution` crop with `crop_padding`. Eval follows: shorter'
+        ' side (or square) to `resolution`/0.875, centre crop'))
+    crop_scale: list[float] = Field(description=(
+        "random_resized only: the crop's area range [min, max]"))
+    crop_padding: int = Field(ge=0, le=MAX_RESOLUTION, description=(
+        'resize_then_crop only: zero padding around the random crop'))
+    hflip: bool = Field(description=(
+        'random horizontal flip (false for text, digits, anything whose left and right differ)'))
+    augment: Literal["none", "randaugment", "autoaugment", "trivial_augment", "color_jitter"] = Field(description=(
+        'none, randaugment, autoaugment, trivial_augment or color_jitter, after crop and flip. `randaugment`: 2 ops '
+        'at magnitude 9; `autoaugment`: the ImageNet policy; `trivial_augment`: TrivialAugmentWide; `color_jitter`: '
+        'brightness, contrast and saturation 0.4'))
+    random_erasing: float = Field(ge=0, le=1, description=(
+        'probability of erasing a random box of each image (0.25 is usual); 0: off. The box is filled with the mean '
+        "pixel (0 after normalization), as torchvision's recipes do"))
+    seed: int = Field(ge=0, le=MAX_SEED, description=(
+        "seeds torch, numpy, random, the loader's shuffle and every image's augmentation"))
+    device: Literal["auto", "cuda", "cpu"] = Field(description=(
+        'auto, cuda or cpu; auto: CUDA when usable, else a run projected over 2 h stops. With `auto` and no usable '
+        "GPU, `train` prints why (torch's reason, the CUDA version of the installed torch, the NVIDIA driver's "
+        'version when one is loaded), trains on the CPU, prints the projected run time after the first steps, and '
+        '**stops when that projection is over 2 hours** (so a broken driver never turns `make repro` into days of CPU'
+        ' training). `cuda`: refused by `check` without a usable GPU. `cpu`: train on the CPU whatever the length'))
+    amp: Literal["auto", "bf16", "fp16", "none"] = Field(description=(
+        'auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or none; explicit values apply on the CPU too. `auto` uses '
+        'fp16 with a loss scaler where bf16 is missing; `fp16` always has a loss scaler'))
+    channels_last: Literal["auto"] | bool = Field(description=(
+        "auto (on, on every device), true or false. NHWC convolutions: on this project's 2-core CPU, EfficientNet-"
+        'Lite0 trained 1.5× and ResNet-50 1.24× faster (BENCHMARKS.md); `false`: NCHW'))
+    compile: Literal["auto"] | bool = Field(description=(
+        'torch.compile (inductor): auto (on CUDA only), true or false. `true` compiles on the CPU too (needs a C++ '
+        'compiler, which `check` looks for). Freezing and unfreezing recompile once'))
+    num_threads: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_WORKERS)] = Field(description=(
+        'PyTorch CPU threads per training process: auto, or a number. `auto`: the cores left once each loader worker '
+        'has one (at least 1), printed at start-up (measured: BENCHMARKS.md). A resume is bit-exact only with the '
+        'same thread count (it changes the order of float sums)'))
+    num_workers: int = Field(ge=-1, le=MAX_WORKERS, description=(
+        'data-loading processes per training process; -1: chosen from the CPUs present. `-1`: one per core minus one '
+        'per training process, shared between them, at most 16. Does not change the result (with `train.num_threads` '
+        'fixed: `auto` threads follow the workers), so a resumed run may use another value'))
+    eval_every: int = Field(ge=0, le=10000, description=(
+        'validation every N epochs (with a validation split); 0: after the last epoch only'))
+    state_dir: str = Field(min_length=1, description=(
+        "where an unfinished run's resume state lives; a shared path resumes on another machine. The state "
+        '(`train_state-<fingerprint>.pt`, one per params and data) is written after every epoch and deleted when that'
+        ' run finishes. A mounted bucket or NFS path lets a replacement machine (a new spot instance, another clone '
+        'of the project) resume the run: same params and data, same weights as an uninterrupted run. Runs of other '
+        'params may share it (each touches only its own file); changing it does not restart a run'))
+    devices: int = Field(ge=1, le=1024, description=(
+        'training processes, one per GPU (DDP under torchrun); batch_size and lr stay global. `train` starts '
+        '`torchrun` itself: see "More than one GPU" in docs/operations.md'))
+    sync_batchnorm: bool = Field(description=(
+        "devices > 1 on GPUs: BatchNorm statistics over the global batch, not each GPU's share"))
 
     @field_validator("crop_scale")
     @classmethod
@@ -222,236 +339,73 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    tta: bool
-    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=65536)]  # auto: 256 on CUDA, 32 on the CPU
-    amp: Literal["auto", "bf16", "fp16", "none"]  # auto: bf16 on CUDA, fp32 on the CPU
-    num_workers: int = Field(ge=-1, le=MAX_WORKERS)  # -1: chosen from the CPUs present
+    tta: bool = Field(description=(
+        'also report 3 scales x 2 flips test-time augmentation (under tta.* in metrics/eval.json)'))
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=65536)] = Field(description=(
+        'images per inference batch; auto: 256 on CUDA, 32 on the CPU. No effect on the results; on the CPU larger '
+        'batches were slower (EfficientNet-Lite0 at 256 ran at 0.45× of 32)'))
+    amp: Literal["auto", "bf16", "fp16", "none"] = Field(description=(
+        'auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or none (fp32)'))
+    num_workers: int = Field(ge=-1, le=MAX_WORKERS, description=(
+        'data-loading processes; -1: chosen from the CPUs present. One per core minus one, at most 16'))
 
 
 class GradcamParams(Section):
-    num_samples: int = Field(ge=1, le=256)
-    num_misclassified: int = Field(ge=0, le=256)
-    target_layer: str
-    seed: int = Field(ge=0, le=MAX_SEED)
+    num_samples: int = Field(ge=1, le=256, description=(
+        'random test images in plots/gradcam/samples.png (rows of 3)'))
+    num_misclassified: int = Field(ge=0, le=256, description=(
+        'misclassified images in plots/gradcam/worst.png, one from each of the worst classes'))
+    target_layer: str = Field(description=(
+        "auto: the last spatial block of the model's family; or a module path (layer3[-1]). `auto`: `layer4[-1]` "
+        '(ResNet, ResNeXt, Wide ResNet), `Mixed_7c` (Inception v3), `inception5b` (GoogLeNet), `trunk_output` '
+        "(RegNet), `conv5` (ShuffleNet), `layers[-1]` (MNASNet), the last encoder block's `ln_1` (ViT) or last stage "
+        '(Swin) with their tokens reshaped to a map, `features[-1]` (VGG, DenseNet, MobileNet, EfficientNet, '
+        'ConvNeXt), else the last conv'))
+    seed: int = Field(ge=0, le=MAX_SEED, description=(
+        'which test images are drawn'))
 
 
 class ExportParams(Section):
     # onnx: served by onnxruntime, TensorRT, OpenVINO... without PyTorch. torchscript: for LibTorch (C++);
     # PyTorch 2.14 deprecates TorchScript, so it is kept only for those who already serve it.
-    format: Literal["onnx", "torchscript"]
+    format: Literal["onnx", "torchscript"] = Field(description=(
+        'onnx (onnxruntime, TensorRT, OpenVINO...) or torchscript (LibTorch; deprecated in PyTorch 2.14). `onnx` '
+        'writes `models/export/model.onnx`, served without PyTorch; `torchscript` writes '
+        '`models/export/model.torchscript.pt` for LibTorch (C++), kept for those who already serve it'))
+
+
+class ProbeParams(Section):
+    regularization: Literal["auto"] | Annotated[float, Field(gt=0, le=1e6)] = Field(description=(
+        "the probe's C (inverse L2 strength): auto, or a number. `auto` chooses it from 0.01, 0.03, 0.1, 0.3, 1 and 3"
+        ' by accuracy on the validation split, or without one on a stratified 20% of train, then refits on all of '
+        "train; a number fixes it (scikit-learn's `LogisticRegression(C=...)`)"))
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=65536)] = Field(description=(
+        'images per forward pass of its feature extraction; auto: 256 on CUDA, 32 on the CPU. No effect on the result'))
+    num_workers: int = Field(ge=-1, le=MAX_WORKERS, description=(
+        'loader processes of its feature extraction; -1: chosen from the CPUs present. One per core minus one, at '
+        'most 16'))
 
 
 class Params(Section):
     data: DataParams
     prepare: PrepareParams
     model: ModelParams
+    probe: ProbeParams
     train: TrainParams
+
+    @model_validator(mode="after")
+    def probe_head_possible(self) -> Params:
+        if self.train.head_init == "probe":
+            if self.model.weights == "none":
+                raise ValueError("train.head_init: probe needs pretrained weights (model.weights: none has no "
+                                 "features to probe): set train.head_init: random")
+            if self.model.head != "linear":
+                raise ValueError("train.head_init: probe needs model.head: linear (the probe is one linear layer): "
+                                 "set train.head_init: random")
+        return self
     evaluate: EvaluateParams
     gradcam: GradcamParams
     export: ExportParams
-
-
-LABEL_COLUMNS = "column names in the source; the label should be a ClassLabel (its names become the class names)"
-# One line of docs/params.md per param (params sharing a text share a row): `python -m finetune.params --table`
-# writes the table, and tests/test_params.py keeps docs/params.md equal to it.
-DESCRIPTIONS = {
-    'data.preset': (
-        '`stanford_cars`, `caltech101`, `flowers102` or `none`: fills in `data.source`, '
-        '`data.val_fraction` and `data.test_fraction` where they are `null` (see [Datasets](recipes.md#datasets))'
-    ),
-    'data.source': (
-        "`null`: the preset's. A hub dataset id, or a local folder: `split/class name/image` (splits "
-        '`train`, optional `test` and `validation`/`val`), or a folder written by '
-        '`DatasetDict.save_to_disk`'
-    ),
-    'data.revision': 'hub revision (commit, tag, branch) to pin; `null`: default branch',
-    'data.image_column': LABEL_COLUMNS,
-    'data.label_column': LABEL_COLUMNS,
-    'data.val_fraction': (
-        "`null`: the preset's. The share of each train class carved out as a validation split (then it "
-        'picks the kept epoch)'
-    ),
-    'data.test_fraction': (
-        "`null`: the preset's. The share of each train class carved out as the test split, for sources "
-        'without one'
-    ),
-    'data.split_seed': 'seed of those splits',
-    'prepare.max_short_side': 'stored images have their shorter side at most this (enough for 448-px crops)',
-    'prepare.jpeg_quality': 'quality of re-encoded images',
-    'prepare.num_workers': (
-        'decode processes; `0`: one per CPU core (each holds a few images at a time: lower it only if a '
-        'process is killed for memory)'
-    ),
-    'model.arch': (
-        'any torchvision classification model (`torchvision.models.list_models`) with a linear head, or a '
-        'timm model as `timm/<name>[.<pretrained tag>]`, its Hugging Face hub id (e.g. '
-        '`timm/convnext_tiny.fb_in22k`): see [timm backbones](recipes.md#timm-backbones). A timm model '
-        'brings its own preprocessing (mean/std, interpolation, eval crop fraction), saved with the model'
-    ),
-    'model.weights': (
-        'torchvision weights name of that arch (or `DEFAULT`); for a timm model `pretrained` (the hub '
-        'weights of its name; `DEFAULT` means the same); `none` for random init; or a path to a state dict '
-        '(an ImageNet one, a `torch.compile`d one, or a `models/model.pt` of this pipeline)'
-    ),
-    'model.head': (
-        'the new classifier: `linear`, or `mlp` = Linear(features, `head_hidden`) + ReLU + '
-        'Dropout(`head_dropout`) + Linear. Auxiliary heads (Inception, GoogLeNet) are replaced by linear '
-        'ones'
-    ),
-    'model.head_hidden': '`mlp` only',
-    'model.head_dropout': '`mlp` only',
-    'model.drop_path': (
-        "timm models only: stochastic depth rate (timm's `drop_path_rate`), 0.1–0.2 is usual for "
-        'ConvNeXt/ViT fine-tuning'
-    ),
-    'train.resolution': (
-        'training crop size and eval crop size. inception_v3 wants 299 (its auxiliary head is switched '
-        'off below 299, with a message); sizes a model cannot take are refused before training'
-    ),
-    'train.batch_size': 'images per step',
-    'train.epochs': 'passes over the train split',
-    'train.optimizer': '`sgd` or `adamw` (default betas)',
-    'train.lr': (
-        "the backbone's learning rate (every layer's with `head_lr_multiplier: 1`); scale it with the "
-        'batch size (0.1 per 128 for SGD)'
-    ),
-    'train.head_lr_multiplier': 'the new head\'s lr = `lr` × this (the seeds\' "differential lr"); logged as `lr_head`',
-    'train.momentum': 'SGD only',
-    'train.nesterov': 'SGD only',
-    'train.weight_decay': 'decoupled for AdamW, L2 for SGD',
-    'train.no_weight_decay_on_norm_and_bias': '`true`: norm weights and biases (every 1-d param) get no weight decay',
-    'train.lr_schedule': (
-        'per epoch, after warmup: `step` (× `lr_gamma` every `lr_step_epochs`), `exponential` (× '
-        '`lr_gamma` every epoch), `cosine` (to ~0 at the last epoch), `constant`'
-    ),
-    'train.lr_step_epochs': 'see `lr_schedule`',
-    'train.lr_gamma': 'see `lr_schedule`',
-    'train.warmup_epochs': 'linear warmup: epoch k (0-based) of W runs at (k+1)/(W+1) of the lr',
-    'train.lr_schedule_unit': (
-        '`epoch`: warmup and schedule change the lr once per epoch; `step`: after every optimizer step '
-        '(the same curves, smooth: warmup step s of S runs at (s+1)/(S+1) of the lr)'
-    ),
-    'train.layer_decay': (
-        'layer-wise lr decay: the head and the layers after the trunk get `lr`, each block below gets '
-        '`layer_decay` × the lr of the one above (blocks: timm\'s own grouping; torchvision ResNets: '
-        '`layer1`–`layer4`; others: the children of `features` or a ViT\'s encoder layers). `1`: off. '
-        'Logged `lr` is the top layer\'s'
-    ),
-    'train.accumulate_steps': (
-        '`batch_size` stays the images per optimizer step (the batch the lr rule refers to), run in this '
-        'many forward/backward passes of `batch_size`/(`devices` × `accumulate_steps`) images each, to fit '
-        'memory. Identical to one big batch for models without BatchNorm (BatchNorm sees the smaller '
-        'batches)'
-    ),
-    'train.grad_clip_norm': "clip the gradients' global L2 norm before each step (fp16: after unscaling); `0`: off",
-    'train.ema_decay': (
-        'exponential moving average of the weights (and BatchNorm statistics), updated after every '
-        'optimizer step: the EMA is what is validated, picked and saved (resumable). ~0.9998 for runs of '
-        'tens of thousands of steps; `0`: off'
-    ),
-    'train.label_smoothing': (
-        'of the training loss (validation loss is plain cross-entropy); applies to mixed targets too'
-    ),
-    'train.mixup_alpha': (
-        "torchvision's MixUp of the batch with Beta(alpha, alpha) weights (0.2 or 0.8 are usual); `0`: "
-        'off. Train accuracy of a mixed image counts the share of its target held by the predicted class'
-    ),
-    'train.cutmix_alpha': "torchvision's CutMix (1.0 is usual); with `mixup_alpha` one of the two per batch; `0`: off",
-    'train.freeze_epochs': (
-        'the first N epochs train only the new head(s). Frozen params get no gradient (so no update, no '
-        'weight decay, no momentum) and frozen BatchNorm layers stay in eval mode (their ImageNet '
-        'statistics are kept)'
-    ),
-    'train.unfreeze_from': (
-        'after `freeze_epochs` (from the start if 0), train only the modules from this one on, in '
-        'definition order, e.g. `layer4` (ResNet) or `Mixed_7a` (Inception); `null`: every layer. An '
-        "unknown name is refused with the model's module list"
-    ),
-    'train.crop': (
-        '`random_resized`: RandomResizedCrop(`resolution`, scale=`crop_scale`); `resize_then_crop`: '
-        'resize to a square of `resolution`/0.875 (512 for 448), then a random `resolution` crop with '
-        '`crop_padding`. Eval follows: shorter side (or square) to `resolution`/0.875, centre crop'
-    ),
-    'train.crop_scale': "`random_resized` only: the crop's area range",
-    'train.crop_padding': '`resize_then_crop` only',
-    'train.hflip': 'random horizontal flip; `false` for text, digits, or anything whose left and right differ',
-    'train.augment': (
-        'after crop and flip: `none`, `randaugment` (2 ops, magnitude 9), `autoaugment` (ImageNet policy), '
-        '`trivial_augment` (TrivialAugmentWide) or `color_jitter` (brightness, contrast, saturation 0.4)'
-    ),
-    'train.random_erasing': (
-        'probability of erasing a random box of each training image (filled with the mean pixel, i.e. 0 '
-        'after normalization, as torchvision\'s recipes); `0`: off'
-    ),
-    'train.seed': 'seeds torch, numpy, random and the loader shuffle',
-    'train.device': (
-        "`auto`: CUDA when torch can use a GPU; otherwise `train` prints why (torch's reason, the CUDA "
-        "version of the installed torch, the NVIDIA driver's version when one is loaded), trains on the "
-        'CPU, prints the projected run time after the first steps, and **stops when that projection is '
-        'over 2 hours** (so a broken driver never turns `make repro` into days of CPU training). `cuda`: '
-        'refused by `check` without a usable GPU. `cpu`: train on the CPU whatever the length'
-    ),
-    'train.amp': (
-        '`auto`: bf16 autocast on CUDA (fp16 with a loss scaler where bf16 is missing), fp32 on the CPU; '
-        '`bf16`, `fp16` (with a loss scaler) or `none` apply on any device, the CPU included'
-    ),
-    'train.channels_last': '`auto`: on, on any device (NHWC convolutions: on this project\'s 2-core CPU, '
-        'EfficientNet-Lite0 trained 1.5× and ResNet-50 1.24× faster, BENCHMARKS.md); `false`: NCHW',
-    'train.compile': (
-        '`torch.compile` (inductor) of the training and validation model: `auto` on CUDA only; `true` '
-        'compiles on the CPU too (needs a C++ compiler, which `check` looks for). Freezing and unfreezing'
-        ' recompile once'
-    ),
-    'train.num_threads': (
-        "PyTorch's CPU threads per training process; `auto`: the cores left once each loader worker has "
-        'one (at least 1), printed at start-up. Measured: see BENCHMARKS.md. A resume is bit-exact only '
-        'with the same thread count (it changes the order of float sums)'
-    ),
-    'train.num_workers': (
-        'loader processes (per training process); `-1`: one per core minus one per training process, '
-        'shared between them, at most 16. Does not change the result (with `train.num_threads` fixed: '
-        '`auto` threads follow the workers), so a resumed run may use another value'
-    ),
-    'train.eval_every': (
-        'validation loss/accuracy every N epochs (when there is a validation split); `0`: after the last '
-        'epoch only'
-    ),
-    'train.state_dir': (
-        "where an unfinished run's resume state (`train_state-<fingerprint>.pt`, one per params and data, written "
-        'after every epoch, deleted when that run finishes) lives. A mounted bucket or NFS path lets a replacement '
-        'machine (a new spot instance, another clone of the project) resume the run: same params and data, same '
-        'weights as an uninterrupted run. Runs of other params may share it (each touches only its own file); '
-        'changing it does not restart a run'
-    ),
-    'train.devices': (
-        'training processes on this machine, one per GPU (PyTorch DDP under `torchrun`, which `train` '
-        'starts itself); `batch_size` and `lr` stay global: see "More than one GPU"'
-    ),
-    'train.sync_batchnorm': (
-        "with `devices` > 1 on GPUs: BatchNorm statistics over the global batch instead of each GPU's "
-        'share'
-    ),
-    'evaluate.tta': 'also report 3 scales × 2 flips test-time augmentation under `tta.*`',
-    'evaluate.batch_size': 'images per inference batch (no effect on the results); `auto`: 256 on CUDA, 32 on the '
-        'CPU (where larger batches were slower: EfficientNet-Lite0 at 256 ran at 0.45× of 32)',
-    'evaluate.amp': 'precision of evaluation: `auto` (bf16 on CUDA, fp32 on the CPU), `bf16`, `fp16` or `none` (fp32)',
-    'evaluate.num_workers': 'loader processes; `-1`: one per core minus one, at most 16',
-    'gradcam.num_samples': 'random test images in `samples.png`',
-    'gradcam.num_misclassified': 'misclassified images in `worst.png`, one from each of the worst classes',
-    'gradcam.target_layer': (
-        '`auto`: per family: `layer4[-1]` (ResNet, ResNeXt, Wide ResNet), `Mixed_7c` (Inception v3), '
-        '`inception5b` (GoogLeNet), `trunk_output` (RegNet), `conv5` (ShuffleNet), `layers[-1]` '
-        "(MNASNet), the last encoder block's `ln_1` (ViT) or last stage (Swin) with their tokens reshaped"
-        ' to a map, `features[-1]` (VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt), else the last '
-        'conv; or a module path such as `layer3[-1]`'
-    ),
-    'gradcam.seed': 'which images are drawn',
-    'export.format': (
-        '`onnx`: `models/export/model.onnx`, run by onnxruntime, TensorRT, OpenVINO… without PyTorch; '
-        '`torchscript`: `models/export/model.torchscript.pt` for LibTorch (C++). PyTorch 2.14 deprecates '
-        'TorchScript; it stays for those who already serve it'
-    ),
-}
 
 
 def yaml_value(value) -> str:
@@ -466,7 +420,7 @@ def params_table(defaults: dict) -> str:
     for section, field in Params.model_fields.items():
         for name in field.annotation.model_fields:
             key = f"{section}.{name}"
-            default, text = f"`{yaml_value(defaults[section][name])}`", DESCRIPTIONS[key]
+            default, text = f"`{yaml_value(defaults[section][name])}`", field.annotation.model_fields[name].description
             if rows and rows[-1][2] == text:  # params that share a text share a row
                 rows[-1][0].append(f"`{key}`")
                 rows[-1][1].append(default)
@@ -555,8 +509,36 @@ def did_you_mean(loc: tuple, raw: dict) -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
-if __name__ == "__main__":  # `python -m finetune.params` checks params.yaml against the schema; --table: docs table
-    import sys
+def summary(description: str) -> str:
+    """A field description's first sentence, plain text: the param's comment in params.yaml."""
+    first = description.split(". ", 1)[0]
+    return re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", first).replace("`", "")
+
+
+def field_description(key: str) -> str:
+    section, name = key.split(".")
+    return Params.model_fields[section].annotation.model_fields[name].description
+
+
+COMMENT_COLUMN = 35  # where params.yaml's comments start, past the longest `  key: value`
+
+
+def commented_params_yaml(text: str) -> str:
+    """params.yaml with every param's trailing comment replaced by its field's summary (lines that are not a
+    param, the file's own comments, stay as they are)."""
+    lines, section = [], None
+    for line in text.splitlines():
+        if match := re.match(r"^(\w+):\s*(#.*)?$", line):
+            section = match.group(1)
+        elif section and (match := re.match(r"^(  (\w+):[^#]*?)\s*(#.*)?$", line)):
+            setting, name = match.group(1), match.group(2)
+            line = f"{setting.ljust(COMMENT_COLUMN - 1)} # {summary(field_description(f'{section}.{name}'))}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # `python -m finetune.params` checks params.yaml against the schema; --table: the docs
+    import sys  # table; --comments: rewrites params.yaml's comments from the fields
 
     from finetune.errors import run_stage
 
@@ -564,6 +546,9 @@ if __name__ == "__main__":  # `python -m finetune.params` checks params.yaml aga
         load_params()
         if "--table" in sys.argv:
             print(params_table(yaml.load(PARAMS_FILE.read_text(), Loader=ParamsLoader)))
+        elif "--comments" in sys.argv:
+            PARAMS_FILE.write_text(commented_params_yaml(PARAMS_FILE.read_text()))
+            print(f"{PARAMS_FILE}: comments rewritten from finetune/params.py")
         else:
             print("params.yaml is valid")
 

@@ -4,12 +4,14 @@ fetch     -> RAW_DIR
 prepare   RAW_DIR -> PREPARED_DIR, DATA_METRICS, DROPPED_LIST
 check     params.yaml -> PARAMS_CHECK (every other stage depends on it: bad params stop the run before DVC
           deletes any stage's outputs)
-train     PREPARED_DIR -> MODEL_PATH, LIVE_DIR (and STATE_DIR/train_state-<fingerprint>.pt while a run is unfinished:
-          finetune/resume.py names it)
+probe     PREPARED_DIR -> PROBE_HEAD, PROBE_METRICS, PROBE_REPORT, PROBE_PREDICTIONS
+train     PREPARED_DIR, PROBE_HEAD -> MODEL_PATH, LIVE_DIR (and STATE_DIR/train_state-<fingerprint>.pt while a run
+          is unfinished: finetune/resume.py names it)
 evaluate  MODEL_PATH, PREPARED_DIR -> EVAL_METRICS, EVAL_REPORT, PER_CLASS_CSV, CONFUSED_CSV, PREDICTIONS_CSV,
           CONFUSION_JSON
 gradcam   MODEL_PATH, PREPARED_DIR, PER_CLASS_CSV, PREDICTIONS_CSV -> GRADCAM_DIR
-report    LIVE_DIR, DATA_METRICS, EVAL_METRICS, EVAL_REPORT, PER_CLASS_CSV, CONFUSION_JSON, GRADCAM_DIR -> REPORT_DIR
+report    LIVE_DIR, DATA_METRICS, PROBE_METRICS, PROBE_REPORT, PROBE_PREDICTIONS, EVAL_METRICS, EVAL_REPORT,
+          PER_CLASS_CSV, PREDICTIONS_CSV, CONFUSION_JSON, GRADCAM_DIR -> REPORT_DIR
 export    MODEL_PATH, PREPARED_DIR -> EXPORT_DIR, EXPORT_METRICS
 """
 
@@ -25,6 +27,11 @@ DATA_METRICS = Path("metrics/data.json")
 DROPPED_LIST = Path("metrics/dropped_images.csv")
 
 PARAMS_CHECK = Path("metrics/params_check.txt")
+
+PROBE_HEAD = Path("models/probe.pt")  # the fitted probe as a linear head over the pooled features (or why none)
+PROBE_METRICS = Path("metrics/probe.json")  # its test top-1 and mean per-class accuracy, beside eval.json's
+PROBE_REPORT = Path("metrics/probe_report.json")  # image counts, the C chosen and its held-out scores, timings
+PROBE_PREDICTIONS = Path("plots/probe_predictions.csv")  # per test image, as plots/predictions.csv
 
 MODEL_PATH = Path("models/model.pt")
 LIVE_DIR = Path("metrics/train")  # DVCLive: metrics.json (summary) and plots/metrics/**.tsv (per epoch)

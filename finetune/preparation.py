@@ -32,6 +32,7 @@ from finetune.images import (
 from finetune.params import PrepareParams
 from finetune.paths import LEFT_OUT_FILES
 from finetune.pool import ordered_results
+from finetune.splits import stratified_assignment
 
 CHUNK = 32  # images per task sent to a decode process
 WRITER_BATCH = 64  # images per Arrow record batch written
@@ -184,22 +185,6 @@ def write_split(name: str, raw_dir: Path, params: PrepareParams, workers: int, w
     dataset = datasets.Dataset(MemoryMappedTable.from_file(str(path)), info=datasets.DatasetInfo(features=features),
                                fingerprint=fingerprint)
     return WrittenSplit(dataset, fingerprint, labels, ids, hashes, report)
-
-
-def stratified_assignment(labels: list[int], fractions: dict[str, float], seed: int) -> np.ndarray:
-    """The split name of each row: per class, round(n * fraction) rows (at least one) go to each split of
-    `fractions`, chosen by `seed`; the rest, at least one, stay in train."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    assignment = np.full(len(labels), "train", dtype=object)
-    for label in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == label))
-        start = 0
-        for split, fraction in fractions.items():
-            count = min(max(1, round(len(rows) * fraction)), len(rows) - start - 1)
-            assignment[rows[start:start + count]] = split
-            start += max(count, 0)
-    return assignment
 
 
 PARAM_OF_SPLIT = {"test": "data.test_fraction", "validation": "data.val_fraction"}

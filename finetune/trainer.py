@@ -23,6 +23,7 @@ from finetune.data import ImageSplit, SeededEpochSampler, make_loader
 from finetune.errors import StageError
 from finetune.model import AUX_LOSS_WEIGHT, RecipeError, build_model, fit_to_resolution, model_preprocessing
 from finetune.params import Params, TrainParams
+from finetune.probe import ProbeHead, initialize_head
 from finetune.recipe import Freezer, build_ema, build_mixer, build_optimizer, build_scheduler
 from finetune.runtime import (
     CPU_RUN_LIMIT_HOURS,
@@ -89,8 +90,9 @@ def optimizer_steps_per_epoch(train_images: int, p: TrainParams, world_size: int
 
 class Trainer:
     def __init__(self, params: Params, num_classes: int, device: torch.device, processes: Processes | None = None,
-                 train_images: int | None = None):
-        """train_images: the train split's size, which a per-step lr schedule needs (None: one step per epoch)."""
+                 train_images: int | None = None, head: ProbeHead | None = None):
+        """train_images: the train split's size, which a per-step lr schedule needs (None: one step per epoch).
+        head: the linear probe the new head starts from (train.head_init: probe), else PyTorch's init."""
         processes = processes or Processes()
         p = params.train
         self.p = p
@@ -106,6 +108,8 @@ class Trainer:
                   f"without it (299 px keeps it)")
         self.model = build_model(m.arch, num_classes, m.weights, m.head, m.head_hidden, m.head_dropout,
                                  m.drop_path, **self.constructor)
+        if head is not None:
+            initialize_head(self.model, head)
         self.preprocessing = model_preprocessing(self.model, p.resolution, p.crop)
         if p.sync_batchnorm and processes.distributed:
             if not self.on_cuda:

@@ -18,9 +18,11 @@ from dvclive import Live
 from finetune.checkpoint import Checkpoint, save_checkpoint
 from finetune.data import class_names, open_split, resolve_workers, split_names, stop_workers
 from finetune.errors import StageError
+from finetune.files import file_digest
 from finetune.model import constructor_kwargs
 from finetune.params import Params, TrainParams
-from finetune.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR
+from finetune.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR, PROBE_HEAD
+from finetune.probe import load_probe
 from finetune.resume import Progress, load_state, other_states, run_fingerprint, save_state, state_path
 from finetune.runtime import (
     Processes,
@@ -163,13 +165,15 @@ def train(params: Params, processes: Processes) -> None:
     train_split = open_split("train")
     names = class_names(train_split)
     validation_split = open_split("validation") if "validation" in split_names() else None
-    trainer = Trainer(params, len(names), device, processes, train_images=len(train_split))
+    head = load_probe(PROBE_HEAD, names) if p.head_init == "probe" else None
+    trainer = Trainer(params, len(names), device, processes, train_images=len(train_split), head=head)
     workers = resolve_workers(p.num_workers, processes.world_size)
     threads = resolve_threads(p.num_threads, workers, processes.world_size)
     torch.set_num_threads(threads)
     train_loader, validation_loader = make_loaders(p, trainer.preprocessing, train_split, validation_split, workers,
                                                    processes)
-    fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints())
+    starts_from = {"probe": file_digest(PROBE_HEAD)} if head is not None else {}
+    fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints() | starts_from)
     state = state_path(p.state_dir, fingerprint)
     progress = load_state(state, trainer, fingerprint)
     check_same_start(processes, progress, state)

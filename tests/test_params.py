@@ -123,16 +123,26 @@ def test_params_cli_exits_with_the_message(tmp_path, defaults):
 
 
 def test_the_params_doc_is_the_table_the_schema_generates(defaults):
-    """One source: the meanings live beside the schema (finetune/params.py), the defaults in params.yaml."""
-    from finetune.params import DESCRIPTIONS, params_table
+    """One source: each meaning is its field's description (finetune/params.py), each default in params.yaml."""
+    from finetune.params import Params, field_description, params_table
 
-    text = (REPO / "docs/params.md").read_text()
+    text = shipped_text("docs/params.md")
     table = params_table(defaults)
     assert table in text, "docs/params.md is stale: paste the output of `python -m finetune.params --table`"
-    for section, keys in defaults.items():
-        for key in keys:
-            assert f"`{section}.{key}`" in table and DESCRIPTIONS[f"{section}.{key}"]
-    assert set(DESCRIPTIONS) == {f"{s}.{k}" for s, keys in defaults.items() for k in keys}  # none left over
+    fields = {f"{s}.{name}" for s, f in Params.model_fields.items() for name in f.annotation.model_fields}
+    assert fields == {f"{s}.{k}" for s, keys in defaults.items() for k in keys}  # every param documented, none more
+    for key in fields:
+        assert f"`{key}`" in table and len(field_description(key)) > 10
+
+
+def test_params_yaml_comments_are_the_descriptions_first_sentences():
+    """params.yaml's comments are generated from the fields (`python -m finetune.params --comments`), never a
+    second text that drifts from the first."""
+    from finetune.params import commented_params_yaml
+
+    shipped = shipped_text("params.yaml")
+    assert commented_params_yaml(shipped) == shipped, "run `python -m finetune.params --comments`"
+    assert "# the backbone's learning rate (every layer's, with head_lr_multiplier 1)" in shipped
 
 
 def test_exponent_floats_written_by_dvc_load_as_numbers(tmp_path):

@@ -1,0 +1,163 @@
+"""The linear probe: a multinomial logistic regression on the frozen pretrained backbone's pooled features.
+
+It is the floor a fine-tune must beat (on data close to ImageNet's it is a strong one: 94.5% on Caltech-101 with
+EfficientNet-Lite0 at 160 px), and, fitted, the head a fine-tune can start from (`train.head_init: probe`: LP-FT,
+Kumar et al., ICLR 2022, "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution").
+
+Features are what the new head sees (the model with its head replaced by the identity, in eval mode), at the
+evaluation preprocessing of `train.resolution`: one forward pass over the train and test images. The regression is
+scikit-learn's (L-BFGS), on standardized features with its inverse regularization strength C chosen on a held-out
+slice (the validation split when there is one, else a stratified 20% of train), then refitted on all of train and
+folded back into a weight and bias over the raw features, so it loads into the model's own linear head.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.data import ImageSplit, make_loader
+from finetune.errors import StageError
+from finetune.files import TorchFileUnreadable, read_torch, save_torch
+from finetune.model import build_model, model_preprocessing
+from finetune.runtime import Precision, predict_logits
+from finetune.splits import stratified_assignment
+from finetune.transforms import Preprocessing, eval_transform
+
+FORMAT = "transfer-learning-probe/1"
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # inverse regularization strengths tried, weakest regularization last
+HELD_OUT_FRACTION = 0.2  # of each train class, to choose C when there is no validation split
+HELD_OUT_SEED = 0
+MAX_ITERATIONS = 1000  # L-BFGS iterations per fit; standardized features converge well before on real data
+
+
+@dataclass(frozen=True)
+class ProbeHead:
+    """A fitted probe as a linear layer over the raw pooled features: logits = features @ weight.T + bias."""
+
+    weight: torch.Tensor  # (classes, features)
+    bias: torch.Tensor  # (classes,)
+    class_names: list[str]
+    regularization: float  # the C chosen
+
+
+@dataclass
+class Fit:
+    head: ProbeHead
+    held_out: dict[float, float]  # C -> held-out accuracy
+    seconds: float
+    converged: bool
+
+
+def feature_extractor(arch: str, weights: str, resolution: int) -> tuple[nn.Module, Preprocessing]:
+    """The pretrained model with its new head replaced by the identity (its output: what the head sees), and the
+    evaluation preprocessing at `resolution` (shorter side to resolution / crop fraction, centre crop)."""
+    model = build_model(arch, 2, weights)  # any class count: the head is dropped
+    preprocessing = model_preprocessing(model, resolution, "random_resized")
+    model.set_submodule(model.head_paths[0], nn.Identity())
+    return model.eval(), preprocessing
+
+
+def pooled_features(model: nn.Module, split, preprocessing: Preprocessing, batch_size: int, workers: int,
+                    device: torch.device, precision: Precision, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, labels (N,)) of a prepared split, in its row order."""
+    loader = make_loader(ImageSplit(split, eval_transform(preprocessing)), batch_size, workers)
+    features, labels = predict_logits(model, loader, device, precision, True, preprocessing, desc=desc)
+    return features.numpy().astype(np.float32), labels.numpy()
+
+
+def held_out_rows(labels: np.ndarray) -> np.ndarray:
+    """A stratified, seeded 20% of train (at least one image of each class with two or more)."""
+    return stratified_assignment(labels.tolist(), {"held_out": HELD_OUT_FRACTION}, HELD_OUT_SEED) == "held_out"
+
+
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, held_x: np.ndarray, held_y: np.ndarray,
+              class_names: list[str], regularization: float | None = None) -> Fit:
+    """C chosen on (held_x, held_y) from C_GRID (or `regularization` as given), then refitted on all of train."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    start = time.perf_counter()
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    standardized = (train_x - mean) / std
+    classifier = LogisticRegression(max_iter=MAX_ITERATIONS, warm_start=True)
+    held_out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        if regularization is None:
+            for c in C_GRID:  # weakest regularization last; each fit starts from the last one's solution
+                classifier.set_params(C=c).fit(standardized, train_y)
+                held_out[c] = float(classifier.score((held_x - mean) / std, held_y))
+            regularization = max(held_out, key=lambda c: (held_out[c], -c))  # ties: the stronger regularization
+        before_final = len(caught)
+        classifier.set_params(C=regularization).fit(standardized, train_y)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught[before_final:])
+    weight, bias = expand_to_all_classes(classifier, len(class_names))
+    raw_weight = weight / std  # logits = ((x - mean) / std) @ W.T + b  =  x @ (W / std).T + (b - (W / std) @ mean)
+    raw_bias = bias - raw_weight @ mean
+    head = ProbeHead(torch.from_numpy(raw_weight.astype(np.float32)), torch.from_numpy(raw_bias.astype(np.float32)),
+                     list(class_names), float(regularization))
+    return Fit(head, held_out, time.perf_counter() - start, converged)
+
+
+def expand_to_all_classes(classifier, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's coefficients cover the classes present in train; a class without a train image gets a
+    zero weight and a bias far below the others, so the probe never predicts it (as no fine-tune learns it)."""
+    weight = np.zeros((num_classes, classifier.coef_.shape[1]))
+    bias = np.full(num_classes, classifier.intercept_.min() - 30.0)
+    if len(classifier.classes_) == 2 and classifier.coef_.shape[0] == 1:  # scikit-learn's binary form: one row
+        weight[classifier.classes_[1]], bias[classifier.classes_[1]] = classifier.coef_[0], classifier.intercept_[0]
+        weight[classifier.classes_[0]], bias[classifier.classes_[0]] = 0.0, 0.0
+        return weight, bias
+    weight[classifier.classes_] = classifier.coef_
+    bias[classifier.classes_] = classifier.intercept_
+    return weight, bias
+
+
+def probe_logits(head: ProbeHead, features: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(features) @ head.weight.T + head.bias
+
+
+def save_probe(path: Path, head: ProbeHead | None, record: dict) -> None:
+    """head None: no probe (record["reason"] says why); train refuses train.head_init: probe from it."""
+    payload = {"format": FORMAT, "record": record, "class_names": [], "weight": None, "bias": None}
+    if head is not None:
+        payload |= {"class_names": head.class_names, "weight": head.weight, "bias": head.bias,
+                    "regularization": head.regularization}
+    save_torch(path, payload)
+
+
+def load_probe(path: Path, class_names: list[str]) -> ProbeHead:
+    """The fitted head for `train.head_init: probe`, checked against the classes it will predict."""
+    try:
+        payload = read_torch(path)
+    except (FileNotFoundError, TorchFileUnreadable) as error:
+        raise StageError(f"{path} cannot be read ({error}): run `dvc repro probe`") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise StageError(f"{path} is not a probe of this pipeline: run `dvc repro probe`")
+    if payload["weight"] is None:
+        raise StageError(f"train.head_init: probe, but there is no linear probe ({payload['record'].get('reason')}): "
+                         f"set train.head_init: random")
+    if payload["class_names"] != class_names:
+        raise StageError(f"{path} was fitted for other classes ({len(payload['class_names'])}, the prepared data has "
+                         f"{len(class_names)}): run `dvc repro probe`")
+    return ProbeHead(payload["weight"], payload["bias"], class_names, float(payload["regularization"]))
+
+
+def initialize_head(model: nn.Module, head: ProbeHead) -> None:
+    """Loads the probe into the model's main linear head (model.head_paths[0])."""
+    layer = model.get_submodule(model.head_paths[0])
+    if not isinstance(layer, nn.Linear):
+        raise StageError("train.head_init: probe needs model.head: linear (a probe is one linear layer)")
+    if head.weight.shape != layer.weight.shape or head.bias.shape != layer.bias.shape:
+        raise StageError(f"the probe's head ({tuple(head.weight.shape)}) does not fit the model's "
+                         f"({tuple(layer.weight.shape)}): it was fitted for another model; run `dvc repro probe`")
+    with torch.no_grad():
+        layer.weight.copy_(head.weight.to(layer.weight.dtype))
+        layer.bias.copy_(head.bias.to(layer.bias.dtype))
