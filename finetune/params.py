@@ -207,7 +207,7 @@ class TrainParams(Section):
     head_lr_multiplier: float = Field(gt=0, le=1000, description=(
         'the new head\'s lr = lr x this (the seeds\' "differential lr"). Logged as `lr_head`'))
     momentum: float = Field(ge=0, lt=1, description=(
-        'SGD only'))
+        'SGD only: the momentum factor'))
     nesterov: bool = Field(description=(
         'SGD only: Nesterov momentum'))
     weight_decay: float = Field(ge=0, le=10, description=(
