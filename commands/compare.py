@@ -17,11 +17,11 @@ import subprocess
 import sys
 
 from finetune.errors import StageError, run_stage
-from finetune.paths import EVAL_METRICS
+from finetune.paths import EVAL_METRICS, PROBE_METRICS
 
 DEFAULT_WIDTH = 150
 METRICS = (("top1", "top1"), ("top5", "top5"), ("mean_class_accuracy", "mean/class"), ("tta.top1", "TTA top1"),
-           ("kept_epoch", "epoch"))
+           ("probe_top1", "probe top1"), ("kept_epoch", "epoch"))
 MAX_CELL = 26  # characters of one value; longer ones (paths) are cut in the middle
 SEPARATOR = "  "
 
@@ -43,11 +43,13 @@ def runs_of(shown: list[dict]) -> list[dict]:
 
     def add(name: str, record: dict) -> None:
         data = record.get("data") or {}
-        metrics = ((data.get("metrics") or {}).get(str(EVAL_METRICS)) or {}).get("data")
+        files = data.get("metrics") or {}
+        metrics = (files.get(str(EVAL_METRICS)) or {}).get("data")
+        probe = (files.get(str(PROBE_METRICS)) or {}).get("data") or {}
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if metrics and params:
             rows.append({"name": name, "created": data.get("timestamp") or "", "params": flatten(params),
-                         "metrics": flatten(metrics)})
+                         "metrics": flatten(metrics | probe)})
 
     for commit in shown:
         if commit.get("rev") == "workspace":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,14 @@ from matplotlib.ticker import MaxNLocator
 
 from finetune.markdown import markdown_table, markdown_text
 from finetune.params import Params
+from finetune.stats import (
+    Paired,
+    bootstrap_mean_class_interval,
+    images_for_significance,
+    paired,
+    points,
+    wilson_interval,
+)
 
 ZOOM_SIZE = 16  # classes in the zoomed block: counts and names stay legible
 DPI = 100
@@ -161,15 +170,94 @@ def save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI, format="png")
 
 
-def headline(params: Params, eval_metrics: dict, train_summary: dict, data: dict) -> list[dict]:
-    splits = data["splits"]
+@dataclass(frozen=True)
+class TestScores:
+    """The test split's per-image results, for intervals and paired comparisons."""
+
+    images: int
+    top1_correct: int
+    mean_class_interval: tuple[float, float]  # 95%, bootstrap
+    correct_by_id: dict[str, bool]
+
+    @classmethod
+    def from_predictions(cls, predictions: list[dict]) -> TestScores:
+        actual, predicted = [r["actual"] for r in predictions], [r["predicted"] for r in predictions]
+        correct = {r["id"]: r["actual"] == r["predicted"] for r in predictions}
+        return cls(len(predictions), sum(correct.values()), bootstrap_mean_class_interval(actual, predicted), correct)
+
+
+@dataclass(frozen=True)
+class ProbeComparison:
+    """The fine-tune against the linear probe of the same weights on the same test images (or why there is none)."""
+
+    reason: str = ""  # why there is no probe
+    top1: float = 0.0
+    mean_class_accuracy: float = 0.0
+    regularization: float = 0.0
+    pair: Paired | None = None  # first: the fine-tune, second: the probe
+
+    @classmethod
+    def of(cls, probe_report: dict, probe_metrics: dict, test: TestScores,
+           probe_predictions: list[dict]) -> ProbeComparison:
+        if not probe_report.get("probe"):
+            return cls(reason=probe_report.get("reason", "the probe stage wrote none"))
+        probe_correct = {r["id"]: r["actual"] == r["predicted"] for r in probe_predictions}
+        ids = [i for i in test.correct_by_id if i in probe_correct]
+        return cls(top1=probe_metrics["probe_top1"], mean_class_accuracy=probe_metrics["probe_mean_class_accuracy"],
+                   regularization=probe_report["regularization"],
+                   pair=paired([test.correct_by_id[i] for i in ids], [probe_correct[i] for i in ids]))
+
+
+def accuracy_with_interval(accuracy: float, correct: int, images: int) -> str:
+    low, high = wilson_interval(correct, images)
+    return f"{accuracy:.2%} (95% interval {low:.1%}-{high:.1%}; {images:,} test images)"
+
+
+def probe_verdict(probe: ProbeComparison, top1: float) -> str:
+    """One paragraph: did fine-tuning pay over the few-minute baseline, beyond the noise of the test split?"""
+    if probe.pair is None:
+        return f"**No linear-probe baseline:** {probe.reason}."
+    pair, gain = probe.pair, top1 - probe.top1
+    evidence = (f"{top1:.2%} against {probe.top1:.2%} on the same {pair.images:,} test images; the fine-tune alone "
+                f"was right on {pair.only_first_right}, the probe alone on {pair.only_second_right}: exact McNemar "
+                f"p = {pair.p_value:.2g}")
+    if pair.beyond_noise and gain > 0:
+        return (f"**Fine-tuning paid: {points(gain)} top-1 over a linear probe of the same frozen weights** "
+                f"({evidence}).")
+    if not pair.beyond_noise:
+        needed = images_for_significance(pair)
+        return (f"**Fine-tuning did not measurably beat a linear probe of the same frozen weights: {points(gain)} "
+                f"top-1, within the noise of this test split** ({evidence}"
+                + (f"; a difference like this one needs about {needed:,} test images to be told apart" if needed
+                   else "") + "). The probe (`models/probe.pt`) costs one forward pass over the data.")
+    return (f"**Fine-tuning lost to a linear probe of the same frozen weights: {points(gain)} top-1** ({evidence}). "
+            f"The pretrained features already separate these classes, and this recipe distorted them. Try starting "
+            f"from the probe with a gentler recipe (`train.head_init: probe`, see docs/recipes.md, \"When fine-tuning "
+            f"loses to the linear probe\"), or use the probe itself (`models/probe.pt`).")
+
+
+def headline(params: Params, results: RunResults) -> list[dict]:
+    eval_metrics, train_summary, data = results.eval_metrics, results.train_summary, results.data
+    test, probe, splits = results.test, results.probe, data["splits"]
+    low, high = test.mean_class_interval
     rows = [
-        {"what": "test top-1", "value": eval_metrics["top1"]},
+        {"what": "test top-1", "value": accuracy_with_interval(eval_metrics["top1"], test.top1_correct, test.images)},
         {"what": "test top-5", "value": eval_metrics["top5"]},
-        {"what": "test mean per-class accuracy", "value": eval_metrics["mean_class_accuracy"]},
+        {"what": "test mean per-class accuracy",
+         "value": f"{eval_metrics['mean_class_accuracy']:.2%} (95% interval {low:.1%}-{high:.1%}, bootstrap)"},
     ]
     if "tta" in eval_metrics:
         rows.append({"what": "test top-1 with TTA (3 scales x 2 flips)", "value": eval_metrics["tta"]["top1"]})
+    if probe.pair is not None:
+        rows.append({"what": "linear probe of the same weights (frozen features, logistic regression)",
+                     "value": f"{probe.top1:.2%} top-1, {probe.mean_class_accuracy:.2%} mean per-class (C = "
+                              f"{probe.regularization:g})"})
+        rows.append({"what": "fine-tuning over the probe",
+                     "value": f"{points(eval_metrics['top1'] - probe.top1)} top-1 ("
+                              f"{'beyond' if probe.pair.beyond_noise else 'within'} noise: McNemar p = "
+                              f"{probe.pair.p_value:.2g})"})
+    else:
+        rows.append({"what": "linear probe of the same weights", "value": f"none: {probe.reason}"})
     kept = train_summary.get("kept_epoch")
     rows += [
         {"what": "kept epoch", "value": f"{kept} of {params.train.epochs}"
@@ -208,33 +296,48 @@ def imbalance_warning(data: dict, confusion: np.ndarray, names: list[str]) -> st
 IMBALANCE_RATIO = 3
 
 
-def write_markdown(path: Path, params: Params, eval_metrics: dict, eval_report: dict, train_summary: dict,
-                   data: dict, block: tuple[int, int], names: list[str], gradcam: list[str],
-                   imbalance: str | None = None) -> None:
-    m, t = params.model, params.train
+@dataclass(frozen=True)
+class RunResults:
+    """What the stages before `report` measured, as report reads it."""
+
+    eval_metrics: dict  # metrics/eval.json
+    eval_report: dict  # metrics/eval_report.json
+    train_summary: dict  # DVCLive's metrics/train/metrics.json
+    data: dict  # metrics/data.json
+    test: TestScores
+    probe: ProbeComparison
+
+
+def confusion_section(eval_report: dict, block: tuple[int, int], names: list[str]) -> str:
     start, size = block
     if size == len(names):
-        confusion_text = ("\n\n![confusion matrix with counts](confusion.png)")
+        figures = "\n\n![confusion matrix with counts](confusion.png)"
     else:
-        confusion_text = (f"\n\n![confusion matrix](confusion.png)\n\nThe outlined block, classes {start}-"
-                          f"{start + size - 1} ({markdown_text(names[start])} … "
-                          f"{markdown_text(names[start + size - 1])}):\n\n![most-confused block](confusion_zoom.png)")
+        figures = (f"\n\n![confusion matrix](confusion.png)\n\nThe outlined block, classes {start}-"
+                   f"{start + size - 1} ({markdown_text(names[start])} … "
+                   f"{markdown_text(names[start + size - 1])}):\n\n![most-confused block](confusion_zoom.png)")
+    return ("## Confusion\n\nMost-confused pairs:\n\n"
+            + markdown_table(eval_report["most_confused"], {"true": "true class", "predicted": "predicted as",
+                                                            "count": "test images"}) + figures)
+
+
+def write_markdown(path: Path, params: Params, results: RunResults, block: tuple[int, int], names: list[str],
+                   gradcam: list[str], imbalance: str | None = None) -> None:
+    m, t = params.model, params.train
     sections = [
         f"# Run report: {m.arch} ({markdown_text(m.weights)}) on {markdown_text(params.data.source)}, "
         f"{t.resolution} px, {t.epochs} epochs",
         "Written by `dvc repro` (stage `report`) from this run's metrics; `dvc metrics show` / "
         "`dvc exp show` hold the same numbers, `dvc plots diff` overlays runs.",
-        markdown_table(headline(params, eval_metrics, train_summary, data), {"what": "metric", "value": "value"})
+        probe_verdict(results.probe, results.eval_metrics["top1"]),
+        markdown_table(headline(params, results), {"what": "metric", "value": "value"})
         + (f"\n\n{imbalance}" if imbalance else ""),
         "## Training curves\n\n![loss, accuracy and learning rate per epoch](curves.png)",
         "## Per-class accuracy\n\nWorst classes:\n\n"
-        + markdown_table(eval_report["worst_classes"], {"class_name": "class", "accuracy": "accuracy",
-                                                        "images": "test images"})
+        + markdown_table(results.eval_report["worst_classes"], {"class_name": "class", "accuracy": "accuracy",
+                                                                "images": "test images"})
         + "\n\n![per-class test accuracy, all classes, worst first](per_class_accuracy.png)",
-        "## Confusion\n\nMost-confused pairs:\n\n"
-        + markdown_table(eval_report["most_confused"], {"true": "true class", "predicted": "predicted as",
-                                                        "count": "test images"})
-        + confusion_text,
+        confusion_section(results.eval_report, block, names),
     ]
     if gradcam:
         sections.append("## GradCAM\n\n" + "\n\n".join(f"![{name}](../gradcam/{name})" for name in gradcam))

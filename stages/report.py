@@ -24,16 +24,24 @@ from finetune.paths import (
     LIVE_CURVES,
     LIVE_DIR,
     PER_CLASS_CSV,
+    PREDICTIONS_CSV,
+    PROBE_METRICS,
+    PROBE_PREDICTIONS,
+    PROBE_REPORT,
     REPORT_DIR,
 )
 from finetune.run_report import (
     ZOOM_SIZE,
+    ProbeComparison,
+    RunResults,
+    TestScores,
     imbalance_warning,
     most_confused_block,
     plot_confusion,
     plot_confusion_zoom,
     plot_curves,
     plot_per_class,
+    probe_verdict,
     read_curves,
     write_markdown,
 )
@@ -42,28 +50,30 @@ from finetune.run_report import (
 def main() -> None:
     params = load_params(look_up_models=False)
     per_class = read_csv(PER_CLASS_CSV)
-    eval_metrics, eval_report = read_json(EVAL_METRICS, "evaluate"), read_json(EVAL_REPORT, "evaluate")
+    test = TestScores.from_predictions(read_csv(PREDICTIONS_CSV))
+    probe = ProbeComparison.of(read_json(PROBE_REPORT, "probe"), read_json(PROBE_METRICS, "probe"), test,
+                               read_csv(PROBE_PREDICTIONS))
+    results = RunResults(read_json(EVAL_METRICS, "evaluate"), read_json(EVAL_REPORT, "evaluate"),
+                         read_json(LIVE_DIR / "metrics.json", "train"), read_json(DATA_METRICS, "prepare"), test, probe)
     confusion_record = read_json(CONFUSION_JSON, "evaluate")
-    train_summary = read_json(LIVE_DIR / "metrics.json", "train")
-    data = read_json(DATA_METRICS, "prepare")
     names, confusion = confusion_record["class_names"], np.array(confusion_record["counts"], dtype=np.int64)
     block = (most_confused_block(confusion, ZOOM_SIZE), min(ZOOM_SIZE, len(names)))
     gradcam = sorted(p.name for p in GRADCAM_DIR.glob("*.png"))
 
     with atomic_dir(REPORT_DIR) as out:
         out.mkdir(parents=True)
-        plot_curves(read_curves(LIVE_CURVES), train_summary.get("kept_epoch"), out / "curves.png")
+        plot_curves(read_curves(LIVE_CURVES), results.train_summary.get("kept_epoch"), out / "curves.png")
         plot_per_class(per_class, out / "per_class_accuracy.png")
         if block[1] == len(names):  # a few classes: the matrix with counts is the whole figure, not a repeat
             plot_confusion_zoom(confusion, names, block, out / "confusion.png")
         else:
             plot_confusion(confusion, names, block, out / "confusion.png")
             plot_confusion_zoom(confusion, names, block, out / "confusion_zoom.png")
-        imbalance = imbalance_warning(data, confusion, names)
-        write_markdown(out / "report.md", params, eval_metrics, eval_report, train_summary, data, block, names,
-                       gradcam, imbalance)
+        imbalance = imbalance_warning(results.data, confusion, names)
+        write_markdown(out / "report.md", params, results, block, names, gradcam, imbalance)
     print(f"report: wrote {REPORT_DIR}/report.md with curves.png, per_class_accuracy.png, confusion.png"
           + (", confusion_zoom.png" if block[1] < len(names) else ""))
+    print(f"report: {probe_verdict(probe, results.eval_metrics['top1']).replace('**', '')}")
     if imbalance:
         print(f"report: {imbalance.replace('**', '')}")
 

@@ -149,9 +149,15 @@ def test_images_in_two_splits_are_in_the_headline():
     params = SimpleNamespace(train=SimpleNamespace(epochs=4))
     data = {"splits": {"train": {"images": 8144}, "test": {"images": 8041}}, "classes": 196, "dropped": 0,
             "duplicates_across_splits": 19}
-    rows = report.headline(params, {"top1": 0.8, "top5": 0.9, "mean_class_accuracy": 0.8}, {"kept_epoch": 4}, data)
+    test = report.TestScores(8041, 6433, (0.79, 0.81), {})
+    probe = report.ProbeComparison(reason="model.weights: none")
+
+    def results(data: dict) -> report.RunResults:
+        return report.RunResults({"top1": 0.8, "top5": 0.9, "mean_class_accuracy": 0.8}, {}, {"kept_epoch": 4}, data,
+                                 test, probe)
+
+    rows = report.headline(params, results(data))
     (row,) = [r for r in rows if "another split" in r["what"]]
     assert row["value"].startswith("19 (") and "0.24%" in row["value"]
-    rows = report.headline(params, {"top1": 0.8, "top5": 0.9, "mean_class_accuracy": 0.8}, {"kept_epoch": 4},
-                           data | {"duplicates_across_splits": 0})
+    rows = report.headline(params, results(data | {"duplicates_across_splits": 0}))
     assert not [r for r in rows if "another split" in r["what"]]
