@@ -488,7 +488,7 @@ def describe(error: dict, raw: dict) -> str:
         return f"{key}: missing (see README 'Params' for its meaning and default)"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error":  # our own validators name the param and the allowed values
-        return message if message.startswith(f"{key}.") else f"{key}: {message}"
+        return message if not key or message.startswith(f"{key}.") else f"{key}: {message}"
     return f"{key}: {message} (got {GIVEN.repr(given)})"
 
 

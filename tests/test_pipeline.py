@@ -20,7 +20,7 @@ from tests.conftest import make_project, run, tiny_params
 
 pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
 
-STAGES = ["check", "fetch", "prepare", "train", "evaluate", "gradcam", "report", "export"]
+STAGES = ["check", "fetch", "prepare", "probe", "train", "evaluate", "gradcam", "report", "export"]
 CHANCE = 1 / 6
 
 
@@ -108,8 +108,11 @@ def test_report_embeds_real_figures_and_names_the_mistakes(reproduced):
             image.verify()
             assert image.format == "PNG" and image.width >= 300 and image.height >= 200
     metrics = json.loads((project / "metrics/eval.json").read_text())
-    assert f"| test top-1 | {metrics['top1']:.1%} |" in markdown
+    assert f"| test top-1 | {metrics['top1']:.2%} (95% interval " in markdown and "; 90 test images) |" in markdown
     assert "| kept epoch | 6 of 6 (the last; no validation split) |" in markdown
+    # random init: no probe to compare with, and the report says why
+    assert "**No linear-probe baseline:** model.weights: none (random init)" in markdown
+    assert json.loads((project / "metrics/probe.json").read_text()) == {}
     for pair in json.loads((project / "metrics/eval_report.json").read_text())["most_confused"]:
         assert f"| {pair['true']} | {pair['predicted']} | {pair['count']} |" in markdown
 
@@ -216,6 +219,47 @@ def test_experiment_reuses_data_stages_and_reports_the_change(reproduced):
     # --only-changed: the metrics whose values differ (top5 may be 100% in both runs) and the changed params
     assert {"top1", "kept_epoch", "train.lr", "train.epochs"} <= set(header), table
     assert "…" not in table and max(map(len, table.splitlines())) <= 150, table
+
+
+@pytest.fixture(scope="module")
+def from_pretrained(tmp_path_factory, image_folder, reproduced):
+    """A run from "pretrained" weights (the first run's model: features that separate these classes), its head
+    started from the linear probe, up to the report."""
+    first, _ = reproduced
+    params = tiny_params(image_folder, **{"model.weights": str(first / "models/model.pt"), "train.epochs": 2,
+                                          "train.lr": 0.01, "train.head_init": "probe"})
+    project = make_project(tmp_path_factory.mktemp("pretrained"), params)
+    result = run(["dvc", "repro", "report"], project)
+    return project, result.stdout + result.stderr
+
+
+def test_a_pretrained_run_measures_its_linear_probe_and_says_what_fine_tuning_added(from_pretrained):
+    project, log = from_pretrained
+    assert "Running stage 'probe'" in log and "probe: resnet18" in log and "chosen on a stratified 20% of train" in log
+    probe = json.loads((project / "metrics/probe.json").read_text())
+    assert list(probe) == ["probe_top1", "probe_mean_class_accuracy"] and probe["probe_top1"] > 2.5 * CHANCE
+    details = json.loads((project / "metrics/probe_report.json").read_text())
+    assert details["test_images"] == 90 and details["feature_dim"] == 512 and details["held_out_images"] > 0
+    assert str(details["regularization"]) in {str(c) for c in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)}
+    assert (project / "plots/probe_predictions.csv").read_text().count("\n") == 1 + 90
+    markdown = (project / "plots/report/report.md").read_text()
+    assert f"| linear probe of the same weights (frozen features, logistic regression) | {probe['probe_top1']:.2%} " \
+           f"top-1" in markdown
+    assert "| fine-tuning over the probe | " in markdown and "McNemar p = " in markdown
+    assert re.search(r"\*\*Fine-tuning (paid|did not measurably beat|lost)", markdown)
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    assert "probe_top1" in json.dumps(shown)  # a column of `dvc exp show` / `dvc metrics diff` beside top1
+
+
+def test_a_train_only_variant_reuses_the_probe(from_pretrained):
+    project, _ = from_pretrained
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "pretrained run"], project)
+    result = run(["dvc", "exp", "run", "report", "-S", "train.lr=0.02", "-S", "train.head_init=random"], project)
+    log = result.stdout + result.stderr
+    assert "Running stage 'probe'" not in log and "Running stage 'train'" in log
+    table = run([sys.executable, "-m", "commands.compare", "--width", "200"], project).stdout
+    assert "probe top1" in table.splitlines()[0] and "head_init" in table.splitlines()[0]
 
 
 def test_export_format_param_reruns_only_export(reproduced):

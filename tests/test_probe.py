@@ -158,3 +158,22 @@ def test_the_verdict_says_whether_fine_tuning_paid():
     assert "did not measurably beat" in text and "within the noise" in text and "test images to be told apart" in text
     none = report.ProbeComparison(reason="model.weights: none (random init): there are no pretrained features")
     assert report.probe_verdict(none, 0.5).startswith("**No linear-probe baseline:** model.weights: none")
+
+
+def test_the_trainer_starts_its_head_from_the_probe_and_params_refuse_what_cannot():
+    from finetune.params import ParamsError, parse_params
+    from finetune.trainer import Trainer
+    from tests.conftest import shipped_params
+
+    raw = shipped_params()
+    raw["model"].update(arch="resnet18", weights="none")
+    raw["train"].update(resolution=32, num_workers=0)
+    head = ProbeHead(torch.randn(4, 512), torch.randn(4), list("abcd"), 0.1)
+    trainer = Trainer(parse_params(raw), 4, torch.device("cpu"), head=head)
+    assert torch.equal(trainer.model.fc.weight, head.weight) and torch.equal(trainer.kept_model.fc.bias, head.bias)
+    raw["train"]["head_init"] = "probe"
+    with pytest.raises(ParamsError, match="train.head_init: probe needs pretrained weights"):
+        parse_params(raw)
+    raw["model"].update(weights="IMAGENET1K_V1", head="mlp")
+    with pytest.raises(ParamsError, match="train.head_init: probe needs model.head: linear"):
+        parse_params(raw, look_up_models=False)
