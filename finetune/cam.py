@@ -26,6 +26,7 @@ from finetune.errors import StageError
 from finetune.files import atomic_path
 from finetune.transforms import Preprocessing, eval_transform, to_model_input
 
+IMAGE_WEIGHT = 0.6  # of the photo in a CAM overlay (the heat map: the rest)
 MIN_MAP_SIDE = 4  # a CAM coarser than 4x4 says nothing about where the model looked
 
 
@@ -101,8 +102,9 @@ def cam_overlays(model: nn.Module, target, images: torch.Tensor, classes: list[i
             heat = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(c) for c in classes])
     finally:
         hook.remove()
-    overlays = [show_cam_on_image(image.permute(1, 2, 0).numpy().astype(np.float32) / 255, mask, use_rgb=True)
-                for image, mask in zip(images, heat)]
+    # image_weight: the photo shows through the heat map (grad-cam's default 0.5 hid small objects)
+    overlays = [show_cam_on_image(image.permute(1, 2, 0).numpy().astype(np.float32) / 255, mask, use_rgb=True,
+                                  image_weight=IMAGE_WEIGHT) for image, mask in zip(images, heat)]
     return overlays, map_size(shapes[0] if shapes else (), reshape is not None)
 
 
@@ -141,34 +143,38 @@ def worst_misclassified(per_class: list[dict], predictions: list[dict], count: i
     return chosen
 
 
-def cam_tiles(model, target, split, rows: list[int], checkpoint, device) -> list[tuple[np.ndarray, int, int]]:
-    """(overlay RGB image, true label, predicted label) per row of the split; target: (layer, reshape)."""
+def cam_tiles(model, target, split, rows: list[int], checkpoint, device
+              ) -> list[tuple[np.ndarray, int, int, float]]:
+    """(overlay RGB image, true label, predicted label, its probability) per row of the split; target: (layer,
+    reshape)."""
     transform, preprocessing = eval_transform(checkpoint.preprocessing), checkpoint.preprocessing
     tiles = []
     for start in range(0, len(rows), BATCH):
         batch = [split[i] for i in rows[start:start + BATCH]]
         images = torch.stack([transform(r["image"]["bytes"]) for r in batch])
         with torch.no_grad():
-            predicted = model(to_model_input(images, device, False, preprocessing.mean, preprocessing.std)
-                              ).argmax(1).tolist()
+            probs = model(to_model_input(images, device, False, preprocessing.mean, preprocessing.std)).softmax(1)
+        confidence, predicted = (values.tolist() for values in probs.max(1))
         overlays, size = cam_overlays(model, target, images, predicted, preprocessing, device)
         if start == 0:
             warn_if_coarse(size, preprocessing.resolution, "gradcam")
-        tiles += [(overlay, row["label"], pred) for overlay, row, pred in zip(overlays, batch, predicted)]
+        tiles += list(zip(overlays, [row["label"] for row in batch], predicted, confidence))
     return tiles
 
 
 def draw_grid(tiles, names: list[str], title: str, path: Path) -> None:
-    columns = max(1, min(COLUMNS, len(tiles)))
+    """Rows of COLUMNS tiles, always COLUMNS wide: a grid of one or two tiles keeps room for its title, and two
+    runs' grids stay the same width side by side in `dvc plots diff`."""
+    columns = COLUMNS
     rows = max(1, math.ceil(len(tiles) / columns))
     fig = Figure(figsize=(columns * TILE_INCHES, rows * (TILE_INCHES + 0.55) + 0.4), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (overlay, true, pred) in zip(axes.flat, tiles):
+    for ax, (overlay, true, pred, probability) in zip(axes.flat, tiles):
         ax.imshow(overlay)
         # parse_math=False: a class name is literal text; `under_$5_over_$10` is no mathtext formula
-        ax.set_title(f"true: {wrap(names[true])}\npred: {wrap(names[pred])}", fontsize=7,
+        ax.set_title(f"true: {wrap(names[true])}\npred: {wrap(names[pred])} ({probability:.0%})", fontsize=7,
                      color="darkgreen" if true == pred else "firebrick", parse_math=False)
     if not tiles:
         axes.flat[0].text(0, 0.5, "no misclassified test images", fontsize=12)

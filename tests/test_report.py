@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import matplotlib.figure
+import matplotlib.text
 import numpy as np
 import pytest
 from dvclive import Live
 from PIL import Image
 
+from finetune import cam as gradcam
 from finetune import run_report as report
 from finetune.markdown import markdown_table, markdown_text
 
@@ -107,7 +110,6 @@ def test_class_names_with_dollar_signs_are_drawn_literally(tmp_path, monkeypatch
     read them as mathtext), and `Model $\\alpha$ 2012` was drawn as "Model α 2012"."""
     import matplotlib.figure
 
-    from finetune import cam as gradcam
 
     names = ["under_$5_over_$10", "Model $\\alpha$ 2012", "$", "plain"]
     drawn = []
@@ -123,7 +125,7 @@ def test_class_names_with_dollar_signs_are_drawn_literally(tmp_path, monkeypatch
     report.plot_per_class(per_class, tmp_path / "per_class.png")
     report.plot_confusion(confusion, names, (0, 4), tmp_path / "confusion.png")
     report.plot_confusion_zoom(confusion, names, (0, 4), tmp_path / "zoom.png")
-    tiles = [(np.zeros((32, 32, 3), dtype=np.uint8), 0, 1), (np.zeros((32, 32, 3), dtype=np.uint8), 1, 1)]
+    tiles = [(np.zeros((32, 32, 3), dtype=np.uint8), 0, 1, 0.6), (np.zeros((32, 32, 3), dtype=np.uint8), 1, 1, 0.9)]
     gradcam.draw_grid(tiles, names, "GradCAM of $x$", tmp_path / "grid.png")
     assert len(drawn) == 4 and all(drawn)
     assert all(not text.get_parse_math() for texts in drawn for text in texts)
@@ -161,3 +163,25 @@ def test_images_in_two_splits_are_in_the_headline():
     assert row["value"].startswith("19 (") and "0.24%" in row["value"]
     rows = report.headline(params, results(data | {"duplicates_across_splits": 0}))
     assert not [r for r in rows if "another split" in r["what"]]
+
+
+def test_a_grid_of_one_tile_keeps_its_width_title_and_probability(tmp_path):
+    """Before: worst.png with one misclassified image was 230 px wide, its title cut; no tile said how sure the
+    model was."""
+    tile = np.full((64, 64, 3), 128, dtype=np.uint8)
+    title = "GradCAM on misclassified images from the 1 worst classes"
+    gradcam.draw_grid([(tile, 0, 1, 0.873)], ["a", "b"], title, tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as image:
+        assert image.width >= 600 and image.height >= 200
+    texts = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def capture(fig, path, **kwargs):
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        real_savefig(fig, path, **kwargs)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(matplotlib.figure.Figure, "savefig", capture):
+        gradcam.draw_grid([(tile, 0, 1, 0.873)], ["a", "b"], title, tmp_path / "grid.png")
+    assert title in texts and "true: a\npred: b (87%)" in texts
