@@ -237,14 +237,14 @@ def time_steps(step, batches, warmup: int) -> float:
 
 
 def model_throughput(params: Params, steps: int, split: datasets.Dataset, workers: int) -> dict:
-    """The train step is `train`'s own (Trainer.step): same precision, channels_last and torch.compile."""
+    """The train step is `train`'s own (Trainer.train_step): same precision, channels_last and torch.compile."""
     resolution, batch_size = params.train.resolution, params.train.batch_size
     device = pick_device()
     torch.set_num_threads(os.cpu_count() or 1)
     trainer = Trainer(params, CARS_CLASSES, device)
 
     def train_step(batch):
-        trainer.step(*batch)
+        trainer.train_step([batch])
 
     @torch.inference_mode()
     def eval_step(batch):

@@ -88,6 +88,69 @@ def optimizer_steps_per_epoch(train_images: int, p: TrainParams, world_size: int
     return math.ceil(loader_batches_per_epoch(train_images, p, world_size) / p.accumulate_steps)
 
 
+class EpochTally:
+    """The epoch's loss and accuracy so far, kept on the device (no host sync per step). A mixed image (MixUp,
+    CutMix) counts its target's share of the predicted class."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss_sum += loss.detach() * len(logits)
+        predicted = logits.argmax(1)
+        self.correct += (targets.gather(1, predicted[:, None]).sum() if targets.ndim == 2
+                         else (predicted == targets).sum())
+        self.seen += len(logits)
+
+    def running_loss(self, processes: Processes) -> float:
+        """Summed over the processes, so every one of them sees the same value and stops together."""
+        total_loss, total_seen = processes.sum(self.loss_sum, torch.tensor(self.seen, device=self.device))
+        running = (total_loss / total_seen).item()
+        if not math.isfinite(running):
+            raise LossNotFinite(running)
+        return running
+
+    def totals(self, processes: Processes) -> tuple[float, float, int]:
+        """(mean loss, accuracy, images) over every process."""
+        total_loss, correct, seen = processes.sum(self.loss_sum, self.correct,
+                                                  torch.tensor(self.seen, device=self.device))
+        loss, seen = (total_loss / seen.clamp(min=1)).item(), int(seen.item())
+        if not math.isfinite(loss):
+            raise LossNotFinite(loss)
+        return loss, correct.item() / max(seen, 1), seen
+
+
+class RunProjection:
+    """The projected training time of the rest of a run, measured on its first steps and printed once; a CPU run
+    that train.device: auto fell back to is stopped when the projection is over CPU_RUN_LIMIT_HOURS."""
+
+    def __init__(self, p: TrainParams, device: torch.device, processes: Processes):
+        self.p, self.device, self.processes = p, device, processes
+        self.hours_limit = CPU_RUN_LIMIT_HOURS if device.type == "cpu" and p.device == "auto" else None
+        self.done = False
+
+    def project(self, seconds: float, steps: int, steps_per_epoch: int, epoch: int) -> None:
+        """From `seconds` for `steps` loader steps, averaged over the processes so that all of them take the same
+        decision (steps only, validation aside)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        (total,) = self.processes.sum(torch.tensor(seconds / max(steps, 1)))
+        per_step = total.item() / self.processes.world_size
+        hours = per_step * steps_per_epoch * (self.p.epochs - epoch) / 3600
+        self.done = True
+        print(f"train: {per_step:.2f} s per step: the remaining {self.p.epochs - epoch} epoch(s) should take "
+              f"{format_hours(hours)} on {self.device.type}")
+        if self.hours_limit is not None and hours > self.hours_limit:
+            raise StageError(
+                f"no usable GPU (see above), and on this CPU the run would take about {format_hours(hours)} "
+                f"({per_step:.2f} s per step x {steps_per_epoch} steps x {self.p.epochs - epoch} epochs), more than "
+                f"the {self.hours_limit:g} h train.device: auto allows. Fix the GPU (README 'GPU drivers'), shrink "
+                f"the run (README 'Try it on a CPU'), or set train.device: cpu to train on the CPU anyway")
+
+
 class Trainer:
     def __init__(self, params: Params, num_classes: int, device: torch.device, processes: Processes | None = None,
                  train_images: int | None = None, head: ProbeHead | None = None):
@@ -131,9 +194,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, p)
         self.steps_per_epoch = optimizer_steps_per_epoch(train_images, p, processes.world_size) if train_images else 1
         self.scheduler = build_scheduler(self.optimizer, p, self.steps_per_epoch)
-        # A CPU run that train.device: auto fell back to is stopped when its projection is over the limit.
-        self.hours_limit = CPU_RUN_LIMIT_HOURS if device.type == "cpu" and p.device == "auto" else None
-        self.projected = False
+        self.projection = RunProjection(p, device, processes)
         self.run_started, self.run_steps = time.perf_counter(), 0  # for the whole run's time left on the bar
 
     def weights_copy(self) -> dict:
@@ -190,11 +251,16 @@ class Trainer:
         if self.p.lr_schedule_unit == "step":
             self.scheduler.step()
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on one uint8 batch; returns (loss, logits) without a host sync."""
-        loss, logits, _ = self.forward_backward(images, labels)
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
+        """One optimizer step over `batches`: train.accumulate_steps uint8 loader batches (the last step of an epoch
+        may gather fewer; each weighs 1 / their count). Returns each batch's (loss, logits, targets) without a host
+        sync. The one step `train` runs; tests and benchmarks measure this one too."""
+        outputs = []
+        for index, (images, labels) in enumerate(batches):
+            with self.gradients_synced(index == len(batches) - 1):
+                outputs.append(self.forward_backward(images, labels, 1 / len(batches)))
         self.optimizer_step()
-        return loss, logits
+        return outputs
 
     def gradients_synced(self, synced: bool):
         """DDP averages gradients over the processes in every backward pass unless told not to: only the last
@@ -228,71 +294,36 @@ class Trainer:
         self.set_trainable(epoch)
         self.step_model.train()
         self.freezer.keep_frozen_norm_statistics()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)  # a mixed image counts its target's share of the prediction
-        seen = 0
+        tally = EpochTally(self.device)
         start = first_step_done = time.perf_counter()
-        batches, together = len(loader), self.p.accumulate_steps
+        batches, group = len(loader), []
         loader_batches = iter(loader)  # before seed_epoch: a new iterator draws its workers' seed from the generator
         seed_epoch(self.p.seed, epoch, self.device)
         bar = tqdm(loader_batches, total=batches, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="batch",
                    leave=False)
-        for step, (images, labels) in enumerate(bar):
+        for step, batch in enumerate(bar):
             if step == 1:
                 first_step_done = time.perf_counter()  # the first step includes compilation and warm-up
-            elif step == 1 + PROJECT_AFTER_STEPS and not self.projected:
-                self.project_run(time.perf_counter() - first_step_done, PROJECT_AFTER_STEPS, batches, epoch)
-            # The last optimizer step of an epoch may gather fewer batches: each weighs 1 / their count.
-            group_size = min(together, batches - step // together * together)
-            completes_step = (step + 1) % together == 0 or step == batches - 1
-            with self.gradients_synced(completes_step):
-                loss, logits, targets = self.forward_backward(images, labels, 1 / group_size)
-            if completes_step:
-                self.optimizer_step()
-            loss_sum += loss.detach() * len(labels)
-            predicted = logits.argmax(1)
-            correct += (targets.gather(1, predicted[:, None]).sum() if targets.ndim == 2
-                        else (predicted == targets).sum())
-            seen += len(labels)
-            self.run_steps += 1
+            elif step == 1 + PROJECT_AFTER_STEPS and not self.projection.done:
+                self.projection.project(time.perf_counter() - first_step_done, PROJECT_AFTER_STEPS, batches, epoch)
+            group.append(batch)
+            if len(group) < self.p.accumulate_steps and step < batches - 1:
+                continue
+            for loss, logits, targets in self.train_step(group):
+                tally.add(loss, logits, targets)
+            self.run_steps += len(group)
+            group = []
             if step % LOG_EVERY_STEPS == 0 or step == batches - 1:
-                # Summed over the processes, so every one of them sees the same value and stops together.
-                total_loss, total_seen = self.processes.sum(loss_sum, torch.tensor(seen, device=self.device))
-                running = (total_loss / total_seen).item()
-                if not math.isfinite(running):
-                    raise LossNotFinite(running)
+                running = tally.running_loss(self.processes)
                 steps_left = batches * (self.p.epochs - epoch) - step - 1
                 seconds_left = (time.perf_counter() - self.run_started) / self.run_steps * steps_left
                 bar.set_postfix(loss=f"{running:.3f}", run_left=format_duration(seconds_left))
-        # The epoch's one host sync (and, with several processes, one collective).
-        total_loss, total_correct, total_seen = self.processes.sum(loss_sum, correct,
-                                                                   torch.tensor(seen, device=self.device))
-        loss_value, seen = (total_loss / total_seen.clamp(min=1)).item(), int(total_seen.item())
-        if not math.isfinite(loss_value):
-            raise LossNotFinite(loss_value)
-        if not self.projected:  # an epoch too short to project from its first steps
-            self.project_run(time.perf_counter() - start, batches, batches, epoch)
+        if not self.projection.done:  # an epoch too short to project from its first steps
+            self.projection.project(time.perf_counter() - start, batches, batches, epoch)
         if self.p.lr_schedule_unit == "epoch":
             self.scheduler.step()
-        return EpochResult(loss_value, total_correct.item() / max(seen, 1), seen, time.perf_counter() - start)
-
-    def project_run(self, seconds: float, steps: int, steps_per_epoch: int, epoch: int) -> None:
-        """Prints the projected training time of the rest of the run (steps only, validation aside), averaged
-        over the processes so that all of them take the same decision; stops a CPU fallback run over the limit."""
-        if self.on_cuda:
-            torch.cuda.synchronize(self.device)
-        (total,) = self.processes.sum(torch.tensor(seconds / max(steps, 1)))
-        per_step = total.item() / self.processes.world_size
-        hours = per_step * steps_per_epoch * (self.p.epochs - epoch) / 3600
-        self.projected = True
-        print(f"train: {per_step:.2f} s per step: the remaining {self.p.epochs - epoch} epoch(s) should take "
-              f"{format_hours(hours)} on {self.device.type}")
-        if self.hours_limit is not None and hours > self.hours_limit:
-            raise StageError(
-                f"no usable GPU (see above), and on this CPU the run would take about {format_hours(hours)} "
-                f"({per_step:.2f} s per step x {steps_per_epoch} steps x {self.p.epochs - epoch} epochs), more than "
-                f"the {self.hours_limit:g} h train.device: auto allows. Fix the GPU (README 'GPU drivers'), shrink "
-                f"the run (README 'Try it on a CPU'), or set train.device: cpu to train on the CPU anyway")
+        loss, accuracy, seen = tally.totals(self.processes)  # the epoch's one host sync (and collective)
+        return EpochResult(loss, accuracy, seen, time.perf_counter() - start)
 
     def validate(self, loader) -> tuple[float, float]:
         """Loss and accuracy over the whole validation split (each process predicts its share)."""

@@ -88,7 +88,7 @@ def test_a_cpu_fallback_run_projected_over_two_hours_stops_with_the_fix(capsys):
     """The default run on a machine whose GPU torch cannot use: ~58 h on this CPU. It must not start silently."""
     trainer = trainer_on_cpu("auto")
     with pytest.raises(StageError) as caught:
-        trainer.project_run(seconds=20.0, steps=5, steps_per_epoch=63, epoch=0)  # 4 s per step, 63 x 90 steps
+        trainer.projection.project(seconds=20.0, steps=5, steps_per_epoch=63, epoch=0)  # 4 s per step, 63 x 90 steps
     message = str(caught.value)
     assert "the run would take about 6.3 h (4.00 s per step x 63 steps x 90 epochs)" in message
     assert "more than the 2 h" in message and "train.device: cpu" in message and "GPU drivers" in message
@@ -96,8 +96,8 @@ def test_a_cpu_fallback_run_projected_over_two_hours_stops_with_the_fix(capsys):
 
 
 def test_the_projection_stops_only_auto_runs_and_only_long_ones(capsys):
-    trainer_on_cpu("auto").project_run(seconds=0.5, steps=5, steps_per_epoch=63, epoch=0)  # 9 min: goes on
-    trainer_on_cpu("cpu").project_run(seconds=50.0, steps=5, steps_per_epoch=63, epoch=0)  # 15.8 h, asked for
+    trainer_on_cpu("auto").projection.project(seconds=0.5, steps=5, steps_per_epoch=63, epoch=0)  # 9 min: goes on
+    trainer_on_cpu("cpu").projection.project(seconds=50.0, steps=5, steps_per_epoch=63, epoch=0)  # 15.8 h, asked for
     out = capsys.readouterr().out
     assert "should take 9 min on cpu" in out and "should take 15.8 h on cpu" in out
 

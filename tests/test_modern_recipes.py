@@ -130,7 +130,7 @@ def test_ema_weights_are_the_exponential_average_of_the_steps():
     ema_run = trainer(**{"train.ema_decay": decay, "train.momentum": 0.0, "train.lr": 0.1})
     history = []
     for seed in range(3):
-        ema_run.step(*batch(seed=seed))
+        ema_run.train_step([batch(seed=seed)])
         history.append({k: v.detach().clone() for k, v in ema_run.model.state_dict().items()})
     expected = history[0]  # the first update copies the weights
     for weights in history[1:]:
@@ -202,7 +202,7 @@ def test_gradient_clipping_bounds_the_update():
     clipped = trainer(**{"train.grad_clip_norm": clip, "train.lr": 1.0, "train.momentum": 0.0,
                          "train.weight_decay": 0.0})
     before = [p.detach().clone() for p in clipped.model.parameters()]
-    clipped.step(*batch())
+    clipped.train_step([batch()])
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(clipped.model.parameters(), before)])
     assert update.norm().item() == pytest.approx(clip, rel=1e-3)
 
@@ -222,7 +222,7 @@ def test_per_step_schedule_follows_the_epoch_curve_smoothly():
     lrs = []
     for images, labels in [batch(4, seed=s) for s in range(3)]:
         lrs.append(stepped.learning_rates()["lr"])
-        stepped.step(images, labels)
+        stepped.train_step([(images, labels)])
     assert lrs == pytest.approx([0.1 / 4, 0.2 / 4, 0.3 / 4]) and stepped.scheduler.last_epoch == 3
 
 
