@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.synthetic import make_image_folder
@@ -81,12 +84,67 @@ def tiny_params(source: Path, **overrides) -> dict:
     return params
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {}))
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+def project_env(**extra: str) -> dict:
+    """The environment of every command a test runs: this venv's tools (dvc, python) first on PATH, and the project
+    importable from anywhere (a stage run in a bare folder, as the resume tests do)."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                PYTHONPATH=str(REPO), **extra)
+
+
+def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The one way tests run a command (a DVC command, a stage, a shell line when `cmd` is a string), with the
+    project's environment; a failure shows its output."""
+    argv = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
+    result = subprocess.run(argv, cwd=cwd, env=project_env(**(env or {})), capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        shown = cmd if isinstance(cmd, str) else " ".join(cmd)
+        raise AssertionError(f"{shown} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_stage(name: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m stages.<name>` in `cwd`, as DVC runs it."""
+    return run([sys.executable, "-m", f"stages.{name}"], cwd, check=check)
+
+
+def start_stage(name: str, cwd: Path, **popen) -> subprocess.Popen:
+    """A stage started in the background (to be interrupted), its output and errors in one pipe. As from a
+    terminal: a shell's background job (CI started with `&`) would pass SIGINT on as ignored."""
+    return subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=project_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+
+
+def with_params(folder: Path, **overrides) -> Path:
+    """Sets `section.key` params in folder/params.yaml."""
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return folder
+
+
+def copy_of(prepared: Path, dest: Path, **overrides) -> Path:
+    """A copy of a prepared folder (params, data/raw, data/prepared, and whatever ran in it), with other params."""
+    shutil.copytree(prepared, dest)
+    return with_params(dest, **overrides)
+
+
+# What every test that trains in a bare folder shares: the resume, DDP and compiled-path tests.
+PREPARED_PARAMS = {"train.epochs": 4, "train.lr_step_epochs": 2, "data.val_fraction": 0.2,
+                   "train.num_threads": 1}  # a fixed thread count: it changes float sums, so the weights
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, image_folder) -> Path:
+    """The image folder fetched and prepared once (train / validation / test), with tiny params, for tests that
+    train with `python -m stages.train` in copies of it."""
+    work = tmp_path_factory.mktemp("prepared")
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(image_folder, **PREPARED_PARAMS)))
+    run_stage("fetch", work)
+    run_stage("prepare", work)
+    return work
 
 
 def make_project(dest: Path, params: dict | str, with_tests: bool = False) -> Path:
@@ -109,3 +167,40 @@ def make_project(dest: Path, params: dict | str, with_tests: bool = False) -> Pa
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "project"], dest)
     return dest
+
+
+STATE_DIR = Path("checkpoints")  # train.state_dir's default
+
+
+def states(folder: Path) -> list[Path]:
+    """The resume states in a train.state_dir (one file per params and data: train_state-<fingerprint>.pt)."""
+    return sorted(folder.glob("train_state-*.pt"))
+
+
+def weights(workdir: Path) -> dict:
+    return torch.load(workdir / "models/model.pt", weights_only=True)["state_dict"]
+
+
+def curve(workdir: Path, name: str) -> list[tuple[str, str]]:
+    """(step, value) rows of a DVCLive curve, e.g. train/loss.tsv."""
+    rows = (workdir / "metrics/train/plots/metrics" / name).read_text().splitlines()[1:]
+    return [tuple(row.split("\t")) for row in rows]
+
+
+def interrupt_after_first_epoch(cwd: Path, sig: int, whole_group: bool = False, state_dir: Path | None = None
+                                ) -> tuple[int, str]:
+    """Starts `train` in cwd and sends it `sig` once a new state appears in state_dir (its first epoch is saved):
+    (exit status, output). `whole_group`: as Ctrl-C in a terminal, the signal reaches the loader workers too."""
+    state_dir = state_dir or cwd / STATE_DIR
+    before = set(states(state_dir))
+    process = start_stage("train", cwd, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not set(states(state_dir)) - before:
+        assert process.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
+        time.sleep(0.05)
+    if whole_group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
+    out, _ = process.communicate(timeout=300)
+    return process.returncode, out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,8 +16,17 @@ import yaml
 
 from finetune.data import SeededEpochSampler
 from finetune.errors import StageError
-from tests.conftest import REPO, make_project, run, tiny_params
-from tests.test_resume import curve, interrupt_after_first_epoch, run_ok, weights
+from tests.conftest import (
+    REPO,
+    copy_of,
+    curve,
+    interrupt_after_first_epoch,
+    make_project,
+    run,
+    run_stage,
+    tiny_params,
+    weights,
+)
 
 pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
 
@@ -26,23 +34,15 @@ EPOCHS = 3
 PROCESSES = 2
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, image_folder) -> Path:
-    work = tmp_path_factory.mktemp("ddp_prepared")
-    params = tiny_params(image_folder, **{"train.epochs": EPOCHS, "train.lr_step_epochs": 2,
-                                          "data.val_fraction": 0.2})
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    run_ok("fetch", work)
-    run_ok("prepare", work)
-    return work
-
-
 def workdir_with(prepared: Path, dest: Path, **train) -> Path:
-    shutil.copytree(prepared, dest)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["train"].update(train)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params))
-    return dest
+    """The session's prepared folder, trained for EPOCHS with PyTorch's threads chosen per process (`auto`)."""
+    return copy_of(prepared, dest, **{"train.epochs": EPOCHS, "train.num_threads": "auto",
+                                      **{f"train.{key}": value for key, value in train.items()}})
+
+
+def run_ok(name: str, cwd: Path) -> str:
+    result = run_stage(name, cwd)
+    return result.stdout + result.stderr
 
 
 def trained(prepared: Path, dest: Path, **train) -> tuple[Path, str]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from finetune import runtime
 from finetune.errors import StageError
@@ -26,8 +25,18 @@ from finetune.runtime import (
     training_device,
 )
 from finetune.trainer import Trainer
-from tests.conftest import REPO, make_project, run, shipped_params, tiny_params
-from tests.test_resume import interrupt_after_first_epoch, run_ok, weights
+from tests.conftest import (
+    REPO,
+    copy_of,
+    interrupt_after_first_epoch,
+    make_project,
+    run,
+    run_stage,
+    shipped_params,
+    tiny_params,
+    weights,
+    with_params,
+)
 
 CPU = torch.device("cpu")
 FORCED = {"train.compile": True, "train.amp": "bf16", "train.channels_last": True}
@@ -103,11 +112,10 @@ def test_the_projection_stops_only_auto_runs_and_only_long_ones(capsys):
 
 
 @pytest.mark.slow
-def test_forced_gpu_settings_run_the_whole_pipeline_on_the_cpu(tmp_path, image_folder, monkeypatch):
+def test_forced_gpu_settings_run_the_whole_pipeline_on_the_cpu(tmp_path, image_folder, inductor_cache):
     """compile + bf16 + channels_last through a real `dvc exp run`, with the trainable set changing after the first
     epoch (a recompile), then evaluate, gradcam and export from that model."""
-    inductor = tmp_path / "inductor"
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor))
+    inductor = inductor_cache
     params = tiny_params(image_folder, **{"train.epochs": 3, "train.freeze_epochs": 1, "train.lr_step_epochs": 3})
     project = make_project(tmp_path / "project", params)
     result = run(["dvc", "exp", "run", *[arg for key, value in FORCED.items()
@@ -126,21 +134,33 @@ def test_forced_gpu_settings_run_the_whole_pipeline_on_the_cpu(tmp_path, image_f
     assert (project / "plots/gradcam/samples.png").stat().st_size > 10_000
 
 
-@pytest.fixture(scope="module")
-def compiled_prepared(tmp_path_factory, image_folder) -> Path:
-    work = tmp_path_factory.mktemp("compiled")
-    params = tiny_params(image_folder, **{"train.epochs": 3, "train.lr_step_epochs": 2, "data.val_fraction": 0.2,
-                                          **FORCED})
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    run_ok("fetch", work)
-    run_ok("prepare", work)
-    return work
+@pytest.fixture(scope="module", autouse=True)
+def inductor_cache(tmp_path_factory):
+    """One inductor cache for the file's compiled runs: the first compiles, the others reuse its kernels (each
+    into a fresh cache compiled everything again)."""
+    cache = tmp_path_factory.mktemp("inductor")
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+def run_ok(name: str, cwd: Path) -> str:
+    result = run_stage(name, cwd)
+    return result.stdout + result.stderr
+
+
+@pytest.fixture
+def compiled_prepared(prepared, tmp_path) -> Path:
+    return copy_of(prepared, tmp_path / "compiled", **{"train.epochs": 3, **FORCED})
 
 
 @pytest.mark.slow
 def test_a_compiled_run_killed_after_its_first_epoch_resumes_to_the_same_weights(compiled_prepared, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    shutil.copytree(compiled_prepared, whole)
+    whole, killed = compiled_prepared, tmp_path / "killed"
     shutil.copytree(compiled_prepared, killed)
     assert "torch.compile (inductor)" in run_ok("train", whole)
     code, _ = interrupt_after_first_epoch(killed, signal.SIGKILL)
@@ -151,12 +171,8 @@ def test_a_compiled_run_killed_after_its_first_epoch_resumes_to_the_same_weights
 
 
 @pytest.mark.slow
-def test_two_processes_train_with_compile_on(compiled_prepared, tmp_path):
-    work = tmp_path / "ddp"
-    shutil.copytree(compiled_prepared, work)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["train"].update(devices=2, epochs=2)
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+def test_two_processes_train_with_compile_on(compiled_prepared):
+    work = with_params(compiled_prepared, **{"train.devices": 2, "train.epochs": 2, "train.num_threads": "auto"})
     out = run_ok("train", work)
     assert "2 processes x cpu (bf16, channels_last, torch.compile (inductor))" in out
     live = json.loads((work / "metrics/train/metrics.json").read_text())

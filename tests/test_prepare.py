@@ -26,10 +26,10 @@ from finetune.preparation import (
     ordered_results,
     prepare_image,
     scaled_size,
-    stratified_assignment,
     write_split,
 )
-from tests.conftest import REPO, tiny_params
+from finetune.splits import stratified_assignment
+from tests.conftest import REPO, run_stage, tiny_params
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", **save_args) -> bytes:
@@ -203,13 +203,6 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
 @pytest.fixture(scope="module")
 def fetched(tmp_path_factory, image_folder) -> Path:
     work = tmp_path_factory.mktemp("work")
@@ -341,7 +334,6 @@ def test_decode_processes_end_when_prepare_is_killed():
 
     import psutil
 
-    from tests.conftest import REPO
 
     parent = subprocess.Popen([sys.executable, "-c", ORPHANS], cwd=REPO)
     deadline = time.monotonic() + 60
@@ -380,7 +372,6 @@ def test_a_huge_16_bit_or_rgba_png_is_reduced_before_its_mode_is_converted(mode,
     """Before: a 13000x13000 16-bit PNG (330 KB, under the bomb limit) cost +3.4 GB in one prepare process
     (float64 full-size temporaries), RGBA +3.2 GB (full-size composites). Here 9000x9000: the peak over the
     decoded image itself stays small."""
-    from tests.conftest import REPO
 
     peak = subprocess.run([sys.executable, "-c", HUGE_IMAGE_MEMORY, mode, "9000"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout.strip()

@@ -4,7 +4,6 @@ suite itself in that same used clone."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,10 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_project, shipped_text
+from tests.conftest import REPO, make_project, project_env, run, shipped_text
 from tests.synthetic import make_image_folder
 
 pytestmark = pytest.mark.slow  # real stages, DVC runs and the fast suite in a subprocess
+
+
+# The fast test files that read params.yaml, dvc.yaml, the docs or an experiment's outputs from the project.
+WORKSPACE_READERS = ["tests/test_params.py", "tests/test_stage_contract.py", "tests/test_check.py",
+                     "tests/test_compare.py", "tests/test_offline_plots.py"]
 
 
 def readme_cpu_trial_offline() -> str:
@@ -29,10 +33,7 @@ def readme_cpu_trial_offline() -> str:
 
 
 def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-    return result
+    return run(command, cwd)
 
 
 def test_the_readme_cpu_path_from_trial_to_comparing_runs_in_a_used_clone(tmp_path):
@@ -70,8 +71,10 @@ def test_the_readme_cpu_path_from_trial_to_comparing_runs_in_a_used_clone(tmp_pa
     shown = shell("dvc exp show -A --json", clone).stdout
     assert all(name in shown for name in ("cpu-trial-offline", "cpu-trial-lr", "queued-0.01", "queued-0.1"))
 
-    # The suite, in this same used clone: it reads the params as the project ships them.
-    fast = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "-x"],
-                          cwd=clone, capture_output=True, text=True,
-                          env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
+    # The tests in this same used clone (an applied experiment's params.yaml, metrics and plots in the workspace):
+    # they read the params, docs and README as the project ships them. The files that read what an experiment
+    # changes run here; the rest read nothing of the workspace.
+    assert (clone / "params.yaml").read_text() != shipped_text("params.yaml")  # the applied run's params
+    fast = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "-x",
+                           *WORKSPACE_READERS], cwd=clone, capture_output=True, text=True, env=project_env())
     assert fast.returncode == 0, fast.stdout[-3000:] + fast.stderr[-2000:]

@@ -13,22 +13,29 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from finetune.errors import StageError
 from finetune.files import atomic_path
 from finetune.params import load_params
-from tests.conftest import REPO, tiny_params
+from tests.conftest import (
+    PREPARED_PARAMS,
+    STATE_DIR,
+    copy_of,
+    curve,
+    interrupt_after_first_epoch,
+    make_project,
+    project_env,
+    run,
+    run_stage,
+    states,
+    tiny_params,
+    weights,
+    with_params,
+)
 
 pytestmark = pytest.mark.slow  # real stages, DVC runs or several processes
 
-EPOCHS = 4
-STATE_DIR = Path("checkpoints")
-
-
-def states(folder: Path) -> list[Path]:
-    """The resume states in a train.state_dir (one file per params and data: train_state-<fingerprint>.pt)."""
-    return sorted(folder.glob("train_state-*.pt"))
+EPOCHS = PREPARED_PARAMS["train.epochs"]
 
 
 def the_state(workdir: Path) -> Path:
@@ -36,83 +43,39 @@ def the_state(workdir: Path) -> Path:
     return state
 
 
-def stage(name: str, cwd: Path, **popen) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    # As from a terminal: a shell's background job (CI started with `&`) would pass SIGINT on as ignored.
-    return subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
-
-
-def finish(process: subprocess.Popen) -> tuple[int, str]:
-    out, _ = process.communicate(timeout=300)
-    return process.returncode, out
-
-
 def run_ok(name: str, cwd: Path) -> str:
-    code, out = finish(stage(name, cwd))
-    assert code == 0, out
-    return out
-
-
-def interrupt_after_first_epoch(cwd: Path, sig: int, whole_group: bool = False) -> tuple[int, str]:
-    """`whole_group`: as Ctrl-C in a terminal, the signal reaches the loader workers too."""
-    return interrupt_after_first_epoch_at(cwd, cwd / STATE_DIR, sig, whole_group)
-
-
-def interrupt_after_first_epoch_at(cwd: Path, state_dir: Path, sig: int, whole_group: bool = False
-                                   ) -> tuple[int, str]:
-    """Stops train once a new state appears in state_dir (its first epoch is saved)."""
-    before = set(states(state_dir))
-    process = stage("train", cwd, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not set(states(state_dir)) - before:
-        assert process.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
-        time.sleep(0.05)
-    if whole_group:
-        os.killpg(process.pid, sig)
-    else:
-        process.send_signal(sig)
-    return finish(process)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, image_folder) -> Path:
-    work = tmp_path_factory.mktemp("prepared")
-    # A fixed thread count: `auto` derives it from the loader workers, and the thread count changes float sums.
-    params = tiny_params(image_folder, **{"train.epochs": EPOCHS, "train.lr_step_epochs": 2, "data.val_fraction": 0.2,
-                                          "train.num_threads": 1})
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    run_ok("fetch", work)
-    run_ok("prepare", work)
-    return work
+    result = run_stage(name, cwd)
+    return result.stdout + result.stderr
 
 
 @pytest.fixture
 def workdir(prepared, tmp_path) -> Path:
-    shutil.copytree(prepared, tmp_path / "run")
-    return tmp_path / "run"
+    return copy_of(prepared, tmp_path / "run")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("uninterrupted") / "run"
-    shutil.copytree(prepared, work)
+    work = copy_of(prepared, tmp_path_factory.mktemp("uninterrupted") / "run")
     run_ok("train", work)
     return work
 
 
-def weights(workdir: Path) -> dict:
-    return torch.load(workdir / "models/model.pt", weights_only=True)["state_dict"]
+@pytest.fixture(scope="module")
+def killed(prepared, tmp_path_factory) -> tuple[Path, int, str]:
+    """One run killed (SIGKILL: a lost machine, no handler runs) once its first epoch's state is saved: the tests
+    that need a real state file start from copies of it instead of each training and killing a run."""
+    work = copy_of(prepared, tmp_path_factory.mktemp("killed") / "run")
+    code, out = interrupt_after_first_epoch(work, signal.SIGKILL)
+    return work, code, out
 
 
-def curve(workdir: Path, name: str) -> list[tuple[str, str]]:
-    rows = (workdir / "metrics/train/plots/metrics" / name).read_text().splitlines()[1:]
-    return [tuple(row.split("\t")) for row in rows]  # (step, value)
+@pytest.fixture
+def killed_copy(killed, tmp_path) -> Path:
+    return copy_of(killed[0], tmp_path / "run")
 
 
-def test_killed_run_resumes_to_the_same_weights_and_curves(workdir, uninterrupted):
-    code, out = interrupt_after_first_epoch(workdir, signal.SIGKILL)
+def test_killed_run_resumes_to_the_same_weights_and_curves(killed, killed_copy, uninterrupted):
+    workdir, (_, code, _) = killed_copy, killed
     assert code == -signal.SIGKILL
     assert not (workdir / "models/model.pt").exists()
     resumed = run_ok("train", workdir)
@@ -130,11 +93,7 @@ MODERN_KNOBS = {"ema_decay": 0.9, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "accu
 
 
 def with_modern_knobs(prepared: Path, dest: Path) -> Path:
-    shutil.copytree(prepared, dest)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["train"].update(MODERN_KNOBS)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params))
-    return dest
+    return copy_of(prepared, dest, **{f"train.{key}": value for key, value in MODERN_KNOBS.items()})
 
 
 def test_killed_run_with_every_modern_knob_resumes_to_the_same_weights(prepared, tmp_path):
@@ -159,14 +118,9 @@ def test_state_on_shared_storage_resumes_on_another_machine(prepared, uninterrup
     """Machine A is stopped mid-run (a reclaimed spot instance); machine B, another copy of the project with the
     same params and data, finds the state under train.state_dir (a mounted bucket, NFS) and finishes the run."""
     shared = tmp_path / "bucket" / "cars-run"
-    machines = []
-    for name in ("machine_a", "machine_b"):
-        work = shutil.copytree(prepared, tmp_path / name)
-        params = yaml.safe_load((work / "params.yaml").read_text())
-        params["train"]["state_dir"] = str(shared)
-        (work / "params.yaml").write_text(yaml.safe_dump(params))
-        machines.append(work)
-    code, _ = interrupt_after_first_epoch_at(machines[0], shared, signal.SIGKILL)
+    machines = [copy_of(prepared, tmp_path / name, **{"train.state_dir": str(shared)})
+                for name in ("machine_a", "machine_b")]
+    code, _ = interrupt_after_first_epoch(machines[0], signal.SIGKILL, state_dir=shared)
     assert code == -signal.SIGKILL and not states(machines[0] / STATE_DIR)
     (state,) = states(shared)
     shutil.rmtree(machines[0])  # the machine is gone
@@ -187,23 +141,17 @@ def test_interrupt_stops_cleanly_with_one_line(workdir, sig, whole_group):
     assert states(workdir / STATE_DIR)
 
 
-def set_param(workdir: Path, section: str, key: str, value) -> None:
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params[section][key] = value
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-def test_a_run_of_other_params_in_the_same_state_dir_leaves_an_unfinished_run_to_resume(workdir, uninterrupted):
+def test_a_run_of_other_params_in_the_same_state_dir_leaves_an_unfinished_run_to_resume(killed_copy, uninterrupted):
     """Before: the later run, finishing, deleted the interrupted run's state (one file for all), and the
     interrupted run started again at epoch 1."""
-    interrupt_after_first_epoch(workdir, signal.SIGKILL)
+    workdir = killed_copy
     (interrupted,) = states(workdir / STATE_DIR)
-    set_param(workdir, "train", "lr", 0.02)
+    with_params(workdir, **{"train.lr": 0.02})
     out = run_ok("train", workdir)
     assert "resuming" not in out and len(curve(workdir, "train/loss.tsv")) == EPOCHS
     assert f"also holds the state of 1 unfinished run(s) of other params or data ({interrupted.name})" in out
     assert states(workdir / STATE_DIR) == [interrupted]  # the other run deleted only its own state
-    set_param(workdir, "train", "lr", 0.05)
+    with_params(workdir, **{"train.lr": 0.05})
     assert f"resuming after epoch 1/{EPOCHS} from {STATE_DIR / interrupted.name}" in run_ok("train", workdir)
     expected, got = weights(uninterrupted), weights(workdir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
@@ -242,10 +190,10 @@ def test_a_run_stopped_after_its_last_epoch_writes_the_model_without_training_ag
     assert not states(workdir / STATE_DIR)
 
 
-def test_a_state_damaged_on_disk_is_not_resumed(workdir, uninterrupted):
+def test_a_state_damaged_on_disk_is_not_resumed(killed_copy, uninterrupted):
     """Before: 64 corrupted bytes in a tensor of the state loaded (torch checks no CRC), resumed, and the NaN that
     followed was blamed on the learning rate."""
-    interrupt_after_first_epoch(workdir, signal.SIGKILL)
+    workdir = killed_copy
     state = the_state(workdir)
     data = bytearray(state.read_bytes())
     middle = len(data) // 2
@@ -259,9 +207,7 @@ def test_a_state_damaged_on_disk_is_not_resumed(workdir, uninterrupted):
 
 
 def test_worker_count_does_not_change_the_result(workdir, uninterrupted):
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params["train"]["num_workers"] = 0
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    with_params(workdir, **{"train.num_workers": 0})
     run_ok("train", workdir)
     expected, got = weights(uninterrupted), weights(workdir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
@@ -301,11 +247,8 @@ def test_crash_mid_write_leaves_the_old_file(tmp_path):
 
 
 def test_dvc_repro_resumes_after_the_whole_run_is_killed(tmp_path, image_folder):
-    from tests.conftest import make_project, run
-
     project = make_project(tmp_path, tiny_params(image_folder, **{"train.epochs": EPOCHS}))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, start_new_session=True,
+    repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=project_env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not states(project / STATE_DIR):
@@ -335,10 +278,10 @@ def test_cuda_out_of_memory_names_the_batch_size_and_the_fix(workdir, monkeypatc
     assert "Lower train.batch_size" in message and "scale train.lr" in message
 
 
-def test_state_from_other_data_is_not_resumed(workdir):
-    interrupt_after_first_epoch(workdir, signal.SIGKILL)
+def test_state_from_other_data_is_not_resumed(killed_copy):
+    workdir = killed_copy
     (interrupted,) = states(workdir / STATE_DIR)
-    set_param(workdir, "prepare", "jpeg_quality", 70)  # other prepared images, same training params
+    with_params(workdir, **{"prepare.jpeg_quality": 70})  # other prepared images, same training params
     run_ok("prepare", workdir)
     out = run_ok("train", workdir)
     assert "resuming" not in out and f"unfinished run(s) of other params or data ({interrupted.name})" in out
@@ -385,10 +328,10 @@ torch.save({{"format": "transfer-learning-train-state/4", "sha256": hashlib.sha2
 
 
 @pytest.mark.parametrize("kind", ["planted", "planted inside", "truncated", "foreign", "not torch"])
-def test_a_hostile_or_broken_state_file_runs_nothing_and_is_ignored(workdir, uninterrupted, kind):
+def test_a_hostile_or_broken_state_file_runs_nothing_and_is_ignored(killed_copy, uninterrupted, kind):
     """Before: a planted checkpoints/train_state.pt ran its own code when train started (weights_only=False), and
     a truncated or foreign one crashed train with a KeyError."""
-    interrupt_after_first_epoch(workdir, signal.SIGKILL)  # names this run's state file; replaced below
+    workdir = killed_copy  # a real run's state file, at the name this run looks for; replaced below
     state, marker = the_state(workdir), workdir / "code_ran"
     if kind == "planted":
         subprocess.run([sys.executable, "-c", PLANTED_STATE.format(marker=marker, path=state)], check=True)
