@@ -253,6 +253,12 @@ class TrainParams(Section):
         '`probe` the backbone starts under a head that already classifies, so its first updates do not distort the '
         'pretrained features (LP-FT: Kumar et al., ICLR 2022, "Fine-Tuning can Distort Pretrained Features and '
         'Underperform Out-of-Distribution"). `probe` needs pretrained weights and `model.head: linear`'))
+    norm_statistics: Literal["update", "pretrained"] = Field(description=(
+        'update, or pretrained: every BatchNorm layer keeps the pretrained running statistics (eval mode) while its '
+        'weights still train. `update` (PyTorch\'s train mode) normalizes each batch by its own statistics and moves '
+        'the running ones towards the new data. `pretrained` keeps the features the linear probe was fitted on (so '
+        'a probe head stays valid as the backbone starts to move) and no longer depends on the batch size. Needs '
+        'pretrained weights; models without BatchNorm are unaffected'))
     freeze_epochs: int = Field(ge=0, le=10000, description=(
         'the first epochs train only the new head (the backbone frozen, its BatchNorm statistics too). Frozen params '
         'get no gradient (so no update, no weight decay, no momentum) and frozen BatchNorm layers stay in eval mode '
@@ -402,6 +408,9 @@ class Params(Section):
             if self.model.head != "linear":
                 raise ValueError("train.head_init: probe needs model.head: linear (the probe is one linear layer): "
                                  "set train.head_init: random")
+        if self.train.norm_statistics == "pretrained" and self.model.weights == "none":
+            raise ValueError("train.norm_statistics: pretrained needs pretrained weights (model.weights: none has no "
+                             "statistics to keep): set train.norm_statistics: update")
         return self
     evaluate: EvaluateParams
     gradcam: GradcamParams

@@ -193,8 +193,10 @@ class Freezer:
         return len(trainable), total
 
     def keep_frozen_norm_statistics(self) -> None:
-        """Call after model.train(): frozen BatchNorm layers back to eval mode."""
+        """Call after model.train(): frozen BatchNorm layers back to eval mode, and every one of them with
+        train.norm_statistics: pretrained."""
+        keep_all = self.p.norm_statistics == "pretrained"
         for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None \
-                    and not module.weight.requires_grad:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (keep_all or (
+                    module.weight is not None and not module.weight.requires_grad)):
                 module.eval()

@@ -185,6 +185,26 @@ def test_frozen_batchnorm_layers_run_in_eval_mode():
     assert trainer.model.bn1.training
 
 
+
+def test_pretrained_norm_statistics_keep_every_batchnorm_in_eval_mode_while_its_weights_train():
+    trainer = trainer_with()
+    p = trainer.p.model_copy(update={"norm_statistics": "pretrained"})
+    freezer = Freezer(trainer.model, p)
+    freezer.apply(0)
+    trainer.model.train()
+    freezer.keep_frozen_norm_statistics()
+    norms = [m for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert all(m.weight.requires_grad for m in norms) and trainer.model.layer1.training
+    before = trainer.model.bn1.running_mean.clone()
+    trainer.model(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert torch.equal(trainer.model.bn1.running_mean, before)
+
+
+def test_pretrained_norm_statistics_need_pretrained_weights():
+    with pytest.raises(ParamsError, match="train.norm_statistics: pretrained needs pretrained weights"):
+        params_with(**{"train.norm_statistics": "pretrained"})
+
 # -- loss and head ----------------------------------------------------------------------------------------------
 
 def test_label_smoothing_changes_the_loss():
