@@ -1,25 +1,27 @@
-"""`python -m benchmarks.real_data`: this pipeline, timm's own train.py and a linear probe, on real Stanford Cars
-photos with real ImageNet weights: the same folders, weights, resolution, batch, epochs and augmentation.
+"""`python -m benchmarks.real_data`: this pipeline, timm's own train.py and the pipeline's linear probe, on a real
+dataset with real ImageNet weights: the same folders, weights, resolution, batch, epochs and augmentation.
 
 Needs three things CI does not have (so this is a benchmark with a documented command, never a test):
-- `--cars DIR`: real Stanford Cars as DIR/{train,test}/<class name>/*.jpg, the official 8,144 / 8,041 split, built
-  by `shared/data/build_stanford_cars.sh` (each image the car's bounding box squashed to 224x224, so the figures
-  are not comparable with full-image benchmarks);
+- `--data DIR`: a built dataset as DIR/{train,test}/<class name>/*.jpg, for example real Stanford Cars, the
+  official 8,144 / 8,041 split (`shared/data/build_stanford_cars.sh`: each image the car's bounding box squashed
+  to 224x224, so the figures are not comparable with full-image benchmarks), or Caltech-101, 5,784 / 2,893
+  (`shared/data/build_caltech101.sh`); `--dataset NAME` names its results (default: DIR's name);
 - `--weights FILE`: ImageNet EfficientNet-Lite0 weights in timm's tf_efficientnet_lite0 layout, written by
   `shared/data/build_imagenet_lite0.py`;
 - for the `timm:*` parts, `--timm-train FILE`: timm's own train.py (github:huggingface/pytorch-image-models),
   run with the pinned timm package; it is run, never copied into this repository.
 
 Each part runs in a fresh clone of this repository's HEAD under `--workdir`, pinned to the CPUs of `--cpus` with
-that many PyTorch threads and one loader process, and writes `benchmarks/real_data/<part>.json`. Parts:
+that many PyTorch threads and one loader process, and writes `benchmarks/real_data/<dataset>/<part>.json`. Parts:
 - `pipeline:<recipe>`: `dvc exp run -n <recipe> -S ...` exactly as a user types it (RECIPES below);
 - `timm:<recipe>`: timm's train.py on the same folders with the same settings (TIMM_ARGS: what maps to what);
-- `probe`: logistic regression on the frozen pooled features of the same weights (the floor a fine-tune must beat);
+- `probe`: the pipeline's own stage `probe` alone (`dvc repro probe`): logistic regression on the frozen pooled
+  features of the same weights, the floor a fine-tune must beat (every `pipeline:*` part also reports it);
 - `throughput`: train images/s of both trainers with the `sgd` recipe on the same subset (8 train and 2 test images
   per class), one epoch each, alternated pipeline, timm, pipeline, timm... (`--rounds`), each tool's own epoch
   figure; run it on an otherwise idle machine.
 Two parts given to two processes with different `--cpus` run side by side, paired on the same machine.
-`--table` prints the Markdown table of every part found in benchmarks/real_data/.
+`--table` prints one Markdown table per dataset of every part found in benchmarks/real_data/.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ RECIPES = {
     # `--opt sgd` does, so that the timm peer runs the same optimizer.
     "sgd": {"train.optimizer": "sgd", "train.lr": 0.025, "train.nesterov": "true", "train.weight_decay": 1e-4,
             "train.no_weight_decay_on_norm_and_bias": "true", "train.lr_schedule": "cosine"},
+    # (a') (a) started from the fitted linear probe (LP-FT: Kumar et al., ICLR 2022) with every BatchNorm layer's
+    # pretrained statistics kept, at a gentler lr: for data whose frozen features are already strong.
+    "lpft": {"train.optimizer": "sgd", "train.lr": 0.01, "train.nesterov": "true", "train.weight_decay": 1e-4,
+             "train.no_weight_decay_on_norm_and_bias": "true", "train.lr_schedule": "cosine",
+             "train.head_init": "probe", "train.norm_statistics": "pretrained"},
     # (b) The seeds' "freeze, then differential lr" family (their runs 1-6), with the lr the failed runs lacked:
     # epoch 1 trains the new head alone (a linear probe, BatchNorm statistics frozen), then every layer, the head
     # at 10x the backbone's lr (LP-FT: Kumar et al., ICLR 2022).
@@ -114,24 +121,26 @@ def spread(values: list[float]) -> dict:
             "max": round(max(values), 2)}
 
 
-def pipeline_overrides(recipe: str, cars: Path, weights: Path, threads: int, epochs: int) -> dict:
-    return {**BASE, "data.source": str(cars), "model.weights": str(weights), "train.num_threads": threads,
+def pipeline_overrides(recipe: str, data: Path, weights: Path, threads: int, epochs: int) -> dict:
+    return {**BASE, "data.source": str(data), "model.weights": str(weights), "train.num_threads": threads,
             "train.epochs": epochs, **RECIPES[recipe]}
 
 
 def run_pipeline(recipe: str, args) -> dict:
     clone = fresh_clone(args.workdir / f"pipeline-{recipe}")
-    overrides = pipeline_overrides(recipe, args.cars, args.weights, len(args.cpus), args.epochs)
+    overrides = pipeline_overrides(recipe, args.data, args.weights, len(args.cpus), args.epochs)
     command = ["dvc", "exp", "run", "-n", recipe] + [f"-S{key}={value}" for key, value in overrides.items()]
     seconds = run_logged(command, clone, clone / "run.log", environment(len(args.cpus)))
     metrics = json.loads((clone / "metrics/eval.json").read_text())
     report = json.loads((clone / "metrics/eval_report.json").read_text())
+    probe = json.loads((clone / "metrics/probe.json").read_text())
     curves = clone / "metrics/train/plots/metrics/train"
     speeds = [float(row["images_per_s"]) for row in csv.DictReader(open(curves / "images_per_s.tsv"),
                                                                    delimiter="\t")]
     return {"tool": "pipeline", "recipe": recipe, "command": "dvc exp run " + " ".join(command[3:]),
             "top1": metrics["top1"], "top5": metrics["top5"], "mean_class_accuracy": metrics["mean_class_accuracy"],
-            "tta_top1": metrics.get("tta", {}).get("top1"), "wall_s": round(seconds, 1),
+            "tta_top1": metrics.get("tta", {}).get("top1"), "probe_top1": probe.get("probe_top1"),
+            "wall_s": round(seconds, 1),
             "train_images_per_s": spread(speeds), "most_confused": report["most_confused"][:5],
             "clone": str(clone)}
 
@@ -141,11 +150,11 @@ def run_timm(recipe: str, args) -> dict:
         sys.exit("timm parts need --timm-train PATH: timm's train.py (fetch github:huggingface/pytorch-image-models)")
     out = args.workdir / f"timm-{recipe}"
     out.mkdir(parents=True)
-    command = [sys.executable, str(args.timm_train), "--data-dir", str(args.cars), "--train-split", "train",
+    command = [sys.executable, str(args.timm_train), "--data-dir", str(args.data), "--train-split", "train",
                "--val-split", "test", "--model", ARCH.removeprefix("timm/"), "--pretrained", "--pretrained-path",
-               str(args.weights), "--num-classes", "196", "--img-size", str(BASE["train.resolution"]),
-               "-b", str(BASE["train.batch_size"]), "--epochs", str(args.epochs), "--device", "cpu",
-               "-j", "1", "--log-interval", "20", "--output", str(out), "--experiment", "run",
+               str(args.weights), "--num-classes", str(num_classes(args.data)), "--img-size",
+               str(BASE["train.resolution"]), "-b", str(BASE["train.batch_size"]), "--epochs", str(args.epochs),
+               "--device", "cpu", "-j", "1", "--log-interval", "20", "--output", str(out), "--experiment", "run",
                *TIMM_ARGS[recipe]]
     seconds = run_logged(command, out, out / "run.log", environment(len(args.cpus)))
     rows = list(csv.DictReader(open(out / "run" / "summary.csv")))
@@ -179,14 +188,14 @@ def timm_mean_class_accuracy(model_file: Path, args) -> float:
 
     with torch.serialization.safe_globals([argparse_module.Namespace]):
         state = torch.load(model_file, map_location="cpu", weights_only=True)["state_dict"]
-    model = timm.create_model(ARCH.removeprefix("timm/"), num_classes=196)
+    model = timm.create_model(ARCH.removeprefix("timm/"), num_classes=num_classes(args.data))
     model.load_state_dict(state)
     model = model.to(memory_format=torch.channels_last).eval()
     config = resolve_data_config({"input_size": (3, BASE["train.resolution"], BASE["train.resolution"])},
                                  model=model)
-    test = ImageDataset(str(args.cars / "test"), transform=create_transform(**config))  # train.py's class order
+    test = ImageDataset(str(args.data / "test"), transform=create_transform(**config))  # train.py's class order
     loader = torch.utils.data.DataLoader(test, batch_size=64, num_workers=1)
-    correct, total = torch.zeros(196), torch.zeros(196)
+    correct, total = torch.zeros(model.num_classes), torch.zeros(model.num_classes)
     with torch.inference_mode():
         for images, labels in loader:
             hits = (model(images.contiguous(memory_format=torch.channels_last)).argmax(1) == labels).float()
@@ -195,10 +204,10 @@ def timm_mean_class_accuracy(model_file: Path, args) -> float:
     return round((correct / total).mean().item(), 5)
 
 
-def subset_folder(cars: Path, dest: Path, per_split: dict[str, int]) -> Path:
+def subset_folder(data: Path, dest: Path, per_split: dict[str, int]) -> Path:
     """The first images of each class, copied (fetch refuses links that leave data.source), in the same layout."""
     for split, count in per_split.items():
-        for class_dir in sorted((cars / split).iterdir()):
+        for class_dir in sorted((data / split).iterdir()):
             (dest / split / class_dir.name).mkdir(parents=True)
             for image in sorted(class_dir.iterdir())[:count]:
                 shutil.copyfile(image, dest / split / class_dir.name / image.name)
@@ -206,7 +215,7 @@ def subset_folder(cars: Path, dest: Path, per_split: dict[str, int]) -> Path:
 
 
 def run_throughput(args) -> dict:
-    subset = subset_folder(args.cars, args.workdir / "throughput-subset", {"train": 8, "test": 2})
+    subset = subset_folder(args.data, args.workdir / "throughput-subset", {"train": 8, "test": 2})
     clone = fresh_clone(args.workdir / "throughput-pipeline")
     threads = len(args.cpus)
     env = environment(threads)
@@ -216,7 +225,7 @@ def run_throughput(args) -> dict:
     out.mkdir()
     timm_command = [sys.executable, str(args.timm_train), "--data-dir", str(subset), "--train-split", "train",
                     "--val-split", "test", "--model", ARCH.removeprefix("timm/"), "--pretrained",
-                    "--pretrained-path", str(args.weights), "--num-classes", "196", "--img-size",
+                    "--pretrained-path", str(args.weights), "--num-classes", str(num_classes(args.data)), "--img-size",
                     str(BASE["train.resolution"]), "-b", str(BASE["train.batch_size"]), "--epochs", "1",
                     "--device", "cpu", "-j", "1", "--log-interval", "10", "--output", str(out), *TIMM_ARGS["sgd"]]
     figures = {"pipeline": [], "timm train.py": []}
@@ -236,21 +245,17 @@ def run_throughput(args) -> dict:
 
 
 def run_probe(args) -> dict:
-    """Fetch and prepare as the pipeline does (its own clone), pooled features of the frozen weights through the
-    pipeline's eval transform, then scikit-learn's logistic regression: C chosen on a stratified 20% of train,
-    refitted on all of train, scored on test."""
+    """The pipeline's own stage `probe` (after fetch and prepare) in a clone of its own, nothing else."""
     clone = fresh_clone(args.workdir / "probe")
-    overrides = pipeline_overrides("sgd", args.cars, args.weights, len(args.cpus), args.epochs)
-    env = environment(len(args.cpus))
-    set_params(clone, overrides)
-    start = time.perf_counter()
-    run_logged(["dvc", "repro", "prepare"], clone, clone / "prepare.log", env)
-    features_log = clone / "probe.log"
-    run_logged([sys.executable, "-m", "benchmarks.real_data", "--probe-features", "--cpus",
-                ",".join(map(str, args.cpus))], clone, features_log, env)
-    result = json.loads((clone / "probe.json").read_text())
-    return {"tool": "linear probe", "recipe": "logistic regression on frozen pooled features", **result,
-            "tta_top1": None, "wall_s": round(time.perf_counter() - start, 1), "epochs": None}
+    set_params(clone, pipeline_overrides("sgd", args.data, args.weights, len(args.cpus), args.epochs))
+    seconds = run_logged(["dvc", "repro", "probe"], clone, clone / "run.log", environment(len(args.cpus)))
+    report = json.loads((clone / "metrics/probe_report.json").read_text())
+    return {"tool": "linear probe", "recipe": "the pipeline's stage probe: logistic regression on frozen pooled "
+            "features", "top1": report["top1"], "top5": report["top5"],
+            "mean_class_accuracy": report["mean_class_accuracy"], "C": report["regularization"],
+            "held_out_scores": report["held_out_accuracy"],
+            "feature_images_per_s": {"train": report["feature_images_per_s"]}, "tta_top1": None,
+            "wall_s": round(seconds, 1), "epochs": None}
 
 
 def set_params(clone: Path, overrides: dict) -> None:
@@ -264,63 +269,18 @@ def set_params(clone: Path, overrides: dict) -> None:
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def probe_features() -> None:
-    """In a clone whose data/prepared is built: writes probe.json (top-1, mean per-class, features images/s)."""
-    import numpy as np
-    import torch
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
-    from torch import nn
-
-    from finetune.data import ImageSplit, make_loader, open_split
-    from finetune.model import build_model, model_preprocessing
-    from finetune.params import load_params
-    from finetune.transforms import eval_transform, to_model_input
-
-    params = load_params()
-    torch.set_num_threads(params.train.num_threads if params.train.num_threads != "auto" else 1)
-    model = build_model(params.model.arch, 196, params.model.weights)
-    preprocessing = model_preprocessing(model, params.train.resolution, params.train.crop)
-    model.set_submodule(model.head_paths[0], nn.Identity())
-    model.eval()
-
-    def features(split_name: str) -> tuple[np.ndarray, np.ndarray, float]:
-        split = open_split(split_name)
-        loader = make_loader(ImageSplit(split, eval_transform(preprocessing)), 64, 1)
-        chunks, labels, start = [], [], time.perf_counter()
-        with torch.inference_mode():
-            for images, batch_labels in loader:
-                chunks.append(model(to_model_input(images, torch.device("cpu"), False, preprocessing.mean,
-                                                   preprocessing.std)).numpy())
-                labels.append(batch_labels.numpy())
-        return np.concatenate(chunks), np.concatenate(labels), len(split) / (time.perf_counter() - start)
-
-    train_x, train_y, train_rate = features("train")
-    test_x, test_y, test_rate = features("test")
-    scaler = StandardScaler().fit(train_x)
-    train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
-    fit_x, held_x, fit_y, held_y = train_test_split(train_x, train_y, test_size=0.2, stratify=train_y, random_state=0)
-    scores = {}
-    for c in (0.01, 0.03, 0.1, 0.3):
-        scores[c] = LogisticRegression(C=c, max_iter=300).fit(fit_x, fit_y).score(held_x, held_y)
-        print(f"probe: C={c}: held-out 20% of train {scores[c]:.4f}", flush=True)
-    best = max(scores, key=scores.get)
-    classifier = LogisticRegression(C=best, max_iter=300).fit(train_x, train_y)
-    predicted = classifier.predict(test_x)
-    per_class = [float((predicted[test_y == k] == k).mean()) for k in np.unique(test_y)]
-    result = {"top1": round(float((predicted == test_y).mean()), 5),
-              "top5": round(float((np.argsort(-classifier.predict_proba(test_x), 1)[:, :5] == test_y[:, None])
-                                  .any(1).mean()), 5),
-              "mean_class_accuracy": round(float(np.mean(per_class)), 5), "C": best,
-              "held_out_scores": {str(k): round(v, 5) for k, v in scores.items()},
-              "feature_images_per_s": {"train": round(train_rate, 2), "test": round(test_rate, 2)}}
-    Path("probe.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"probe: test top-1 {result['top1']:.4f}, mean per-class {result['mean_class_accuracy']:.4f} (C={best})")
+def num_classes(data: Path) -> int:
+    return sum(1 for path in (data / "train").iterdir() if path.is_dir())
 
 
 def print_table() -> None:
-    rows = [row for path in sorted(RESULTS.glob("*.json")) if (row := json.loads(path.read_text()))["top1"] is not None]
+    for folder in sorted(path for path in RESULTS.iterdir() if path.is_dir()):
+        print(f"\n{folder.name}\n")
+        print_dataset_table([row for path in sorted(folder.glob("*.json"))
+                             if (row := json.loads(path.read_text()))["top1"] is not None])
+
+
+def print_dataset_table(rows: list[dict]) -> None:
     print("| Run | Recipe | Resolution | Epochs | Test top-1 | Mean per-class | TTA top-1 | Wall time | "
           "Train images/s (min / median / max over epochs) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -337,27 +297,26 @@ def print_table() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*", help="pipeline:<recipe>, timm:<recipe>, probe")
-    parser.add_argument("--cars", type=Path, help="the built Stanford Cars folder (train/, test/)")
+    parser.add_argument("--data", type=Path, help="a built dataset folder (train/, test/): Stanford Cars, Caltech-101")
+    parser.add_argument("--dataset", help="the name its results are filed under (default: the folder's name)")
     parser.add_argument("--weights", type=Path, help="EfficientNet-Lite0 weights (build_imagenet_lite0.py)")
     parser.add_argument("--timm-train", type=Path, help="timm's train.py")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/real_data"))
     parser.add_argument("--cpus", type=lambda s: [int(c) for c in s.split(",")], default=[0])
     parser.add_argument("--epochs", type=int, default=BASE["train.epochs"])
     parser.add_argument("--rounds", type=int, default=3, help="throughput: pairs of runs")
-    parser.add_argument("--table", action="store_true", help="print the table of benchmarks/real_data/*.json")
-    parser.add_argument("--probe-features", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="print the tables of benchmarks/real_data/*/*.json")
     args = parser.parse_args()
     if args.table:
         return print_table()
     os.sched_setaffinity(0, args.cpus)
-    if args.probe_features:
-        return probe_features()
-    for name in ("cars", "weights"):
+    for name in ("data", "weights"):
         if getattr(args, name) is None or not getattr(args, name).exists():
             sys.exit(f"--{name} is missing or does not exist (see this module's docstring)")
-    args.cars, args.weights = args.cars.resolve(), args.weights.resolve()
+    args.data, args.weights = args.data.resolve(), args.weights.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(exist_ok=True)
+    results = RESULTS / (args.dataset or args.data.name)
+    results.mkdir(parents=True, exist_ok=True)
     # The code the parts run: each clones HEAD as it is now
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
@@ -374,12 +333,13 @@ def main() -> None:
             result = run_throughput(args)
         else:
             sys.exit(f"unknown part {part}: pipeline:<recipe>, timm:<recipe> or probe")
-        result |= {"epochs": result.get("epochs", args.epochs), "resolution": BASE["train.resolution"],
+        result |= {"dataset": results.name, "epochs": result.get("epochs", args.epochs),
+                   "resolution": BASE["train.resolution"],
                    "commit": commit,
                    "cpus": len(args.cpus), "threads": len(args.cpus), "date": time.strftime("%Y-%m-%d"),
                    "machine": f"{os.cpu_count()}-core CPU, no GPU", "load_average_after": os.getloadavg()}
         name = part.replace(":", "-")
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         if result["top1"] is not None:
             print(f"real_data: {part}: test top-1 {result['top1']:.2%}, {result['wall_s'] / 60:.1f} min", flush=True)
 
