@@ -6,18 +6,26 @@ Stanford Cars defaults and every run passes a CPU trial's params with -S, all of
 the one param that differs cut off at 150). Here only what differs among the runs listed is shown. Experiments
 of every commit are listed (`dvc exp show -A`: an experiment made before a commit stays in the table), with
 the commits that hold a run of their own; `--rev REV` limits them to one commit's.
+
+Below the table, every run is paired with the best one (highest top-1) on the same test images: the exact
+McNemar test on their per-image correctness (plots/predictions.csv, kept in git by each run), so that a
+difference of a few images is called what it is, within noise, with the test size such a difference would need.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import shutil
 import subprocess
 import sys
+import textwrap
 
 from finetune.errors import StageError, run_stage
-from finetune.paths import EVAL_METRICS, PROBE_METRICS
+from finetune.paths import EVAL_METRICS, PREDICTIONS_CSV, PROBE_METRICS
+from finetune.stats import images_for_significance, paired, points, wilson_interval
 
 DEFAULT_WIDTH = 150
 METRICS = (("top1", "top1"), ("top5", "top5"), ("mean_class_accuracy", "mean/class"), ("tta.top1", "TTA top1"),
@@ -48,7 +56,8 @@ def runs_of(shown: list[dict]) -> list[dict]:
         probe = (files.get(str(PROBE_METRICS)) or {}).get("data") or {}
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if metrics and params:
-            rows.append({"name": name, "created": data.get("timestamp") or "", "params": flatten(params),
+            rows.append({"name": name, "rev": record.get("rev"), "created": data.get("timestamp") or "",
+                         "params": flatten(params),
                          "metrics": flatten(metrics | probe)})
 
     for commit in shown:
@@ -119,6 +128,43 @@ def table(rows: list[dict], width: int) -> str:
     return "\n".join(line[:width] if index < len(rows) + 2 else line for index, line in enumerate(lines))
 
 
+def correctness(rev: str) -> dict[str, bool] | None:
+    """Per test image id, whether the run at git revision `rev` got it right; None when it kept no predictions."""
+    shown = subprocess.run(["git", "show", f"{rev}:{PREDICTIONS_CSV.as_posix()}"], capture_output=True, text=True)
+    if shown.returncode:
+        return None
+    return {row["id"]: row["actual"] == row["predicted"] for row in csv.DictReader(io.StringIO(shown.stdout))}
+
+
+def noise_lines(rows: list[dict], predictions: dict[str, dict[str, bool] | None], width: int) -> list[str]:
+    """The best run's top-1 with its 95% interval, then every other run paired with it on the same test images,
+    wrapped to `width` columns."""
+    have = [row for row in rows if predictions.get(row["name"])]
+    if len(have) < 2:
+        return []
+    best = max(have, key=lambda row: row["metrics"].get("top1", 0))
+    reference = predictions[best["name"]]
+    low, high = wilson_interval(sum(reference.values()), len(reference))
+    lines = [f"Within noise? Each run against the best, {best['name']} (top-1 95% interval {low:.2%}-{high:.2%} on "
+             f"{len(reference):,} test images), by an exact McNemar test on the same images:"]
+    for row in have:
+        if row is best:
+            continue
+        other = predictions[row["name"]]
+        if other.keys() != reference.keys():
+            lines.append(f"  {row['name']}: other test images than {best['name']}'s: not comparable")
+            continue
+        ids = sorted(reference)
+        pair = paired([other[i] for i in ids], [reference[i] for i in ids])
+        verdict = "beyond noise" if pair.beyond_noise else "within noise"
+        needed = images_for_significance(pair) if not pair.beyond_noise else None
+        lines.append(f"  {row['name']}: {points(pair.difference)} ({pair.only_first_right} images right only here, "
+                     f"{pair.only_second_right} only in {best['name']}), p = {pair.p_value:.2g}: {verdict}"
+                     + (f"; a difference like this needs about {needed:,} test images" if needed else ""))
+    return [wrapped for line in lines for wrapped in textwrap.wrap(
+        line, width, subsequent_indent="    " if line.startswith("  ") else "  ")]
+
+
 def show_experiments(rev: str | None) -> list[dict]:
     command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else ["--all-commits"])]
     try:
@@ -140,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         raise StageError("no experiment with metrics/eval.json yet: run `dvc exp run` (or `dvc repro`) first")
     print(table(rows, args.width))
+    predictions = {row["name"]: correctness(row["rev"]) for row in rows if row.get("rev")}
+    if lines := noise_lines(rows, predictions, args.width):
+        print("\n" + "\n".join(lines))
     sys.stdout.flush()
 
 

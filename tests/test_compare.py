@@ -54,3 +54,26 @@ def test_params_that_do_not_fit_are_named_not_cut():
     text = compare.table(rows, 80)
     assert all(len(line) <= 80 for line in text.splitlines()[:4])
     assert "more param(s) differ, left out to fit 80 columns" in text and "--width" in text
+
+
+def test_runs_that_differ_by_a_few_test_images_are_called_within_noise():
+    """Issue 31: three runs 1-2 images apart of 189 were shown as deltas a user ranked them by; now each is paired
+    with the best run on the same images (exact McNemar) and the verdict says whether the test split can tell."""
+    ids = [f"test/c{i % 7}/{i}.jpg" for i in range(189)]
+    best = {i: n >= 1 for n, i in enumerate(ids)}  # 188 of 189 right
+    close = {i: n >= 2 for n, i in enumerate(ids)}  # one image fewer
+    far = {i: n >= 60 for n, i in enumerate(ids)}  # 59 images fewer
+    rows = [{"name": name, "metrics": {"top1": sum(hits.values()) / len(hits)}}
+            for name, hits in (("close", close), ("best", best), ("far", far))]
+    predictions = {"close": close, "best": best, "far": far}
+    lines = compare.noise_lines(rows, predictions, 150)
+    text = "\n".join(lines)
+    assert all(len(line) <= 150 for line in lines)
+    assert "against the best, best" in text and "189 test images" in text
+    close_line = next(line for line in lines if line.strip().startswith("close:"))
+    assert "-0.5 points" in close_line and "p = 1: within noise" in close_line
+    far_line = next(line for line in lines if line.strip().startswith("far:"))
+    assert "-31.2 points" in far_line and "beyond noise" in far_line
+    shuffled = {"best": best, "close": {f"other{i}": v for i, v in close.items()}}
+    assert "not comparable" in "\n".join(compare.noise_lines(rows[:2], shuffled, 150))
+    assert compare.noise_lines(rows[:1], predictions, 150) == []  # one run: nothing to pair

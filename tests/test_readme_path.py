@@ -51,6 +51,7 @@ def test_the_readme_cpu_path_from_trial_to_comparing_runs_in_a_used_clone(tmp_pa
     lines = table.splitlines()
     assert max(map(len, lines)) <= 150 and lines[0].split()[-1] == "lr", table
     assert any("cpu-trial-offline" in line and "0.025" in line for line in lines)
+    assert "Within noise? Each run against the best" in table and "exact McNemar" in table  # paired, issue 31
 
     shell("git add -A && git commit -qm 'CPU trial'", clone)  # before queueing (docs/operations.md)
     assert "my_images" not in shell("git show --stat HEAD", clone).stdout  # the photos stay out of git
