@@ -93,7 +93,8 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
         "## Data\n\n" + f"Source: {markdown_code(str(d.get('source')))}. Images (train / validation / test): "
         + " / ".join(str(splits[s]["images"]) if s in splits else "-" for s in ("train", "validation", "test"))
         + f". Dropped as unreadable or refused: {data.get('dropped', 0)}; the same image in two splits: "
-          f"{data.get('duplicates_across_splits', 0)}.\n\nClasses: {shown}.",
+          f"{data.get('duplicates_across_splits', 0)} ({data.get('test_copies_of_train', 0)} of them test copies of "
+          f"train images); under two labels: {data.get('conflicting_labels', 0)}.\n\nClasses: {shown}.",
         "## Results on the test split\n\n" + markdown_table(metrics, {"what": "metric", "value": "value"})
         + f"\n\nThe export was checked against the PyTorch model on {check['images']} test images: top-1 agreement "
           f"{check['top1_agreement']:.0%}, largest logit difference {check['relative_logit_difference']:.1e} of "

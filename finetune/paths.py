@@ -1,7 +1,7 @@
 """Every file the stages exchange, in one place: what each stage reads and writes (dvc.yaml declares the same).
 
 fetch     -> RAW_DIR
-prepare   RAW_DIR -> PREPARED_DIR, DATA_METRICS, DROPPED_LIST
+prepare   RAW_DIR -> PREPARED_DIR, DATA_METRICS, DROPPED_LIST, DUPLICATES_LIST
 check     params.yaml -> PARAMS_CHECK (every other stage depends on it: bad params stop the run before DVC
           deletes any stage's outputs)
 probe     PREPARED_DIR -> PROBE_HEAD, PROBE_METRICS, PROBE_REPORT, PROBE_PREDICTIONS
@@ -25,6 +25,7 @@ LEFT_OUT_FILES = RAW_DIR / "left_out.json"  # source files fetch did not take, w
 PREPARED_DIR = Path("data/prepared")
 DATA_METRICS = Path("metrics/data.json")
 DROPPED_LIST = Path("metrics/dropped_images.csv")
+DUPLICATES_LIST = Path("metrics/duplicate_images.csv")  # every repeated image: across splits or under two labels
 
 PARAMS_CHECK = Path("metrics/params_check.txt")
 

@@ -248,20 +248,39 @@ def split_metrics(labels: list[int], report: SplitReport | None, num_classes: in
     return metrics
 
 
-def duplicates_across_splits(members: dict[str, tuple[list[str], list[str]]]) -> list[dict]:
-    """Images whose source bytes also appear in another split (a test image that is also a train image
-    inflates the test score): one row per image outside train, naming the first copy found elsewhere."""
-    first_seen: dict[str, tuple[str, str]] = {}
-    for split in SPLITS:
-        for image_id, digest in zip(*members.get(split, ([], []))):
-            first_seen.setdefault(digest, (split, image_id))
+DUPLICATE_COLUMNS = ["image", "label", "same_as", "same_as_label", "kind"]
+
+
+def duplicate_images(members: dict[str, tuple[list[str], list[str]]], labels: dict[str, list[int]],
+                     names: list[str]) -> list[dict]:
+    """Every image whose source bytes were seen before it (splits in the order train, validation, test), naming
+    the first copy: a copy in another split (a test image that is a train image is not held out: it lifts the
+    test score), or the same photo under another label, in any split. A copy under the same label in the same
+    split is harmless and not listed."""
+    first_seen: dict[str, tuple[str, str, int]] = {}
     rows = []
-    for split in SPLITS[1:]:
-        for image_id, digest in zip(*members.get(split, ([], []))):
-            other_split, other_id = first_seen[digest]
-            if other_split != split:
-                rows.append({"image": qualified(split, image_id), "same_as": qualified(other_split, other_id)})
+    for split in SPLITS:
+        ids, digests = members.get(split, ([], []))
+        for image_id, digest, label in zip(ids, digests, labels.get(split, [])):
+            if digest not in first_seen:
+                first_seen[digest] = (split, image_id, label)
+                continue
+            other_split, other_id, other_label = first_seen[digest]
+            kinds = ([f"{split} copy of a {other_split} image"] if other_split != split else []) + (
+                ["labelled differently"] if label != other_label else [])
+            if kinds:
+                rows.append({"image": qualified(split, image_id), "label": names[label],
+                             "same_as": qualified(other_split, other_id), "same_as_label": names[other_label],
+                             "kind": "; ".join(kinds)})
     return rows
+
+
+def duplicate_counts(rows: list[dict]) -> dict[str, int]:
+    """What data.json says of them: copies across splits, test images that are train images (the only ones that
+    can lift the test score), and photos under two labels."""
+    return {"duplicates_across_splits": sum(1 for row in rows if "copy of" in row["kind"]),
+            "test_copies_of_train": sum(1 for row in rows if "test copy of a train image" in row["kind"]),
+            "conflicting_labels": sum(1 for row in rows if "labelled differently" in row["kind"])}
 
 
 def qualified(split: str, image_id: str) -> str:

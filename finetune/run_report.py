@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from finetune.markdown import markdown_table, markdown_text
 from finetune.params import Params
+from finetune.paths import DUPLICATES_LIST
 from finetune.stats import (
     Paired,
     bootstrap_mean_class_interval,
@@ -268,11 +269,29 @@ def headline(params: Params, results: RunResults) -> list[dict]:
         {"what": "classes", "value": data["classes"]},
         {"what": "images dropped by prepare (unreadable)", "value": data["dropped"]},
     ]
-    if data.get("duplicates_across_splits"):  # real Stanford Cars has 19 (prepare lists them)
-        rows.append({"what": "images also in another split (the same bytes: not held out)",
-                     "value": f"{data['duplicates_across_splits']} (listed by prepare; they lift the test score "
-                              f"by at most {data['duplicates_across_splits'] / max(splits['test']['images'], 1):.2%})"
-                     if "test" in splits else data["duplicates_across_splits"]})
+    return rows + duplicate_rows(data)
+
+
+def duplicate_rows(data: dict) -> list[dict]:
+    """The repeated images prepare found (real Stanford Cars has 19 test images that are train images): only
+    test copies of train images can lift the test score; copies elsewhere and photos under two labels are named
+    for what they are."""
+    test_images = data["splits"].get("test", {}).get("images", 0)
+    lifting = data.get("test_copies_of_train", 0)
+    other_copies = data.get("duplicates_across_splits", 0) - lifting
+    conflicts = data.get("conflicting_labels", 0)
+    rows = []
+    if lifting:
+        rows.append({"what": "test images that are train images (the same bytes: not held out)",
+                     "value": f"{lifting} (listed in {DUPLICATES_LIST}; they lift the test score by at most "
+                              f"{lifting / max(test_images, 1):.2%})"})
+    if other_copies:
+        rows.append({"what": "other images in two splits (validation copies of train, test copies of validation)",
+                     "value": f"{other_copies} (listed in {DUPLICATES_LIST}; they do not lift the test score)"})
+    if conflicts:
+        rows.append({"what": "images under two labels (the same bytes in two classes)",
+                     "value": f"{conflicts} (listed in {DUPLICATES_LIST}: labelled one way here and another there; "
+                              "the model is taught and scored against both)"})
     return rows
 
 

@@ -21,13 +21,15 @@ import datasets
 from finetune.errors import StageError, run_stage
 from finetune.files import atomic_dir, scratch_dir, write_csv, write_json
 from finetune.params import Params, load_params
-from finetune.paths import DATA_METRICS, DROPPED_LIST, PREPARED_DIR, RAW_DIR
+from finetune.paths import DATA_METRICS, DROPPED_LIST, DUPLICATES_LIST, PREPARED_DIR, RAW_DIR
 from finetune.preparation import (
+    DUPLICATE_COLUMNS,
     SPLITS,
     SplitReport,
     carve_splits,
     check_split_layout,
-    duplicates_across_splits,
+    duplicate_counts,
+    duplicate_images,
     left_out_by_fetch,
     split_metrics,
     write_split,
@@ -61,7 +63,7 @@ def prepare(params: Params) -> None:
         with atomic_dir(PREPARED_DIR) as out:
             datasets.DatasetDict(outputs).save_to_disk(str(out), max_shard_size="500MB")
     report_data(names, labels, {name: split.report for name, split in written.items()},
-                duplicates_across_splits(members))
+                duplicate_images(members, labels, names))
 
 
 
@@ -71,13 +73,14 @@ def report_data(names: list[str], labels: dict[str, list[int]], reports: dict[st
     dropped = [row for report in reports.values() for row in report.dropped]
     write_csv(DROPPED_LIST, dropped + [{**row, "reason": f"fetch: {row['reason']}"} for row in left_out],
               ["split", "id", "reason"])
+    write_csv(DUPLICATES_LIST, duplicates, DUPLICATE_COLUMNS)
     train_labels = set(labels["train"])
     without_train = [name for i, name in enumerate(names) if i not in train_labels]
     write_json(DATA_METRICS, {
         "classes": len(names),
         "dropped": len(dropped),
         "ignored_files": len(left_out),
-        "duplicates_across_splits": len(duplicates),
+        **duplicate_counts(duplicates),
         "classes_without_train_images": len(without_train),
         "splits": {name: split_metrics(split_labels, reports.get(name), len(names))
                    for name, split_labels in labels.items()},
@@ -87,9 +90,15 @@ def report_data(names: list[str], labels: dict[str, list[int]], reports: dict[st
           f"out by fetch (all listed in {DROPPED_LIST})")
     for row in dropped[:10]:
         print(f"  dropped {row['id']}: {row['reason']}")
-    warn(duplicates, lambda row: f"{row['image']} is the same image as {row['same_as']}",
-         "image(s) appear in two splits (the same bytes); their test score is not a held-out score. Remove the "
-         "copies from the source")
+    copies = [row for row in duplicates if "copy of" in row["kind"]]
+    warn(copies, lambda row: f"{row['image']} is the same image as {row['same_as']}",
+         f"image(s) appear in two splits (the same bytes; all listed in {DUPLICATES_LIST}); a test copy of a train "
+         "image is not held out. Remove the copies from the source")
+    warn([row for row in duplicates if "labelled differently" in row["kind"]],
+         lambda row: f"{row['image']} is the same image as {row['same_as']}: labelled {row['label']!r} here and "
+                     f"{row['same_as_label']!r} there",
+         f"image(s) carry two labels (the same bytes under two classes; listed in {DUPLICATES_LIST}). Keep each "
+         "photo in its one right class")
     warn(without_train, lambda name: name, "class(es) have no train image left (all dropped or left out); the "
          "model cannot learn them. Add images or remove the class")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -306,7 +307,12 @@ def test_duplicates_and_classes_without_train_images_are_reported(tmp_path, imag
     result = run_stage("prepare", work)
     data = json.loads((work / "metrics/data.json").read_text())
     assert data["duplicates_across_splits"] == 1 and data["classes_without_train_images"] == 1
+    assert data["test_copies_of_train"] == 1 and data["conflicting_labels"] == 0
     assert f"\n  test/{classes[1]}/000.jpg is the same image as train/{classes[1]}/007.jpg\n" in result.stderr
+    listed = list(csv.DictReader(open(work / "metrics/duplicate_images.csv")))
+    assert listed == [{"image": f"test/{classes[1]}/000.jpg", "label": classes[1],
+                       "same_as": f"train/{classes[1]}/007.jpg", "same_as_label": classes[1],
+                       "kind": "test copy of a train image"}]
     assert "1 class(es) have no train image left" in result.stderr and f"  {classes[2]}" in result.stderr
     assert not orphan.exists()
 
@@ -376,3 +382,30 @@ def test_a_huge_16_bit_or_rgba_png_is_reduced_before_its_mode_is_converted(mode,
     peak = subprocess.run([sys.executable, "-c", HUGE_IMAGE_MEMORY, mode, "9000"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout.strip()
     assert int(peak) < decoded_mb + 250, f"{mode}: +{peak} MB for a {decoded_mb} MB decoded image"
+
+
+def test_every_repeated_image_is_listed_with_its_kind_and_labels():
+    """Hostile round 3: D1 (validation copies were counted as lifting the test score), D2 and D5 (the same photo
+    under two classes was not reported, or reported as a plain duplicate), D4 ("listed by prepare" listed 10 of
+    42: now every row is returned, and prepare writes them all to metrics/duplicate_images.csv)."""
+    from finetune.preparation import duplicate_counts, duplicate_images
+
+    names = ["cat", "dog"]
+    members = {"train": (["train/cat/a.jpg", "train/dog/a2.jpg", "train/cat/b.jpg", "train/cat/b2.jpg"]
+                         + [f"train/cat/x{i}.jpg" for i in range(42)],
+                         ["A", "A", "B", "B"] + [f"X{i}" for i in range(42)]),
+               "validation": (["validation/cat/b.jpg"], ["B"]),
+               "test": ([f"test/cat/x{i}.jpg" for i in range(42)] + ["test/dog/b.jpg"],
+                        [f"X{i}" for i in range(42)] + ["B"])}
+    labels = {"train": [0, 1, 0, 0] + [0] * 42, "validation": [0], "test": [0] * 42 + [1]}
+    rows = duplicate_images(members, labels, names)
+    by_image = {row["image"]: row for row in rows}
+    assert by_image["train/dog/a2.jpg"] == {"image": "train/dog/a2.jpg", "label": "dog", "same_as": "train/cat/a.jpg",
+                                            "same_as_label": "cat", "kind": "labelled differently"}  # D2
+    assert "train/cat/b2.jpg" not in by_image  # the same label in the same split: harmless
+    assert by_image["validation/cat/b.jpg"]["kind"] == "validation copy of a train image"  # D1
+    assert by_image["test/dog/b.jpg"]["kind"] == "test copy of a train image; labelled differently"  # D5
+    assert len(rows) == 45  # D4: all 42 test copies, not 10
+    assert duplicate_counts(rows) == {"duplicates_across_splits": 44, "test_copies_of_train": 43,
+                                      "conflicting_labels": 2}
+

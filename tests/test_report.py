@@ -150,7 +150,7 @@ def test_images_in_two_splits_are_in_the_headline():
 
     params = SimpleNamespace(train=SimpleNamespace(epochs=4))
     data = {"splits": {"train": {"images": 8144}, "test": {"images": 8041}}, "classes": 196, "dropped": 0,
-            "duplicates_across_splits": 19}
+            "duplicates_across_splits": 19, "test_copies_of_train": 19, "conflicting_labels": 0}
     test = report.TestScores(8041, 6433, (0.79, 0.81), {})
     probe = report.ProbeComparison(reason="model.weights: none")
 
@@ -159,10 +159,22 @@ def test_images_in_two_splits_are_in_the_headline():
                                  test, probe)
 
     rows = report.headline(params, results(data))
-    (row,) = [r for r in rows if "another split" in r["what"]]
-    assert row["value"].startswith("19 (") and "0.24%" in row["value"]
-    rows = report.headline(params, results(data | {"duplicates_across_splits": 0}))
-    assert not [r for r in rows if "another split" in r["what"]]
+    (row,) = [r for r in rows if "test images that are train images" in r["what"]]
+    assert row["value"].startswith("19 (") and "0.24%" in row["value"] and "duplicate_images.csv" in row["value"]
+    rows = report.headline(params, results(data | {"duplicates_across_splits": 0, "test_copies_of_train": 0}))
+    assert not [r for r in rows if "split" in r["what"] and "images (" not in r["what"]]
+
+    # Hostile round 3, D1: 6 train images copied into validation, none into test, were reported as lifting the
+    # test score by 6 / 13 = 46.15%. D2: the same photo under two classes was not reported at all.
+    small = {"splits": {"train": {"images": 60}, "validation": {"images": 12}, "test": {"images": 13}},
+             "classes": 3, "dropped": 0, "duplicates_across_splits": 6, "test_copies_of_train": 0,
+             "conflicting_labels": 2}
+    rows = report.headline(params, results(small))
+    text = "\n".join(f"{r['what']}: {r['value']}" for r in rows)
+    assert "lift the test score by" not in text and "46.15%" not in text
+    assert "validation copies of train" in text
+    assert "6 (listed in metrics/duplicate_images.csv; they do not lift" in text
+    assert "images under two labels (the same bytes in two classes): 2 (" in text
 
 
 def test_a_grid_of_one_tile_keeps_its_width_title_and_probability(tmp_path):
