@@ -154,16 +154,35 @@ def read_torch(path: Path | str):
         raise TorchFileUnreadable(f"{type(error).__name__}: {first}") from None
 
 
+def escaped(text: str) -> str:
+    """Text UTF-8 can hold: the bytes of a file name that were not UTF-8 (Python keeps them as lone surrogates,
+    which no UTF-8 file can store) written as \\xNN, e.g. a Latin-1 `caf\\xe9.jpg`."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that did not come from a byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def escaped_values(data):
+    if isinstance(data, str):
+        return escaped(data)
+    if isinstance(data, dict):
+        return {escaped_values(key): escaped_values(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [escaped_values(value) for value in data]
+    return data
+
+
 def write_json(path: Path | str, data) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps(escaped_values(data), indent=2, ensure_ascii=False) + "\n")
 
 
 def write_csv(path: Path | str, rows: list[dict], columns: list[str]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(escaped_values(rows))
 
 
 def read_csv(path: Path | str) -> list[dict]:

@@ -156,3 +156,19 @@ def test_help_answers_without_importing_torch():
     usage = subprocess.run([sys.executable, "-m", "commands.predict", "--help"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout
     assert usage.startswith("usage: python -m commands.predict")
+
+
+def test_names_that_are_not_utf8_are_written_escaped_and_every_result_kept(tmp_path, model_file, monkeypatch):
+    """Hostile round 3, Q1: a Latin-1 file name (caf\\xe9.jpg) or folder (dir\\xff) was classified, then writing
+    predictions.json raised UnicodeEncodeError and no result was saved."""
+    monkeypatch.chdir(tmp_path)
+    folder = os.fsencode(tmp_path) + b"/dir\xff"
+    os.mkdir(folder)
+    for name in (folder + b"/caf\xe9.jpg", os.fsencode(tmp_path) + b"/caf\xe9.jpg"):
+        with open(name, "wb") as out:
+            Image.new("RGB", (60, 40), (200, 30, 30)).save(out, "JPEG")
+    arguments = [os.fsdecode(folder), os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.jpg")]
+    assert predict.main([*arguments, "--model", str(model_file), "--out", str(tmp_path / "p")]) == 0
+    files = [row["file"] for row in json.loads((tmp_path / "p.json").read_text(encoding="utf-8"))["images"]]
+    assert [Path(file).name for file in files] == ["caf\\xe9.jpg", "caf\\xe9.jpg"] and "dir\\xff" in files[0]
+    assert (tmp_path / "p.csv").read_text(encoding="utf-8").count("caf\\xe9.jpg,1,") == 2
