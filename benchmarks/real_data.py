@@ -58,11 +58,11 @@ RECIPES = {
     # `--opt sgd` does, so that the timm peer runs the same optimizer.
     "sgd": {"train.optimizer": "sgd", "train.lr": 0.025, "train.nesterov": "true", "train.weight_decay": 1e-4,
             "train.no_weight_decay_on_norm_and_bias": "true", "train.lr_schedule": "cosine"},
-    # (a') (a) started from the fitted linear probe (LP-FT: Kumar et al., ICLR 2022) with every BatchNorm layer's
-    # pretrained statistics kept, at a gentler lr: for data whose frozen features are already strong.
+    # (a') (a) started from the fitted linear probe (LP-FT: Kumar et al., ICLR 2022) at a gentler lr: for data
+    # whose frozen features are already strong (Caltech-101: 93.16%, against 93.09% from a random head at 0.025).
     "lpft": {"train.optimizer": "sgd", "train.lr": 0.01, "train.nesterov": "true", "train.weight_decay": 1e-4,
              "train.no_weight_decay_on_norm_and_bias": "true", "train.lr_schedule": "cosine",
-             "train.head_init": "probe", "train.norm_statistics": "pretrained"},
+             "train.head_init": "probe"},
     # (b) The seeds' "freeze, then differential lr" family (their runs 1-6), with the lr the failed runs lacked:
     # epoch 1 trains the new head alone (a linear probe, BatchNorm statistics frozen), then every layer, the head
     # at 10x the backbone's lr (LP-FT: Kumar et al., ICLR 2022).
