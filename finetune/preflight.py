@@ -15,6 +15,7 @@ from finetune.errors import StageError
 from finetune.model import build_model, fetch_pretrained, fit_to_resolution
 from finetune.params import Params
 from finetune.recipe import Freezer
+from finetune.resume import refuse_blocked_state_files
 from finetune.runtime import cuda_unavailable_reason
 
 PASSED = ("params.yaml passed `python -m stages.check` (schema, model and resolution, unfreeze_from, weights file, "
@@ -54,6 +55,7 @@ def check_machine(params: Params) -> None:
         raise StageError(f"train.device: cuda, but no GPU is usable ({cuda_unavailable_reason()}). See README "
                          f"'GPU drivers', or set train.device: auto or cpu")
     check_writable_state_dir(Path(p.state_dir).expanduser())
+    refuse_blocked_state_files(p.state_dir)
     compiles_on_cpu = p.compile is True and (p.device == "cpu" or not torch.cuda.is_available())
     if compiles_on_cpu and not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
         raise StageError("train.compile: true on the CPU needs a C++ compiler (inductor builds C++ kernels): "

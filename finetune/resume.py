@@ -58,6 +58,18 @@ def state_path(state_dir: str | Path, fingerprint: dict) -> Path:
     return Path(state_dir).expanduser() / f"{STATE_PREFIX}{digest}.pt"
 
 
+def refuse_blocked_state_files(state_dir: str | Path) -> None:
+    """Something other than a file (a folder, a FIFO) at a state file's name would make train's first save fail
+    after a whole epoch, and again on every rerun: refused before any work."""
+    folder = Path(state_dir).expanduser()
+    blocked = sorted(p for p in folder.glob(f"{STATE_PREFIX}*.pt") if not p.is_file()) if folder.is_dir() else []
+    if blocked:
+        kind = "a folder" if blocked[0].is_dir() else "not a regular file"
+        raise StageError(f"{blocked[0]} is {kind}, at the name where train saves a run's resume state"
+                         + (f" ({len(blocked)} such names in {folder})" if len(blocked) > 1 else "")
+                         + ": move it away, or set train.state_dir to another folder")
+
+
 def other_states(path: Path) -> list[Path]:
     """Unfinished runs of other params or data kept beside this run's state (left alone, never deleted)."""
     folder = path.parent

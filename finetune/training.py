@@ -23,7 +23,15 @@ from finetune.model import constructor_kwargs
 from finetune.params import Params, TrainParams
 from finetune.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR, PROBE_HEAD
 from finetune.probe import load_probe
-from finetune.resume import Progress, load_state, other_states, run_fingerprint, save_state, state_path
+from finetune.resume import (
+    Progress,
+    load_state,
+    other_states,
+    refuse_blocked_state_files,
+    run_fingerprint,
+    save_state,
+    state_path,
+)
 from finetune.runtime import (
     Processes,
     resolve_threads,
@@ -175,6 +183,7 @@ def train(params: Params, processes: Processes) -> None:
     starts_from = {"probe": file_digest(PROBE_HEAD)} if head is not None else {}
     fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints() | starts_from)
     state = state_path(p.state_dir, fingerprint)
+    refuse_blocked_state_files(p.state_dir)  # check did too; the folder may have changed since
     progress = load_state(state, trainer, fingerprint)
     check_same_start(processes, progress, state)
     print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers, threads))

@@ -72,6 +72,24 @@ def test_an_unwritable_state_dir_is_refused(tmp_path):
         locked.chmod(0o700)
 
 
+def test_a_folder_at_a_state_file_name_is_refused_before_any_work(tmp_path):
+    """Hostile round 3, R11: a folder at this run's state-file name passed check; train then raised
+    IsADirectoryError after its first epoch, and again on every rerun."""
+    from finetune.preflight import check_machine
+    from finetune.resume import STATE_PREFIX, refuse_blocked_state_files
+
+    state_dir = tmp_path / "checkpoints"
+    state_dir.mkdir()
+    (state_dir / f"{STATE_PREFIX}0123abcd.pt").write_bytes(b"an ordinary state file")
+    check_machine(params_with(**{"train.state_dir": str(state_dir)}))  # files are train's to judge
+    (state_dir / f"{STATE_PREFIX}feedbeef.pt").mkdir()
+    with pytest.raises(StageError, match=f"{STATE_PREFIX}feedbeef.pt is a folder, at the name where train saves a "
+                                         "run's resume state: move it away, or set train.state_dir"):
+        check_machine(params_with(**{"train.state_dir": str(state_dir)}))
+    with pytest.raises(StageError, match="is a folder"):
+        refuse_blocked_state_files(state_dir)  # what train calls before its first epoch
+
+
 @pytest.mark.skipif(not os.access("/sys", os.W_OK) or os.path.exists("/sys/x"), reason="needs root: os.access "
                     "says /sys is writable only to root")
 def test_a_state_dir_that_os_access_calls_writable_but_is_not_is_refused():
