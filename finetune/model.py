@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import urllib.error
 from pathlib import Path
 
@@ -68,6 +70,21 @@ def fetch_pretrained(arch: str, weights: str) -> None:
     download_pretrained(arch, weights, lambda pretrained_weights: original_model(arch, pretrained_weights))
 
 
+# torch.hub's download waits forever on a connection that never answers (a stalled proxy, a captive portal): every
+# read of the weights download gives up after this many seconds without a byte. A slow but live download goes on.
+DOWNLOAD_STALL_SECONDS = 60
+
+
+@contextlib.contextmanager
+def stalled_reads_time_out(seconds: float):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def download_pretrained(arch: str, weights: str, original) -> nn.Module:
     if timm_models.is_timm(arch):
         try:
@@ -75,7 +92,8 @@ def download_pretrained(arch: str, weights: str, original) -> nn.Module:
         except timm_models.download_error_types() as error:
             raise WeightsUnavailable(timm_models.unavailable_message(arch, error)) from None
     try:
-        return original(weights)
+        with stalled_reads_time_out(DOWNLOAD_STALL_SECONDS):
+            return original(weights)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise WeightsUnavailable(

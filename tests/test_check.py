@@ -101,6 +101,38 @@ def test_a_state_dir_that_os_access_calls_writable_but_is_not_is_refused():
         check_machine(params_with(**{"train.state_dir": "/sys/x/run"}))
 
 
+def test_a_proxy_that_never_answers_gives_the_offline_message_not_a_hang(monkeypatch, tmp_path):
+    """Hostile round 3, W2: model.weights: IMAGENET1K_V1 through an https_proxy that accepts connections and never
+    answers (a stalled proxy, a captive portal) hung check forever: torch.hub's download has no timeout."""
+    import socket
+    import threading
+    import time
+
+    from finetune import model
+    from finetune.preflight import check_weights
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    monkeypatch.setattr(model, "DOWNLOAD_STALL_SECONDS", 1)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    start = time.monotonic()
+    try:
+        with pytest.raises(StageError, match="could not download torchvision weights resnet18/IMAGENET1K_V1 .*timed "
+                                             "out.* or set model.weights: none"):
+            check_weights(params_with(**{"model.arch": "resnet18", "model.weights": "IMAGENET1K_V1"}))
+    finally:
+        server.close()
+    assert time.monotonic() - start < 30 and accepted  # it reached the proxy, then gave up
+    assert socket.getdefaulttimeout() is None  # the process's other sockets are left as they were
+
+
 def test_named_weights_are_fetched_by_check_or_refused_with_the_fix(monkeypatch, tmp_path, capsys):
     """Before: `model.weights=IMAGENET1K_V1` offline failed at train, after check, fetch and prepare had run."""
     from finetune.preflight import check_weights
