@@ -36,8 +36,10 @@ def readme_commands(section: str | None = None) -> list[str]:
     inline = re.findall(r"`(dvc exp run [^`]+)`", text)
     in_blocks = [line.split(" # ")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
                  for line in block.replace("\\\n", " ").splitlines() if line.startswith("dvc exp run ")]
+    # Ties (a command that is a prefix of another, or one joined from several lines) broken by the text itself:
+    # pytest-xdist's workers must collect the same order, and a set's order changes with each process's hash seed.
     return sorted(set(inline + [" ".join(command.split()) for command in in_blocks]), key=lambda c: (
-        text.index(c) if c in text else len(text)))
+        text.index(c) if c in text else len(text), c))
 
 
 def overrides_of(command: str) -> list[str]:
