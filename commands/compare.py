@@ -25,7 +25,7 @@ import textwrap
 
 from finetune.errors import StageError, run_stage
 from finetune.paths import EVAL_METRICS, PREDICTIONS_CSV, PROBE_METRICS
-from finetune.stats import images_for_significance, paired, points, wilson_interval
+from finetune.stats import correct_by_id, images_for_significance, paired, points, wilson_interval
 
 DEFAULT_WIDTH = 150
 METRICS = (("top1", "top1"), ("top5", "top5"), ("mean_class_accuracy", "mean/class"), ("tta.top1", "TTA top1"),
@@ -133,7 +133,7 @@ def correctness(rev: str) -> dict[str, bool] | None:
     shown = subprocess.run(["git", "show", f"{rev}:{PREDICTIONS_CSV.as_posix()}"], capture_output=True, text=True)
     if shown.returncode:
         return None
-    return {row["id"]: row["actual"] == row["predicted"] for row in csv.DictReader(io.StringIO(shown.stdout))}
+    return correct_by_id(list(csv.DictReader(io.StringIO(shown.stdout))))
 
 
 def noise_lines(rows: list[dict], predictions: dict[str, dict[str, bool] | None], width: int) -> list[str]:

@@ -22,6 +22,7 @@ from finetune.paths import DUPLICATES_LIST
 from finetune.stats import (
     Paired,
     bootstrap_mean_class_interval,
+    correct_by_id,
     images_for_significance,
     paired,
     points,
@@ -183,7 +184,7 @@ class TestScores:
     @classmethod
     def from_predictions(cls, predictions: list[dict]) -> TestScores:
         actual, predicted = [r["actual"] for r in predictions], [r["predicted"] for r in predictions]
-        correct = {r["id"]: r["actual"] == r["predicted"] for r in predictions}
+        correct = correct_by_id(predictions)
         return cls(len(predictions), sum(correct.values()), bootstrap_mean_class_interval(actual, predicted), correct)
 
 
@@ -202,7 +203,7 @@ class ProbeComparison:
            probe_predictions: list[dict]) -> ProbeComparison:
         if not probe_report.get("probe"):
             return cls(reason=probe_report.get("reason", "the probe stage wrote none"))
-        probe_correct = {r["id"]: r["actual"] == r["predicted"] for r in probe_predictions}
+        probe_correct = correct_by_id(probe_predictions)
         ids = [i for i in test.correct_by_id if i in probe_correct]
         return cls(top1=probe_metrics["probe_top1"], mean_class_accuracy=probe_metrics["probe_mean_class_accuracy"],
                    regularization=probe_report["regularization"],

@@ -57,6 +57,11 @@ class Paired:
         return self.p_value < SIGNIFICANCE
 
 
+def correct_by_id(predictions: list[dict]) -> dict[str, bool]:
+    """Per test image id, whether it was classified right: rows of plots/predictions.csv (id, actual, predicted)."""
+    return {row["id"]: row["actual"] == row["predicted"] for row in predictions}
+
+
 def paired(first_correct: list[bool], second_correct: list[bool]) -> Paired:
     if len(first_correct) != len(second_correct):
         raise ValueError(f"paired test on {len(first_correct)} and {len(second_correct)} images: not the same images")
