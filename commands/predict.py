@@ -1,11 +1,13 @@
 """`python -m commands.predict PHOTO_OR_FOLDER...`: what the trained model says about your own images.
 
-Prints the top-k class names with probabilities per image, writes them as JSON and CSV, and with --gradcam DIR
-an overlay per image showing where the model looked. Images are read as the dataset's are (EXIF rotation, any
-mode to RGB, bombs and extreme aspect ratios refused) by loader processes (--workers), go through the model's
-own eval transform and are classified in batches (--batch-size), with a progress bar. A file that cannot be
-read gets its error in the outputs; the others still run. Exit status: 0 when at least one image was
-classified, 1 when none could be.
+Prints the top-k class names with probabilities per image (calibrated: the model's logits divided by the temperature
+train fitted on the validation split), writes them as JSON and CSV, and with --gradcam DIR an overlay per image
+showing where the model looked. With --min-confidence P, an image whose top probability is below P is answered
+"unknown" (a photo of something the model was never taught): the report's "Confidence" table says what a P costs.
+Images are read as the dataset's are (EXIF rotation, any mode to RGB, bombs and extreme aspect ratios refused) by
+loader processes (--workers), go through the model's own eval transform and are classified in batches
+(--batch-size), with a progress bar. A file that cannot be read gets its error in the outputs; the others still run.
+Exit status: 0 when at least one image was classified, 1 when none could be.
 
 The arguments are parsed and checked before torch, timm and grad-cam are imported (seconds): `--help` and a
 mistyped option answer at once.
@@ -24,6 +26,7 @@ from finetune.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS, PROJECT_ROOT
 
 OVERLAY_SIDE = 320  # px: a GradCAM overlay a person can read, whatever the model's input size
 CUDA_BATCH, CPU_BATCH = 64, 8  # on the CPU, larger batches were slower (ResNet-50, 2 cores: 32 ran at 0.6x of 8)
+UNKNOWN = "unknown"  # the answer below --min-confidence
 READ_TIMEOUT_S = 300  # a loader worker silent this long on one batch (a hung network mount): stop, not wait forever
 
 
@@ -118,7 +121,7 @@ def collate_photos(items: list) -> tuple[list[int], object, list[tuple[int, str]
 
 
 def predict_files(files: list[Path], model, checkpoint, top_k: int, device, precision, batch_size: int = 32,
-                  workers: int = 0) -> list[dict]:
+                  workers: int = 0, min_confidence: float = 0.0) -> list[dict]:
     """One row per file, in the files' order: its top-k classes, or the error that kept it from being classified.
     Files are read and transformed by `workers` loader processes, and classified `batch_size` at a time."""
     import torch
@@ -140,14 +143,22 @@ def predict_files(files: list[Path], model, checkpoint, top_k: int, device, prec
             for index, error in failed:
                 rows[index] = {"file": str(files[index]), "error": error}
             if images is not None:
-                for index, row in zip(indices, classify(model, images, preprocessing, device, precision, k, names)):
+                rows_of_batch = classify(model, images, preprocessing, device, precision, k, names,
+                                         checkpoint.calibration.temperature)
+                for index, row in zip(indices, rows_of_batch):
+                    if "top" in row:
+                        best = row["top"][0]
+                        row = {"answer": best["class_name"] if best["probability"] >= min_confidence else UNKNOWN,
+                               **row}
                     rows[index] = {"file": str(files[index]), **row}
             bar.update(len(indices) + len(failed))
     return rows
 
 
-def classify(model, images, preprocessing, device, precision, k: int, names: list[str]) -> list[dict]:
-    """{"top": [...]} per image of a batch, or {"error": ...} for all of them if the model fails on it."""
+def classify(model, images, preprocessing, device, precision, k: int, names: list[str],
+             temperature: float = 1.0) -> list[dict]:
+    """{"top": [...]} per image of a batch (softmax of logits / temperature), or {"error": ...} for all of them if
+    the model fails on it."""
     import torch
 
     from finetune.transforms import to_model_input
@@ -155,7 +166,7 @@ def classify(model, images, preprocessing, device, precision, k: int, names: lis
     try:
         with torch.inference_mode(), precision.autocast():
             logits = model(to_model_input(images, device, True, preprocessing.mean, preprocessing.std))
-        top = logits.float().softmax(1).cpu().topk(k)
+        top = (logits.float() / temperature).softmax(1).cpu().topk(k)
     except Exception as error:  # e.g. CUDA out of memory at a large --batch-size
         return [{"error": failure(error)}] * len(images)
     return [{"top": [{"class_name": names[i], "probability": round(p, 5)} for p, i in zip(values, indices)]}
@@ -225,6 +236,16 @@ def int_at_least(lowest: int):
 positive_int = int_at_least(1)
 
 
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1 (got {text!r})") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1 (got {value:g}); 0.5 means 50%")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m commands.predict",
                                      description="What the trained model says about your own images.")
@@ -233,6 +254,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"a checkpoint of this pipeline (default {MODEL_PATH})")
     parser.add_argument("--top-k", type=positive_int, default=5, help="classes listed per image (default 5)")
     parser.add_argument("--out", default="predictions", help="writes OUT.json and OUT.csv (default predictions)")
+    parser.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
+                        help="answer \"unknown\" when the top probability is below P, 0-1 (default 0: always the "
+                             "top class); the report's Confidence table gives each P's cost on the test split")
     parser.add_argument("--gradcam", metavar="DIR", help="also write a GradCAM overlay PNG per image into DIR")
     parser.add_argument("--gradcam-layer", default="auto", help="module path, as gradcam.target_layer")
     parser.add_argument("--batch-size", type=int_at_least(0), default=0,
@@ -268,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":  # train's rule: the cores the loader workers leave (oversubscribed: 6x slower, measured)
         torch.set_num_threads(resolve_threads("auto", workers))
     model = model.to(memory_format=torch.channels_last)  # measured on the CPU: ResNet-50 +17% (BENCHMARKS.md)
+    if args.min_confidence and not checkpoint.calibration.fitted:
+        print(f"predict: the model's confidences are {checkpoint.calibration.describe()}; --min-confidence "
+              f"thresholds its raw softmax")
     rows = predict_files(files, model, checkpoint, args.top_k, device, Precision(args.amp, device), batch_size,
-                         workers)
+                         workers, args.min_confidence)
     if args.gradcam:
         classified = [(Path(row["file"]), row) for row in rows if "top" in row]
         write_gradcam(classified, model, checkpoint, target, Path(args.gradcam), device)
@@ -279,16 +306,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['file']}: could not read it ({row['error']})")
         else:
             guesses = ", ".join(f"{t['class_name']} {t['probability']:.1%}" for t in row["top"])
-            print(f"{row['file']}: {guesses}")
-    write_json(Path(f"{args.out}.json"), {"model": args.model, "arch": checkpoint.arch, "images": rows})
+            unknown = f"{UNKNOWN} (below {args.min_confidence:.0%}; best guesses " if row["answer"] == UNKNOWN else ""
+            print(f"{row['file']}: {unknown}{guesses}{')' if unknown else ''}")
+    write_json(Path(f"{args.out}.json"), {"model": args.model, "arch": checkpoint.arch,
+                                          "calibration": checkpoint.calibration.to_dict(),
+                                          "min_confidence": args.min_confidence, "images": rows})
     write_csv(Path(f"{args.out}.csv"), [
-        {"file": row["file"], "rank": rank + 1, "class_name": top["class_name"], "probability": top["probability"],
-         "error": ""} for row in rows if "top" in row for rank, top in enumerate(row["top"])
-    ] + [{"file": row["file"], "rank": "", "class_name": "", "probability": "", "error": row["error"]}
-         for row in rows if "error" in row], ["file", "rank", "class_name", "probability", "error"])
+        {"file": row["file"], "answer": row["answer"], "rank": rank + 1, "class_name": top["class_name"],
+         "probability": top["probability"], "error": ""} for row in rows if "top" in row
+        for rank, top in enumerate(row["top"])
+    ] + [{"file": row["file"], "answer": "", "rank": "", "class_name": "", "probability": "", "error": row["error"]}
+         for row in rows if "error" in row], ["file", "rank", "class_name", "probability", "answer", "error"])
     failed = sum("error" in row for row in rows)
+    unknowns = sum(row.get("answer") == UNKNOWN for row in rows)
     cams_failed = sum("gradcam_error" in row for row in rows)
     print(f"predict: {len(rows) - failed} image(s) classified, {failed} unreadable"
+          + (f", {unknowns} answered {UNKNOWN} (top probability below --min-confidence {args.min_confidence:g})"
+             if args.min_confidence else "")
           + (f", {left_out} file(s) in the folders left out (not image suffixes: "
              f"{', '.join(sorted(IMAGE_SUFFIXES))})" if left_out else "")
           + f"; wrote {args.out}.json and {args.out}.csv"

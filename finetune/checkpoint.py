@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from finetune.calibration import Calibration
 from finetune.errors import StageError
 from finetune.files import TorchFileUnreadable, read_torch, save_torch
 from finetune.model import build_model, strip_wrapper_prefixes
@@ -31,6 +32,7 @@ class Checkpoint:
     constructor: dict = field(default_factory=dict)  # torchvision kwargs such as aux_logits=False
     epoch: int = 0  # the kept epoch
     params: dict = field(default_factory=dict)  # every param of the run that made it, for the record
+    calibration: Calibration = field(default_factory=Calibration)  # the temperature predict and export apply
 
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         """The model with random weights (load_state_dict follows)."""
@@ -50,6 +52,7 @@ def save_checkpoint(path: Path | str, model: nn.Module, checkpoint: Checkpoint) 
         "constructor": dict(checkpoint.constructor),
         "epoch": checkpoint.epoch,
         "params": checkpoint.params,
+        "calibration": checkpoint.calibration.to_dict(),
     })
 
 
@@ -76,7 +79,8 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         checkpoint = Checkpoint(arch=payload["arch"], class_names=list(payload["class_names"]),
                                 preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
                                 head=payload["head"], constructor=payload["constructor"], epoch=payload["epoch"],
-                                params=payload["params"])
+                                params=payload["params"],
+                                calibration=Calibration.from_dict(payload.get("calibration")))
         model = checkpoint.build()
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

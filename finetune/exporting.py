@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from finetune.calibration import Calibration
 from finetune.checkpoint import Checkpoint
 from finetune.data import ImageSplit, make_loader, open_split
 from finetune.markdown import markdown_code, markdown_table, markdown_text
@@ -67,7 +68,11 @@ def serving_notes(checkpoint: Checkpoint, export_format: str) -> dict:
         "input": {"name": "image", "layout": "NCHW float32 RGB", "size": p.resolution, "mean": list(p.mean),
                   "std": list(p.std), "scale": "pixel values / 255 before mean/std", "resize": p.describe(),
                   "interpolation": p.interpolation},
-        "output": {"name": "logits", "layout": "N x classes, in class_names order; softmax for probabilities"},
+        "output": {"name": "logits", "layout": "N x classes, in class_names order; softmax for probabilities",
+                   "temperature": checkpoint.calibration.temperature,
+                   "calibration": f"the model's logits divided by the temperature "
+                                  f"({checkpoint.calibration.describe()}): a softmax of them gives calibrated "
+                                  f"probabilities"},
     }
 
 
@@ -104,16 +109,26 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
             "crop", "augment", "label_smoothing", "amp", "seed")], {"param": "param", "value": "value"}),
         f"## Input\n\nRGB, resized ({p.describe()}, {p.interpolation}), pixel values / 255, then normalised with "
         f"mean {list(p.mean)} and std {list(p.std)}; NCHW float32, any batch size. Output: logits, one per class "
-        f"in `class_names` order (softmax for probabilities).",
+        f"in `class_names` order (softmax for probabilities), already divided by the calibration temperature "
+        f"({checkpoint.calibration.describe()}).",
         "## Intended use and limits\n\n"
         f"- Classifying images like those of the training data into its {len(names)} classes. It always answers "
-        "with one of them: it cannot say \"none of these\", and its probabilities are not calibrated.\n"
+        "with one of them: it cannot say \"none of these\" "
+        "by itself: a threshold on the top probability (`predict --min-confidence`) turns low ones into "
+        f"\"unknown\". {calibration_line(checkpoint.calibration, evaluation)}\n"
         "- The test figures hold for images drawn like the test split; other cameras, crops, lighting or "
         "classes will score lower. Check it on your own images before relying on it.\n"
         "- Classes with few training images are the least reliable: see `plots/report/report.md` for the "
         "per-class accuracy and the most-confused pairs.\n"
         f"- {inherited_biases(checkpoint.arch, str(params.get('model', {}).get('weights')))}",
     ]) + "\n"
+
+
+def calibration_line(calibration: Calibration, evaluation: dict) -> str:
+    if not calibration.fitted:
+        return f"Its probabilities are {calibration.describe()}."
+    return (f"Its probabilities are calibrated ({calibration.describe()}): expected calibration error on the test "
+            f"split {evaluation['calibration_error']:.3f} (the report shows the reliability diagram).")
 
 
 def inherited_biases(arch: str, weights: str) -> str:

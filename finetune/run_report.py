@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from finetune.calibration import BINS, Calibration, coverage_table, expected_calibration_error, reliability_bins
 from finetune.markdown import markdown_table, markdown_text
 from finetune.params import Params
 from finetune.paths import DUPLICATES_LIST
@@ -180,12 +181,18 @@ class TestScores:
     top1_correct: int
     mean_class_interval: tuple[float, float]  # 95%, bootstrap
     correct_by_id: dict[str, bool]
+    correct: np.ndarray  # per image, in predictions.csv's order
+    confidence: np.ndarray  # the top probability predict prints (calibrated when the model is)
+    uncalibrated_confidence: np.ndarray  # the raw softmax's
 
     @classmethod
     def from_predictions(cls, predictions: list[dict]) -> TestScores:
         actual, predicted = [r["actual"] for r in predictions], [r["predicted"] for r in predictions]
-        correct = correct_by_id(predictions)
-        return cls(len(predictions), sum(correct.values()), bootstrap_mean_class_interval(actual, predicted), correct)
+        by_id = correct_by_id(predictions)
+        return cls(len(predictions), sum(by_id.values()), bootstrap_mean_class_interval(actual, predicted), by_id,
+                   np.array([a == b for a, b in zip(actual, predicted)], dtype=bool),
+                   np.array([float(r["confidence"]) for r in predictions]),
+                   np.array([float(r.get("uncalibrated_confidence", r["confidence"])) for r in predictions]))
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,55 @@ class ProbeComparison:
         return cls(top1=probe_metrics["probe_top1"], mean_class_accuracy=probe_metrics["probe_mean_class_accuracy"],
                    regularization=probe_report["regularization"],
                    pair=paired([test.correct_by_id[i] for i in ids], [probe_correct[i] for i in ids]))
+
+
+def plot_reliability(test: TestScores, calibration: Calibration, path: Path) -> None:
+    """Guo et al.'s reliability diagram: accuracy against confidence per bin, the raw softmax beside the
+    temperature-scaled one (one panel when the model is not calibrated). On the diagonal: calibrated; below it:
+    over-confident; above it: under-confident. Bar labels: images per bin."""
+    panels = [("raw softmax", test.uncalibrated_confidence)]
+    if calibration.fitted:
+        panels.append((f"temperature {calibration.temperature:.3g}", test.confidence))
+    fig = Figure(figsize=(5.2 * len(panels), 5), layout="constrained")
+    for ax, (title, confidence) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
+        bins = reliability_bins(confidence, test.correct)
+        width = 1 / BINS
+        ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
+               edgecolor="black", color="tab:blue", label="accuracy in the bin")
+        ax.bar([b["low"] for b in bins], [b["confidence"] - b["accuracy"] for b in bins],
+               bottom=[b["accuracy"] for b in bins], width=width, align="edge", facecolor="none",
+               edgecolor="tab:red", hatch="//", label="gap to the bin's mean confidence")
+        for b in bins:
+            ax.annotate(f"{b['images']}", (b["low"] + width / 2, 0.02), ha="center", fontsize=7, color="white")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+        ece = expected_calibration_error(confidence, test.correct)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy",
+               title=f"{title}: expected calibration error {ece:.3f}\n({test.images:,} test images, {BINS} bins; "
+                     f"images per bin at the bottom)")
+        ax.title.set_fontsize(10)
+        ax.legend(fontsize=8, loc="upper left")
+    save(fig, path)
+
+
+def calibration_section(results: RunResults) -> str:
+    """ECE before and after the temperature, the reliability diagram, and what a minimum confidence costs."""
+    test, calibration = results.test, results.calibration
+    ece, raw = results.eval_metrics["calibration_error"], results.uncalibrated_error
+    if calibration.fitted:
+        summary = (f"Expected calibration error on the test split: **{raw:.3f} with the raw softmax, {ece:.3f} with "
+                   f"the temperature** ({calibration.describe()}; predict, the exported model and `model.json` apply "
+                   f"it).")
+    else:
+        summary = f"Expected calibration error on the test split: **{ece:.3f}**, {calibration.describe()}."
+    rows = [{"threshold": f"{r['min_confidence']:g}", "answered": f"{r['answered']:,} ({r['share']:.1%})",
+             "accuracy": "-" if r["answered"] == 0 else f"{r['accuracy']:.2%}", "errors": r["errors"]}
+            for r in coverage_table(test.confidence, test.correct)]
+    return ("## Confidence\n\n" + summary + " A perfectly calibrated model is right on 90% of the images it gives "
+            "90% (Guo et al. 2017).\n\n![reliability diagram](reliability.png)\n\n"
+            "What `python -m commands.predict --min-confidence P` costs on this test split: images below P are "
+            "answered \"unknown\".\n\n"
+            + markdown_table(rows, {"threshold": "min confidence P", "answered": "test images answered",
+                                    "accuracy": "accuracy of the answered", "errors": "errors still answered"}))
 
 
 def accuracy_with_interval(accuracy: float, correct: int, images: int) -> str:
@@ -248,6 +304,10 @@ def headline(params: Params, results: RunResults) -> list[dict]:
         {"what": "test mean per-class accuracy",
          "value": f"{eval_metrics['mean_class_accuracy']:.2%} (95% interval {low:.1%}-{high:.1%}, bootstrap)"},
     ]
+    rows.append({"what": f"expected calibration error (test, {BINS} bins)",
+                 "value": f"{eval_metrics['calibration_error']:.3f}"
+                 + (f" ({results.uncalibrated_error:.3f} before temperature scaling)"
+                    if results.calibration.fitted else " (not calibrated: no temperature)")})
     if "tta" in eval_metrics:
         rows.append({"what": "test top-1 with TTA (3 scales x 2 flips)", "value": eval_metrics["tta"]["top1"]})
     if probe.pair is not None:
@@ -327,6 +387,16 @@ class RunResults:
     test: TestScores
     probe: ProbeComparison
 
+    @property
+    def calibration(self) -> Calibration:
+        record = dict(self.eval_report["calibration"])
+        record.pop("calibration_error_uncalibrated")
+        return Calibration.from_dict(record)
+
+    @property
+    def uncalibrated_error(self) -> float:
+        return self.eval_report["calibration"]["calibration_error_uncalibrated"]
+
 
 def confusion_section(eval_report: dict, block: tuple[int, int], names: list[str]) -> str:
     start, size = block
@@ -358,6 +428,7 @@ def write_markdown(path: Path, params: Params, results: RunResults, block: tuple
                                                                 "images": "test images"})
         + "\n\n![per-class test accuracy, all classes, worst first](per_class_accuracy.png)",
         confusion_section(results.eval_report, block, names),
+        calibration_section(results),
     ]
     if gradcam:
         sections.append("## GradCAM\n\n" + "\n\n".join(f"![{name}](../gradcam/{name})" for name in gradcam))

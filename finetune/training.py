@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from dvclive import Live
 
+from finetune.calibration import Calibration, calibrate
 from finetune.checkpoint import Checkpoint, save_checkpoint
-from finetune.data import class_names, open_split, resolve_workers, split_names, stop_workers
+from finetune.data import ImageSplit, class_names, make_loader, open_split, resolve_workers, split_names, stop_workers
 from finetune.errors import StageError
 from finetune.files import file_digest
 from finetune.model import constructor_kwargs
@@ -34,6 +35,7 @@ from finetune.resume import (
 )
 from finetune.runtime import (
     Processes,
+    predict_logits,
     resolve_threads,
     seed_everything,
     start_processes,
@@ -41,6 +43,7 @@ from finetune.runtime import (
     training_device,
 )
 from finetune.trainer import LossNotFinite, Trainer, make_loaders, pass_batch_size
+from finetune.transforms import eval_transform
 
 
 class Interrupted(Exception):
@@ -121,18 +124,37 @@ def log_epoch(live: Live | None, metrics: dict, epoch: int) -> None:
     live.next_step()
 
 
-def save_model(params: Params, trainer: Trainer, progress: Progress, names: list[str], state: Path) -> None:
-    """The best validation epoch's weights (the EMA's with train.ema_decay), else the last epoch's."""
+def save_model(params: Params, trainer: Trainer, progress: Progress, names: list[str], state: Path,
+               validation_split, workers: int) -> None:
+    """The best validation epoch's weights (the EMA's with train.ema_decay), else the last epoch's, with the
+    temperature that calibrates their confidence on the validation split."""
     trainer.model.load_state_dict(progress.best_state if progress.best_state is not None else trainer.weights_copy())
+    calibration = fit_calibration(trainer, validation_split, workers)
     kept_epoch = progress.best_epoch or params.train.epochs
     m = params.model
     save_checkpoint(MODEL_PATH, trainer.model, Checkpoint(
         arch=m.arch, class_names=names, preprocessing=trainer.preprocessing,
         head={"head": m.head, "head_hidden": m.head_hidden, "head_dropout": m.head_dropout},
         constructor=constructor_kwargs(trainer.model, trainer.constructor), epoch=kept_epoch,
-        params=params.model_dump()))
+        params=params.model_dump(), calibration=calibration))
     state.unlink(missing_ok=True)  # this run's own state only: other runs' states in the folder stay
     print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
+
+
+def fit_calibration(trainer: Trainer, validation_split, workers: int) -> Calibration:
+    """Temperature scaling of the kept weights on the validation split (one more pass over it); never the test
+    split. Without a validation split the model stays uncalibrated, and says why."""
+    if validation_split is None:
+        return Calibration(reason="no validation split to fit a temperature on (data.val_fraction: 0); set "
+                                  "data.val_fraction (0.1 is usual) to calibrate")
+    loader = make_loader(ImageSplit(validation_split, eval_transform(trainer.preprocessing)), trainer.p.batch_size,
+                         workers)
+    logits, labels = predict_logits(trainer.model, loader, trainer.device, trainer.precision, trainer.channels_last,
+                                    trainer.preprocessing, desc="calibration")
+    stop_workers(loader)
+    calibration = calibrate(logits, labels)
+    print(f"train: confidence calibrated: {calibration.describe()}")
+    return calibration
 
 
 def prepared_fingerprints() -> dict:
@@ -216,7 +238,7 @@ def train(params: Params, processes: Processes) -> None:
         stop_workers(train_loader, validation_loader)
 
     if processes.is_main:
-        save_model(params, trainer, progress, names, state)
+        save_model(params, trainer, progress, names, state, validation_split, workers)
 
 
 def run(params: Params) -> None:

@@ -1,10 +1,13 @@
 """Stage `evaluate`: the kept model on the test split, as the seeds' eval.py reported it (the seeds: the
 project's source documents, whose eval script printed these tables).
 
-metrics/eval.json      the headline `dvc exp show` lists: top-1, top-5, mean per-class accuracy, the kept epoch
-                       (and the three accuracies under TTA)
-metrics/eval_report.json  test image counts, the 10 worst and best classes and the 10 most-confused pairs, by name
+metrics/eval.json      the headline `dvc exp show` lists: top-1, top-5, mean per-class accuracy, the kept epoch,
+                       the expected calibration error of the confidences predict prints (the checkpoint's
+                       temperature applied) (and the three accuracies under TTA)
+metrics/eval_report.json  test image counts, the checkpoint's calibration and the raw softmax's calibration error,
+                       the 10 worst and best classes and the 10 most-confused pairs, by name
 plots/per_class_accuracy.csv, plots/confused_pairs.csv, plots/predictions.csv  for `dvc plots`
+                       (predictions.csv: each image's calibrated and raw top confidence, for the reliability diagram)
 plots/confusion.json   the class names in model order and the confusion counts, for `report`
 The model and its input transform come from the checkpoint; batch size, precision and workers from evaluate.*.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from finetune.calibration import expected_calibration_error
 from finetune.checkpoint import load_checkpoint
 from finetune.data import ImageSplit, class_names, make_loader, open_split, resolve_workers
 from finetune.errors import StageError, run_stage
@@ -58,25 +62,33 @@ def main() -> None:
 
     loader = make_loader(ImageSplit(test, eval_transform(preprocessing)), batch_size, workers)
     logits, labels = predict_logits(model, loader, device, precision, True, preprocessing, desc="test")
-    probs = logits.softmax(1)
-    metrics = {**summarize(probs, labels), "kept_epoch": checkpoint.epoch}
+    raw_probs = logits.softmax(1)
+    probs = (logits / checkpoint.calibration.temperature).softmax(1)  # the same argmax: only confidences change
+    predicted = probs.argmax(1)
+    correct = (predicted == labels).numpy()
+    confidence, raw_confidence = probs.max(1).values.numpy(), raw_probs.max(1).values.numpy()
+    metrics = {**summarize(probs, labels), "kept_epoch": checkpoint.epoch,
+               "calibration_error": round(expected_calibration_error(confidence, correct), 4)}
+    calibration = {**checkpoint.calibration.to_dict(),
+                   "calibration_error_uncalibrated": round(expected_calibration_error(raw_confidence, correct), 4)}
     if e.tta:
         metrics["tta"] = summarize(tta_probs(model, test, preprocessing, batch_size, workers, device, precision,
                                              probs), labels)
 
-    predicted = probs.argmax(1)
     confusion = confusion_matrix(predicted, labels, len(names))
     per_class = class_rows(confusion, names)
     confused = [{"true": names[t], "predicted": names[p], "count": c}
                 for t, p, c in most_confused(confusion, TABLE_ROWS)]
     ids = test["id"]
     predictions = [{"id": ids[i], "actual": names[labels[i]], "predicted": names[predicted[i]],
-                    "confidence": round(probs[i, predicted[i]].item(), 4)} for i in range(len(labels))]
+                    "confidence": round(float(confidence[i]), 4),
+                    "uncalibrated_confidence": round(float(raw_confidence[i]), 4)} for i in range(len(labels))]
 
     write_json(EVAL_METRICS, metrics)
     shown = shown_rows(len(per_class))
     write_json(EVAL_REPORT, {
         "test_images": len(labels),
+        "calibration": calibration,
         "classes_without_test_images": len(names) - len(per_class),
         "worst_classes": per_class[:shown],
         "best_classes": per_class[::-1][:shown] if shown < len(per_class) else [],
@@ -84,12 +96,14 @@ def main() -> None:
     })
     write_csv(PER_CLASS_CSV, per_class, ["class_id", "class_name", "accuracy", "images"])
     write_csv(CONFUSED_CSV, confused, ["true", "predicted", "count"])
-    write_csv(PREDICTIONS_CSV, predictions, ["id", "actual", "predicted", "confidence"])
+    write_csv(PREDICTIONS_CSV, predictions, ["id", "actual", "predicted", "confidence", "uncalibrated_confidence"])
     write_json(CONFUSION_JSON, {"class_names": names, "counts": confusion.tolist()})
 
     tta = metrics.get("tta")
     print(f"\ntest: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
           f"mean per-class {metrics['mean_class_accuracy']:.2%}  ({len(labels)} images, {precision.name})"
+          + f"\nexpected calibration error {metrics['calibration_error']:.3f} "
+          f"({checkpoint.calibration.describe()}; uncalibrated {calibration['calibration_error_uncalibrated']:.3f})"
           + (f"\nTTA (3 scales x 2 flips): top-1 {tta['top1']:.2%}  top-5 {tta['top5']:.2%}" if tta else ""))
     if shown == len(per_class):  # a few classes: one table, not the same classes twice
         print_table(f"all {len(per_class)} classes, worst first", per_class, ["class_name", "accuracy", "images"])

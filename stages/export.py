@@ -3,16 +3,19 @@
 onnx (default): models/export/model.onnx, run by onnxruntime (or TensorRT, OpenVINO...) without PyTorch.
 torchscript: models/export/model.torchscript.pt for LibTorch; PyTorch 2.14 deprecates TorchScript.
 models/export/MODEL_CARD.md travels with it: data, classes, recipe, test metrics, preprocessing, intended use, limits.
-Either way the input is float32 NCHW, already normalized, any batch size, and models/export/model.json
-holds the class names in output order, the input size, mean/std and the resize rule. The export is loaded
-back by its own runtime and compared with the PyTorch model on a batch of test images; the largest logit
-difference and the top-1 agreement go to metrics/export.json, and a mismatch fails the stage.
+Either way the input is float32 NCHW, already normalized, any batch size, the output the logits divided by the
+calibration temperature train fitted (a softmax gives the probabilities predict prints), and
+models/export/model.json holds the class names in output order, the input size, mean/std, the resize rule and the
+temperature. The export is loaded back by its own runtime and compared with the PyTorch model on a batch of test
+images; the largest logit difference and the top-1 agreement go to metrics/export.json, and a mismatch fails the
+stage.
 """
 
 from __future__ import annotations
 
 import torch
 
+from finetune.calibration import Calibrated
 from finetune.checkpoint import load_checkpoint
 from finetune.errors import StageError, run_stage
 from finetune.exporting import (
@@ -33,6 +36,7 @@ from finetune.paths import DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_METRIC
 def main() -> None:
     export_format = load_params().export.format
     model, checkpoint = load_checkpoint(MODEL_PATH, "cpu")
+    model = Calibrated(model, checkpoint.calibration.temperature).eval()
     batch = sample_batch(checkpoint)
     with torch.inference_mode():
         expected = model(batch)

@@ -5,6 +5,7 @@ plots/report/curves.png              loss, accuracy and learning rate per epoch 
 plots/report/per_class_accuracy.png  every class, sorted, one readable row each (196 rows for Stanford Cars)
 plots/report/confusion.png           the row-normalised confusion matrix, the most-confused block outlined
 plots/report/confusion_zoom.png      that block with counts and full class names
+plots/report/reliability.png         accuracy against confidence, before and after the calibration temperature
 `dvc plots show/diff` still reads the CSV/TSV data through dvc.yaml's `plots:`, to overlay experiments.
 """
 
@@ -41,6 +42,7 @@ from finetune.run_report import (
     plot_confusion_zoom,
     plot_curves,
     plot_per_class,
+    plot_reliability,
     probe_verdict,
     read_curves,
     write_markdown,
@@ -69,10 +71,11 @@ def main() -> None:
         else:
             plot_confusion(confusion, names, block, out / "confusion.png")
             plot_confusion_zoom(confusion, names, block, out / "confusion_zoom.png")
+        plot_reliability(results.test, results.calibration, out / "reliability.png")
         imbalance = imbalance_warning(results.data, confusion, names)
         write_markdown(out / "report.md", params, results, block, names, gradcam, imbalance)
     print(f"report: wrote {REPORT_DIR}/report.md with curves.png, per_class_accuracy.png, confusion.png"
-          + (", confusion_zoom.png" if block[1] < len(names) else ""))
+          + (", confusion_zoom.png" if block[1] < len(names) else "") + ", reliability.png")
     print(f"report: {probe_verdict(probe, results.eval_metrics['top1']).replace('**', '')}")
     if imbalance:
         print(f"report: {imbalance.replace('**', '')}")

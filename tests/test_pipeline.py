@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -61,7 +62,8 @@ def test_data_metrics_count_what_was_dropped(reproduced):
 def test_model_learns_well_above_chance(reproduced):
     project, _ = reproduced
     metrics = json.loads((project / "metrics/eval.json").read_text())
-    assert list(metrics) == ["top1", "top5", "mean_class_accuracy", "kept_epoch"]  # the headline, in order
+    assert list(metrics) == ["top1", "top5", "mean_class_accuracy", "kept_epoch", "calibration_error"]  # in order
+    assert 0 <= metrics["calibration_error"] < 1
     assert json.loads((project / "metrics/eval_report.json").read_text())["test_images"] == 90
     assert metrics["top1"] > 2.5 * CHANCE
     assert metrics["top5"] >= metrics["top1"]
@@ -101,7 +103,7 @@ def test_report_embeds_real_figures_and_names_the_mistakes(reproduced):
     markdown = (report_dir / "report.md").read_text()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     # 6 classes: the confusion matrix with counts is one figure (before: a "zoom" repeated the whole matrix)
-    assert {"curves.png", "per_class_accuracy.png", "confusion.png", "../gradcam/samples.png",
+    assert {"curves.png", "per_class_accuracy.png", "confusion.png", "reliability.png", "../gradcam/samples.png",
             "../gradcam/worst.png"} == set(linked) and not (report_dir / "confusion_zoom.png").exists()
     for link in linked:
         with Image.open(report_dir / link) as image:
@@ -110,6 +112,11 @@ def test_report_embeds_real_figures_and_names_the_mistakes(reproduced):
     metrics = json.loads((project / "metrics/eval.json").read_text())
     assert f"| test top-1 | {metrics['top1']:.2%} (95% interval " in markdown and "; 90 test images) |" in markdown
     assert "| kept epoch | 6 of 6 (the last; no validation split) |" in markdown
+    # no validation split: no temperature, and the report says why and how to get one
+    assert (f"| expected calibration error (test, 15 bins) | {metrics['calibration_error']:.3f} (not calibrated: "
+            f"no temperature) |") in markdown
+    assert "not calibrated (temperature 1): no validation split to fit a temperature on" in markdown
+    assert "| min confidence P | test images answered | accuracy of the answered |" in markdown
     # random init: no probe to compare with, and the report says why
     assert "**No linear-probe baseline:** model.weights: none (random init)" in markdown
     assert json.loads((project / "metrics/probe.json").read_text()) == {}
@@ -162,7 +169,7 @@ def test_predict_names_classes_and_reports_broken_files(reproduced, image_folder
     correct = sum(rows[Path(f).name]["top"][0]["class_name"] == name for f, name in true_classes.items())
     assert correct >= 2  # a model at ~99% test accuracy names the class of held-out test photos
     csv_lines = out.with_suffix(".csv").read_text().splitlines()
-    assert csv_lines[0] == "file,rank,class_name,probability,error" and len(csv_lines) == 1 + 5 * 3 + 1
+    assert csv_lines[0] == "file,rank,class_name,probability,answer,error" and len(csv_lines) == 1 + 5 * 3 + 1
     cams = sorted((tmp_path / "cams").glob("*.png"))
     assert len(cams) == 5
     with Image.open(cams[0]) as cam:  # the 64-px crop the model saw, enlarged, with its label under it
@@ -227,7 +234,7 @@ def from_pretrained(tmp_path_factory, image_folder, reproduced):
     started from the linear probe, up to the report."""
     first, _ = reproduced
     params = tiny_params(image_folder, **{"model.weights": str(first / "models/model.pt"), "train.epochs": 2,
-                                          "train.lr": 0.01, "train.head_init": "probe"})
+                                          "train.lr": 0.01, "train.head_init": "probe", "data.val_fraction": 0.2})
     project = make_project(tmp_path_factory.mktemp("pretrained"), params)
     result = run(["dvc", "repro", "report"], project)
     return project, result.stdout + result.stderr
@@ -235,7 +242,7 @@ def from_pretrained(tmp_path_factory, image_folder, reproduced):
 
 def test_a_pretrained_run_measures_its_linear_probe_and_says_what_fine_tuning_added(from_pretrained):
     project, log = from_pretrained
-    assert "Running stage 'probe'" in log and "probe: resnet18" in log and "chosen on a stratified 20% of train" in log
+    assert "Running stage 'probe'" in log and "probe: resnet18" in log and "chosen on the validation split" in log
     probe = json.loads((project / "metrics/probe.json").read_text())
     assert list(probe) == ["probe_top1", "probe_mean_class_accuracy"] and probe["probe_top1"] > 2.5 * CHANCE
     details = json.loads((project / "metrics/probe_report.json").read_text())
@@ -249,6 +256,32 @@ def test_a_pretrained_run_measures_its_linear_probe_and_says_what_fine_tuning_ad
     assert re.search(r"\*\*Fine-tuning (paid|did not measurably beat|lost)", markdown)
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
     assert "probe_top1" in json.dumps(shown)  # a column of `dvc exp show` / `dvc metrics diff` beside top1
+
+
+def test_a_run_with_a_validation_split_calibrates_its_confidence(from_pretrained, tmp_path):
+    """The temperature is fitted on the validation split, stored in the checkpoint, and used by evaluate (its
+    confidences and ECE), the report (ECE before and after, the reliability diagram) and predict."""
+    project, log = from_pretrained
+    checkpoint = torch.load(project / "models/model.pt", weights_only=True)
+    calibration = checkpoint["calibration"]
+    validation = json.loads((project / "metrics/data.json").read_text())["splits"]["validation"]["images"]
+    assert calibration["fitted_on"] == "validation" and calibration["images"] == validation > 40  # 20% of 245
+    assert f"train: confidence calibrated: temperature {calibration['temperature']:.3g}, fitted on {validation} " \
+           f"validation images" in log
+    report = json.loads((project / "metrics/eval_report.json").read_text())["calibration"]
+    assert report["temperature"] == calibration["temperature"]
+    rows = list(csv.DictReader(open(project / "plots/predictions.csv")))
+    scaled = [float(row["confidence"]) for row in rows]
+    raw = [float(row["uncalibrated_confidence"]) for row in rows]
+    assert len(rows) == 90 and scaled != raw and all(1 / 6 <= value <= 1 for value in scaled + raw)
+    markdown = (project / "plots/report/report.md").read_text()
+    ece = json.loads((project / "metrics/eval.json").read_text())["calibration_error"]
+    assert (f"| expected calibration error (test, 15 bins) | {ece:.3f} ({report['calibration_error_uncalibrated']:.3f}"
+            f" before temperature scaling) |") in markdown
+    assert f"{report['calibration_error_uncalibrated']:.3f} with the raw softmax, {ece:.3f} with the temperature" \
+        in markdown
+    with Image.open(project / "plots/report/reliability.png") as figure:
+        assert figure.width >= 2 * 500  # two panels: before and after the temperature
 
 
 def test_a_train_only_variant_reuses_the_probe(from_pretrained):
