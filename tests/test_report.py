@@ -151,12 +151,14 @@ def test_images_in_two_splits_are_in_the_headline():
     params = SimpleNamespace(train=SimpleNamespace(epochs=4))
     data = {"splits": {"train": {"images": 8144}, "test": {"images": 8041}}, "classes": 196, "dropped": 0,
             "duplicates_across_splits": 19, "test_copies_of_train": 19, "conflicting_labels": 0}
-    test = report.TestScores(8041, 6433, (0.79, 0.81), {})
+    test = report.TestScores(8041, 6433, (0.79, 0.81), {}, np.array([True]), np.array([0.9]), np.array([0.9]))
     probe = report.ProbeComparison(reason="model.weights: none")
 
     def results(data: dict) -> report.RunResults:
-        return report.RunResults({"top1": 0.8, "top5": 0.9, "mean_class_accuracy": 0.8}, {}, {"kept_epoch": 4}, data,
-                                 test, probe)
+        calibration = {"temperature": 1.0, "fitted_on": "", "images": 0, "reason": "no validation split",
+                       "calibration_error_uncalibrated": 0.1}
+        return report.RunResults({"top1": 0.8, "top5": 0.9, "mean_class_accuracy": 0.8, "calibration_error": 0.1},
+                                 {"calibration": calibration}, {"kept_epoch": 4}, data, test, probe)
 
     rows = report.headline(params, results(data))
     (row,) = [r for r in rows if "test images that are train images" in r["what"]]
