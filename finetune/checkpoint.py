@@ -33,6 +33,7 @@ class Checkpoint:
     epoch: int = 0  # the kept epoch
     params: dict = field(default_factory=dict)  # every param of the run that made it, for the record
     calibration: Calibration = field(default_factory=Calibration)  # the temperature predict and export apply
+    weights_sha256: str = ""  # of a local model.weights file the run started from ("" for named weights or none)
 
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         """The model with random weights (load_state_dict follows)."""
@@ -53,6 +54,7 @@ def save_checkpoint(path: Path | str, model: nn.Module, checkpoint: Checkpoint) 
         "epoch": checkpoint.epoch,
         "params": checkpoint.params,
         "calibration": checkpoint.calibration.to_dict(),
+        "weights_sha256": checkpoint.weights_sha256,
     })
 
 
@@ -80,7 +82,8 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
                                 preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
                                 head=payload["head"], constructor=payload["constructor"], epoch=payload["epoch"],
                                 params=payload["params"],
-                                calibration=Calibration.from_dict(payload.get("calibration")))
+                                calibration=Calibration.from_dict(payload.get("calibration")),
+                                weights_sha256=str(payload.get("weights_sha256", "")))
         model = checkpoint.build()
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

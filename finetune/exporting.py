@@ -13,6 +13,7 @@ from torch import nn
 from finetune.calibration import Calibration
 from finetune.checkpoint import Checkpoint
 from finetune.data import ImageSplit, make_loader, open_split
+from finetune.lineage import RECORDED_SECTIONS, changed_params, committed_params, flat, format_value, shown_path
 from finetune.markdown import markdown_code, markdown_table, markdown_text
 from finetune.transforms import eval_transform, to_model_input
 
@@ -88,14 +89,17 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
                {"what": "test mean per-class accuracy", "value": evaluation["mean_class_accuracy"]}]
     metrics += [{"what": "test top-1 with TTA (3 scales x 2 flips)", "value": evaluation["tta"]["top1"]}
                 ] if "tta" in evaluation else []
+    source, weights = shown_path(str(d.get("source"))), str(params.get("model", {}).get("weights"))
     return "\n\n".join([
-        f"# Model card: {checkpoint.arch} fine-tuned on {markdown_text(str(d.get('source')))}",
+        f"# Model card: {checkpoint.arch} fine-tuned on {markdown_text(source)}",
         f"A {checkpoint.arch} image classifier ({len(names)} classes), initialised from "
-        f"{markdown_code(str(params.get('model', {}).get('weights')))} and fine-tuned by this project's "
+        f"{markdown_code(shown_path(weights))}"
+        + (f" (SHA-256 `{checkpoint.weights_sha256[:16]}`)" if checkpoint.weights_sha256 else "")
+        + f" and fine-tuned by this project's "
         f"`dvc repro` (stage `train`, epoch {checkpoint.epoch} of {t.get('epochs')} kept). File: "
         f"`{EXPORT_FILES[export_format]}` ({export_format}); `model.json` beside it holds the class names in output "
         f"order and the input specification.",
-        "## Data\n\n" + f"Source: {markdown_code(str(d.get('source')))}. Images (train / validation / test): "
+        "## Data\n\n" + f"Source: {markdown_code(source)}. Images (train / validation / test): "
         + " / ".join(str(splits[s]["images"]) if s in splits else "-" for s in ("train", "validation", "test"))
         + f". Dropped as unreadable or refused: {data.get('dropped', 0)}; the same image in two splits: "
           f"{data.get('duplicates_across_splits', 0)} ({data.get('test_copies_of_train', 0)} of them test copies of "
@@ -104,9 +108,7 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
         + f"\n\nThe export was checked against the PyTorch model on {check['images']} test images: top-1 agreement "
           f"{check['top1_agreement']:.0%}, largest logit difference {check['relative_logit_difference']:.1e} of "
           f"the largest logit.",
-        "## Recipe\n\n" + markdown_table([{"param": f"train.{key}", "value": str(t.get(key))} for key in (
-            "resolution", "batch_size", "epochs", "optimizer", "lr", "weight_decay", "lr_schedule", "freeze_epochs",
-            "crop", "augment", "label_smoothing", "amp", "seed")], {"param": "param", "value": "value"}),
+        recipe_section(params),
         f"## Input\n\nRGB, resized ({p.describe()}, {p.interpolation}), pixel values / 255, then normalised with "
         f"mean {list(p.mean)} and std {list(p.std)}; NCHW float32, any batch size. Output: logits, one per class "
         f"in `class_names` order (softmax for probabilities), already divided by the calibration temperature "
@@ -120,8 +122,26 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
         "classes will score lower. Check it on your own images before relying on it.\n"
         "- Classes with few training images are the least reliable: see `plots/report/report.md` for the "
         "per-class accuracy and the most-confused pairs.\n"
-        f"- {inherited_biases(checkpoint.arch, str(params.get('model', {}).get('weights')))}",
+        f"- {inherited_biases(checkpoint.arch, weights)}",
     ]) + "\n"
+
+
+def recipe_section(params: dict) -> str:
+    """The params that differ from the last commit's params.yaml (what this run changed), then every param of
+    data, model and train: the whole recipe, so the card alone says how the model was made."""
+    every = [{"param": key, "value": format_value(value)} for key, value in flat(params, RECORDED_SECTIONS).items()]
+    committed, why_not = committed_params()
+    if committed is None:
+        changed = f"Compared with the committed params.yaml: {why_not}."
+    elif rows := changed_params(params, committed, RECORDED_SECTIONS):
+        changed = ("Params of this run that differ from the last commit's params.yaml when it was exported:\n\n"
+                   + markdown_table([{"param": r["param"], "now": format_value(r["now"]),
+                                      "committed": format_value(r["committed"])} for r in rows],
+                                    {"param": "param", "now": "this run", "committed": "committed"}))
+    else:
+        changed = "Every param of this run is the committed params.yaml's."
+    return ("## Recipe\n\n" + changed + "\n\n<details><summary>Every param of data, model and train</summary>\n\n"
+            + markdown_table(every, {"param": "param", "value": "value"}) + "\n\n</details>")
 
 
 def calibration_line(calibration: Calibration, evaluation: dict) -> str:
@@ -140,6 +160,7 @@ def inherited_biases(arch: str, weights: str) -> str:
         return ("It inherits the biases of its pretraining data (the timm weights' own: see their model card on "
                 "the Hugging Face hub) and of the fine-tuning data.")
     if Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in weights:
-        return (f"It inherits the biases of whatever data the weights in {markdown_code(weights)} were trained on "
+        return (f"It inherits the biases of whatever data the weights in {markdown_code(shown_path(weights))} were "
+                f"trained on "
                 f"and of the fine-tuning data.")
     return "It inherits the biases of its pretraining data (ImageNet) and of the fine-tuning data."

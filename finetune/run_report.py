@@ -17,6 +17,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from finetune.calibration import BINS, Calibration, coverage_table, expected_calibration_error, reliability_bins
+from finetune.lineage import changed_params, changes_line, committed_params, shown_path
 from finetune.markdown import markdown_table, markdown_text
 from finetune.params import Params
 from finetune.paths import DUPLICATES_LIST
@@ -398,6 +399,17 @@ class RunResults:
         return self.eval_report["calibration"]["calibration_error_uncalibrated"]
 
 
+def changes_sentence(params: Params) -> str:
+    """What this run changed from the last commit's params.yaml (an experiment's `-S` values, or edits)."""
+    committed, why_not = committed_params()
+    if committed is None:
+        return f"Params: {why_not}."
+    rows = changed_params(params.model_dump(), committed)
+    if not rows:
+        return "Params: the committed params.yaml, unchanged."
+    return f"Params that differ from the last commit's params.yaml: {markdown_text(changes_line(rows, len(rows)))}."
+
+
 def confusion_section(eval_report: dict, block: tuple[int, int], names: list[str]) -> str:
     start, size = block
     if size == len(names):
@@ -415,10 +427,11 @@ def write_markdown(path: Path, params: Params, results: RunResults, block: tuple
                    gradcam: list[str], imbalance: str | None = None) -> None:
     m, t = params.model, params.train
     sections = [
-        f"# Run report: {m.arch} ({markdown_text(m.weights)}) on {markdown_text(params.data.source)}, "
+        f"# Run report: {m.arch} ({markdown_text(shown_path(m.weights))}) on "
+        f"{markdown_text(shown_path(str(params.data.source)))}, "
         f"{t.resolution} px, {t.epochs} epochs",
         "Written by `dvc repro` (stage `report`) from this run's metrics; `dvc metrics show` / "
-        "`dvc exp show` hold the same numbers, `dvc plots diff` overlays runs.",
+        "`dvc exp show` hold the same numbers, `dvc plots diff` overlays runs. " + changes_sentence(params),
         probe_verdict(results.probe, results.eval_metrics["top1"]),
         markdown_table(headline(params, results), {"what": "metric", "value": "value"})
         + (f"\n\n{imbalance}" if imbalance else ""),

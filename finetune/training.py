@@ -136,7 +136,8 @@ def save_model(params: Params, trainer: Trainer, progress: Progress, names: list
         arch=m.arch, class_names=names, preprocessing=trainer.preprocessing,
         head={"head": m.head, "head_hidden": m.head_hidden, "head_dropout": m.head_dropout},
         constructor=constructor_kwargs(trainer.model, trainer.constructor), epoch=kept_epoch,
-        params=params.model_dump(), calibration=calibration))
+        params=params.model_dump(), calibration=calibration,
+        weights_sha256=file_digest(m.weights) if Path(m.weights).is_file() else ""))
     state.unlink(missing_ok=True)  # this run's own state only: other runs' states in the folder stay
     print(f"train: saved epoch {kept_epoch} to {MODEL_PATH}")
 

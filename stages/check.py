@@ -7,7 +7,8 @@ It checks the params schema (finetune/params.py), then what needs the model but 
 that model.arch takes train.resolution, that train.unfreeze_from names one of its modules, and that a local
 model.weights file is a state dict that fits it; and what the machine must have: a usable GPU for
 train.device: cuda, a C++ compiler for torch.compile on the CPU, a writable train.state_dir, and named
-weights in the local cache (downloaded there now if need be). Its output is one
+weights in the local cache (downloaded there now if need be). It names the params that differ from the last
+commit's params.yaml (an experiment's `-S` values stay in the workspace after it). Its output is one
 constant line, so passing the check never makes a later stage re-run.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from finetune.errors import run_stage
 from finetune.files import atomic_path
+from finetune.lineage import changed_params, changes_line, committed_params
 from finetune.params import load_params
 from finetune.paths import PARAMS_CHECK
 from finetune.preflight import PASSED, check
@@ -26,6 +28,20 @@ def main() -> None:
     with atomic_path(PARAMS_CHECK) as tmp:
         tmp.write_text(PASSED)
     print("check: params.yaml is valid")
+    print_changes(params.model_dump())
+
+
+def print_changes(current: dict) -> None:
+    """The params that differ from the last commit's: a `dvc exp run -S` leaves its values in params.yaml, and
+    the next experiment inherits them unless they are reset."""
+    committed, why_not = committed_params()
+    if committed is None:
+        print(f"check: {why_not}")
+        return
+    rows = changed_params(current, committed)
+    if rows:
+        print(f"check: params.yaml differs from the last commit's in {len(rows)} param(s): {changes_line(rows)}. "
+              f"Values a previous `dvc exp run -S` left are among them: `git checkout params.yaml` resets them")
 
 
 if __name__ == "__main__":

@@ -97,10 +97,13 @@ def test_gradcam_pngs_are_real_images(reproduced):
             assert image.format == "PNG" and 300 < image.width <= 700 and image.height > 200
 
 
-def test_report_embeds_real_figures_and_names_the_mistakes(reproduced):
+def test_report_embeds_real_figures_and_names_the_mistakes(reproduced, image_folder):
     project, _ = reproduced
     report_dir = project / "plots/report"
     markdown = (report_dir / "report.md").read_text()
+    # the source folder outside the project is shown by its name: the rest of its path is this machine's
+    assert str(image_folder) not in markdown and f"on …/{image_folder.name}, 64 px" in markdown
+    assert "Params: the committed params.yaml, unchanged." in markdown
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     # 6 classes: the confusion matrix with counts is one figure (before: a "zoom" repeated the whole matrix)
     assert {"curves.png", "per_class_accuracy.png", "confusion.png", "reliability.png", "../gradcam/samples.png",
@@ -134,6 +137,7 @@ def test_export_loads_back_and_matches_the_model(reproduced):
     assert sorted(path.name for path in (project / "models/export").iterdir()) == ["MODEL_CARD.md", "model.json",
                                                                                     "model.onnx"]
     card = (project / "models/export/MODEL_CARD.md").read_text()
+    assert str(project) not in card and "Every param of this run is the committed params.yaml's." in card
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert card.startswith("# Model card: resnet18 fine-tuned on ")
     assert f"| test top-1 | {evaluation['top1']:.1%} |" in card and "Audi A5 Coupe 2012" in card
@@ -211,6 +215,10 @@ def test_experiment_reuses_data_stages_and_reports_the_change(reproduced):
     log = result.stdout + result.stderr
     assert "Running stage 'fetch'" not in log and "Running stage 'prepare'" not in log
     assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
+    assert ("check: params.yaml differs from the last commit's in 2 param(s): train.epochs 3 (committed: 6), "
+            "train.lr 0.02 (committed: 0.05)") in log
+    assert "Params that differ from the last commit's params.yaml: train.epochs 3 (committed: 6), train.lr 0.02" \
+        in (project / "plots/report/report.md").read_text()
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
     assert diff["metrics/eval.json"]["kept_epoch"] == {"old": 6, "new": 3, "diff": -3}
     # --all: both runs may reach the same test top-1 (100% on this easy data), and an unchanged
