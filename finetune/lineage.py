@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.params import PARAMS_FILE
+from finetune.params import PARAMS_FILE, ParamsError, parse_params
 
 RECORDED_SECTIONS = ("data", "model", "train")  # what shapes the model; the others shape how it is measured
 GIT_TIMEOUT_S = 10
@@ -39,8 +39,8 @@ def flat(sections: dict, only: tuple[str, ...] | None = None) -> dict[str, objec
 
 
 def committed_params(path: Path = PARAMS_FILE) -> tuple[dict | None, str]:
-    """(params.yaml as the last commit holds it, "") or (None, why not): no git, no repository, no commit, or a
-    file that was never committed."""
+    """(params.yaml as the last commit holds it, as the stages read it, "") or (None, why not): no git, no
+    repository, no commit, or a file that was never committed."""
     try:
         result = subprocess.run(["git", "show", f"HEAD:./{path.as_posix()}"], capture_output=True, text=True,
                                 timeout=GIT_TIMEOUT_S)
@@ -52,7 +52,12 @@ def committed_params(path: Path = PARAMS_FILE) -> tuple[dict | None, str]:
         loaded = yaml.safe_load(result.stdout)
     except yaml.YAMLError:
         return None, "the committed params.yaml is not valid YAML"
-    return (loaded, "") if isinstance(loaded, dict) else (None, "the committed params.yaml holds no sections")
+    if not isinstance(loaded, dict):
+        return None, "the committed params.yaml holds no sections"
+    try:  # as the run's own params are compared: nulls filled in from data.preset, as the stages read them
+        return parse_params(loaded, look_up_models=False).model_dump(), ""
+    except ParamsError:
+        return loaded, ""  # an older schema: compared as written
 
 
 def changed_params(current: dict, committed: dict, only: tuple[str, ...] | None = None) -> list[dict]:
