@@ -10,7 +10,8 @@ import difflib
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -146,6 +147,12 @@ class ModelParams(Section):
     drop_path: float = Field(ge=0.0, lt=1.0, description=(
         "timm models only: stochastic depth rate (0.1-0.2 is usual for ConvNeXt/ViT fine-tuning). timm's "
         '`drop_path_rate`'))
+
+    @field_validator("weights")
+    @classmethod
+    def home_expanded(cls, weights: str) -> str:
+        """`~/weights/x.pth` as train.state_dir takes it: the shell does not expand `~` inside params.yaml."""
+        return str(Path(weights).expanduser()) if weights.startswith("~") else weights
 
     @field_validator("arch")
     @classmethod
@@ -486,13 +493,59 @@ def parse_params(raw: dict, source: str = "params", look_up_models: bool = True)
     try:
         return Params.model_validate(raw, context={"look_up_models": look_up_models})
     except ValidationError as error:
-        problems = "\n".join(f"  - {describe(e, raw)}" for e in error.errors())
-        raise ParamsError(f"{source} has {error.error_count()} problem(s):\n{problems}") from None
+        problems = list(dict.fromkeys(describe(e, raw) for e in error.errors()))  # a union's branches: one line
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        raise ParamsError(f"{source} has {len(problems)} problem(s):\n{listed}") from None
+
+
+def field_of(loc: tuple):
+    """The schema field at (section, name), or None."""
+    if len(loc) < 2 or loc[0] not in Params.model_fields:
+        return None
+    return Params.model_fields[loc[0]].annotation.model_fields.get(loc[1])
+
+
+def bounds(metadata: list) -> str:
+    """" from 1 to 65536", " above 0 and at most 1000000": a numeric field's limits in words."""
+    limits = {name: getattr(m, name) for m in metadata for name in ("ge", "gt", "le", "lt")
+              if getattr(m, name, None) is not None}
+    shown = {name: f"{value:,.0f}".replace(",", "") if float(value).is_integer() else f"{value:g}"
+             for name, value in limits.items()}
+    if "ge" in shown and "le" in shown:
+        return f" from {shown['ge']} to {shown['le']}"
+    words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+    parts = [f"{words[name]} {shown[name]}" for name in ("ge", "gt", "le", "lt") if name in shown]
+    return f" {' and '.join(parts)}" if parts else ""
+
+
+def alternatives(annotation) -> str | None:
+    """`auto` or a whole number from 1 to 65536: what a union-typed param takes, in words (None: not a union)."""
+    if get_origin(annotation) not in (Union, UnionType):
+        return None
+    words = []
+    for member in get_args(annotation):
+        metadata = []
+        if get_origin(member) is Annotated:
+            member, *extra = get_args(member)
+            metadata = [m for info in extra for m in getattr(info, "metadata", [info])]
+        if get_origin(member) is Literal:
+            words += [f"`{yaml_value(value)}`" for value in get_args(member)]
+        elif member is type(None):
+            words.append("`null`")
+        else:
+            name = {int: "a whole number", float: "a number", bool: "`true` or `false`", str: "a text"}.get(
+                member, getattr(member, "__name__", str(member)))
+            words.append(name + bounds(metadata))
+    return " or ".join(words)
 
 
 def describe(error: dict, raw: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
     given = error.get("input")
+    field = field_of(error["loc"])
+    if field is not None and len(error["loc"]) > 2 and isinstance(error["loc"][2], str):
+        if (allowed := alternatives(field.annotation)) is not None:  # not pydantic's branch names
+            return f"{error['loc'][0]}.{error['loc'][1]}: {allowed} (got {GIVEN.repr(given)})"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key{did_you_mean(error['loc'], raw)}"
     if error["type"] == "missing":

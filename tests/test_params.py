@@ -213,3 +213,25 @@ def test_a_yaml_alias_bomb_is_refused_in_a_few_lines(tmp_path):
     assert time.monotonic() - start < 10 and len(str(refused.value)) < 2000
     assert "train.lr: Input should be a valid number" in str(refused.value) and "bombs: unknown key" in str(
         refused.value)
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("evaluate", "batch_size", "AUTO", "evaluate.batch_size: `auto` or a whole number from 1 to 65536 (got 'AUTO')"),
+    ("train", "num_threads", 0, "train.num_threads: `auto` or a whole number from 1 to "),
+    ("train", "compile", "yes", "train.compile: `auto` or `true` or `false` (got 'yes')"),
+    ("probe", "regularization", "x", "probe.regularization: `auto` or a number above 0 and at most 1000000 (got 'x')"),
+])
+def test_a_union_param_is_refused_in_words_not_pydantic_branch_names(defaults, section, key, value, expected):
+    """Hostile round 3, E2: `evaluate.batch_size: AUTO` was refused twice, as `evaluate.batch_size.constrained-int`
+    and `evaluate.batch_size.literal['auto']`: pydantic's names of the union's branches."""
+    text = problems(with_change(defaults, section, key, value))
+    assert expected in text and "1 problem(s)" in text
+    assert "constrained" not in text and "literal[" not in text
+
+
+def test_a_weights_path_under_home_is_expanded(defaults, tmp_path, monkeypatch):
+    """Hostile round 3, W11: `~` in model.weights was taken literally, though train.state_dir expands it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "lite0.pth").write_bytes(b"x")
+    params = parse_params(with_change(defaults, "model", "weights", "~/lite0.pth"))
+    assert params.model.weights == str(tmp_path / "lite0.pth")
