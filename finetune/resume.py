@@ -101,8 +101,7 @@ def restore_rng_states(states: dict) -> None:
 
 def save_state(path: Path, trainer, progress: Progress, fingerprint: dict) -> None:
     """trainer: a finetune.trainer.Trainer (model, optimizer, scheduler, precision.scaler)."""
-    serialized = io.BytesIO()
-    torch.save({
+    save_torch(path, pack({
         "format": FORMAT,
         "fingerprint": fingerprint,
         "progress": progress.__dict__,
@@ -112,10 +111,16 @@ def save_state(path: Path, trainer, progress: Progress, fingerprint: dict) -> No
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.precision.scaler.state_dict(),
         "rng": rng_states(),
-    }, serialized)
+    }))
+
+
+def pack(state: dict) -> dict:
+    """The state serialized inside an outer record with its SHA-256, which `unpack` verifies."""
+    serialized = io.BytesIO()
+    torch.save(state, serialized)
     payload = serialized.getbuffer()
-    save_torch(path, {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
-                      "payload": torch.frombuffer(payload, dtype=torch.uint8)})
+    return {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+            "payload": torch.frombuffer(payload, dtype=torch.uint8)}
 
 
 def unpack(outer) -> dict:
@@ -155,9 +160,31 @@ def read_state(path: Path, fingerprint: dict, epochs: int) -> dict | None:
         progress = Progress(**state["progress"])
     except (KeyError, TypeError) as error:
         return ignore(path, f"its progress record is damaged ({error})")
+    if problem := progress_problem(progress, epochs):
+        return ignore(path, f"its progress record is damaged ({problem})")
     if progress.epochs_done > epochs:
         return ignore(path, f"it records {progress.epochs_done} epochs, more than train.epochs={epochs}")
     return state
+
+
+def progress_problem(progress: Progress, epochs: int) -> str:
+    """What makes a progress record impossible ("" when it is sound): a state with a valid checksum can still hold
+    crafted values, which would train the wrong epochs or be written into the model checkpoint."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not whole(progress.epochs_done) or progress.epochs_done < 0:
+        return f"epochs_done {progress.epochs_done!r} is not a count of epochs"
+    if not whole(progress.best_epoch) or not 0 <= progress.best_epoch <= progress.epochs_done:
+        return f"best_epoch {progress.best_epoch!r} is not one of its {progress.epochs_done} epochs"
+    if not isinstance(progress.best_accuracy, float):
+        return f"best_accuracy {progress.best_accuracy!r} is not a number"
+    if not isinstance(progress.history, list) or len(progress.history) != progress.epochs_done or not all(
+            isinstance(row, dict) for row in progress.history):
+        return "its history is not one metrics record per finished epoch"
+    if progress.best_state is not None and not isinstance(progress.best_state, dict):
+        return "its best weights are not a state dict"
+    return ""
 
 
 def ignore(path: Path, why: str) -> None:

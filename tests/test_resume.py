@@ -350,3 +350,25 @@ def test_a_hostile_or_broken_state_file_runs_nothing_and_is_ignored(killed_copy,
     assert "weights_only=False" not in out  # torch's advice to run the file's code is not relayed
     expected, got = weights(uninterrupted), weights(workdir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # a fresh run, as if no file had been there
+
+
+@pytest.mark.parametrize("progress,why", [
+    ({"epochs_done": -3}, "epochs_done -3 is not a count of epochs"),
+    ({"epochs_done": 2, "best_epoch": "x", "history": [{}, {}]}, "best_epoch 'x' is not one of its 2 epochs"),
+    ({"epochs_done": 1, "history": "not a list"}, "its history is not one metrics record per finished epoch"),
+    ({"epochs_done": 1, "history": [{}], "best_state": [1, 2]}, "its best weights are not a state dict"),
+])
+def test_a_state_with_a_valid_checksum_but_an_impossible_progress_record_is_ignored(tmp_path, capsys, progress, why):
+    """Hostile round 3, R4-R6: `epochs_done = -3` ran 6 epochs of a 3-epoch run, `best_epoch = "x"` was written into
+    the model checkpoint, `history = "not a list"` ended in an AttributeError traceback."""
+    from finetune.files import save_torch
+    from finetune.resume import FORMAT, pack, read_state
+
+    fingerprint = {"model": {}, "train": {}, "data": {}}
+    path = tmp_path / "train_state-x.pt"
+    save_torch(path, pack({"format": FORMAT, "fingerprint": fingerprint, "progress": progress}))
+    assert read_state(path, fingerprint, epochs=3) is None
+    assert capsys.readouterr().out == f"train: ignoring {path}: its progress record is damaged ({why}); starting fresh\n"
+    sound = {"epochs_done": 1, "history": [{"train/loss": 1.0}], "best_accuracy": -1.0, "best_epoch": 0}
+    save_torch(path, pack({"format": FORMAT, "fingerprint": fingerprint, "progress": sound}))
+    assert read_state(path, fingerprint, epochs=3)["progress"] == sound
