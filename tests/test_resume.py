@@ -368,7 +368,8 @@ def test_a_state_with_a_valid_checksum_but_an_impossible_progress_record_is_igno
     path = tmp_path / "train_state-x.pt"
     save_torch(path, pack({"format": FORMAT, "fingerprint": fingerprint, "progress": progress}))
     assert read_state(path, fingerprint, epochs=3) is None
-    assert capsys.readouterr().out == f"train: ignoring {path}: its progress record is damaged ({why}); starting fresh\n"
+    said = capsys.readouterr().out
+    assert said == f"train: ignoring {path}: its progress record is damaged ({why}); starting fresh\n"
     sound = {"epochs_done": 1, "history": [{"train/loss": 1.0}], "best_accuracy": -1.0, "best_epoch": 0}
     save_torch(path, pack({"format": FORMAT, "fingerprint": fingerprint, "progress": sound}))
     assert read_state(path, fingerprint, epochs=3)["progress"] == sound
