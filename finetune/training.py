@@ -221,8 +221,7 @@ def train(params: Params, processes: Processes) -> None:
     try:
         run_epochs(trainer, progress, train_loader, validation_loader, fingerprint, state)
     except (KeyboardInterrupt, Interrupted):
-        raise RunStopped(f"train: interrupted in epoch {progress.epochs_done + 1}; {progress.epochs_done} finished "
-                         f"epoch(s) are saved in {state}: run `dvc repro` again to resume") from None
+        raise RunStopped(stopped_message(progress.epochs_done, p.epochs, state)) from None
     except LossNotFinite as error:
         raise StageError(
             f"the training loss became {error} in epoch {progress.epochs_done + 1}. The learning rate is likely too "
@@ -240,6 +239,14 @@ def train(params: Params, processes: Processes) -> None:
 
     if processes.is_main:
         save_model(params, trainer, progress, names, state, validation_split, workers)
+
+
+def stopped_message(epochs_done: int, epochs: int, state: Path) -> str:
+    """Ctrl-C or SIGTERM: where the run stopped and how to resume it (a signal can also arrive after the last
+    epoch's state is saved, before the model is written)."""
+    where = (f"after its last epoch, before the model was written; all {epochs}" if epochs_done >= epochs else
+             f"in epoch {epochs_done + 1} of {epochs}; {epochs_done} finished")
+    return f"train: interrupted {where} epoch(s) are saved in {state}: run `dvc repro` again to resume"
 
 
 def run(params: Params) -> None:

@@ -373,3 +373,13 @@ def test_a_state_with_a_valid_checksum_but_an_impossible_progress_record_is_igno
     sound = {"epochs_done": 1, "history": [{"train/loss": 1.0}], "best_accuracy": -1.0, "best_epoch": 0}
     save_torch(path, pack({"format": FORMAT, "fingerprint": fingerprint, "progress": sound}))
     assert read_state(path, fingerprint, epochs=3)["progress"] == sound
+
+
+def test_the_stop_message_never_names_an_epoch_past_the_last():
+    """Hostile round 3 leftover: a SIGTERM after a 3-epoch run's last saved epoch said "interrupted in epoch 4"."""
+    from finetune.training import stopped_message
+
+    state = Path("checkpoints/train_state-x.pt")
+    assert stopped_message(3, 3, state) == ("train: interrupted after its last epoch, before the model was written; "
+                                            f"all 3 epoch(s) are saved in {state}: run `dvc repro` again to resume")
+    assert stopped_message(1, 3, state).startswith("train: interrupted in epoch 2 of 3; 1 finished epoch(s) are saved")
