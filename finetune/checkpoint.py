@@ -58,9 +58,23 @@ def save_checkpoint(path: Path | str, model: nn.Module, checkpoint: Checkpoint) 
     })
 
 
+def missing_reason(path: Path) -> str:
+    """Why there is no model file at `path`, in words a user can act on."""
+    if path.is_dir():
+        return "is a folder, not a model file: give the model.pt inside it"
+    if path.is_symlink():
+        try:
+            path.stat()
+        except OSError as error:
+            return f"is a symbolic link that leads to no file ({error.strerror}): fix or remove the link"
+    if path.exists():
+        return "is not a regular file (a pipe, a socket or a device): give a model.pt file"
+    return "not found: run `dvc repro train` first (or `dvc pull` to fetch a trained model)"
+
+
 def read_payload(path: Path) -> dict:
     if not path.is_file():
-        raise StageError(f"{path} not found: run `dvc repro train` first (or `dvc pull` to fetch a trained model)")
+        raise StageError(f"{path} {missing_reason(path)}")
     try:
         payload = read_torch(path)
     except TorchFileUnreadable as error:  # truncated, not a torch file, or a pickle that would run code

@@ -131,3 +131,4 @@ def test_a_min_confidence_outside_0_to_1_is_refused(value, capsys):
     with pytest.raises(SystemExit):
         predict.parse_args(["photo.jpg", "--min-confidence", value])
     assert "--min-confidence" in capsys.readouterr().err
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from commands import predict
-from finetune.checkpoint import Checkpoint, save_checkpoint
+from finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from finetune.errors import StageError
 from finetune.model import build_model
 from finetune.transforms import Preprocessing
@@ -172,3 +173,14 @@ def test_names_that_are_not_utf8_are_written_escaped_and_every_result_kept(tmp_p
     files = [row["file"] for row in json.loads((tmp_path / "p.json").read_text(encoding="utf-8"))["images"]]
     assert [Path(file).name for file in files] == ["caf\\xe9.jpg", "caf\\xe9.jpg"] and "dir\\xff" in files[0]
     assert (tmp_path / "p.csv").read_text(encoding="utf-8").count("caf\\xe9.jpg,1,") == 2
+
+
+def test_a_model_path_that_is_a_folder_or_a_link_loop_says_so(tmp_path):
+    """Hostile round 3, Q6: `--model` a symlink loop or a folder was reported as "not found"."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.pt")
+    for name, says in (("loop", "symbolic link that leads to no file (Too many levels of symbolic links)"),
+                       ("dangling", "symbolic link that leads to no file (No such file or directory)"),
+                       (".", "is a folder, not a model file"), ("absent.pt", "not found: run `dvc repro train`")):
+        with pytest.raises(StageError, match=re.escape(says)):
+            load_checkpoint(tmp_path / name)
