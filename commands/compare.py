@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import unicodedata
 
 from finetune.errors import StageError, run_stage
 from finetune.paths import EVAL_METRICS, PREDICTIONS_CSV, PROBE_METRICS
@@ -30,8 +31,48 @@ from finetune.stats import correct_by_id, images_for_significance, paired, point
 DEFAULT_WIDTH = 150
 METRICS = (("top1", "top1"), ("top5", "top5"), ("mean_class_accuracy", "mean/class"), ("tta.top1", "TTA top1"),
            ("probe_top1", "probe top1"), ("kept_epoch", "epoch"))
-MAX_CELL = 26  # characters of one value; longer ones (paths) are cut in the middle
+MAX_CELL = 26  # columns of one value; longer ones (paths) are cut in the middle
+MAX_NAME = 40  # columns of an experiment's name: a long one is cut in the middle so the metrics stay in view
+MIN_WIDTH = 40
 SEPARATOR = "  "
+ELLIPSIS = "…"  # "..." when the terminal's encoding has no "…" (set in main)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns of `text`: CJK ideographs and most emoji take two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - display_width(text))
+
+
+def cut_to(text: str, width: int) -> str:
+    """`text` within `width` columns: its head and tail kept, the middle replaced by the ellipsis."""
+    if display_width(text) <= width:
+        return text
+    keep = width - display_width(ELLIPSIS)
+    head, tail = "", ""
+    for char in text:
+        if display_width(head + char) > (keep + 1) // 2:
+            break
+        head += char
+    for char in reversed(text):
+        if display_width(head + tail + char) > keep:
+            break
+        tail = char + tail
+    return head + ELLIPSIS + tail
+
+
+def clip(line: str, width: int) -> str:
+    """The line's first `width` columns."""
+    kept, used = "", 0
+    for char in line:
+        used += display_width(char)
+        if used > width:
+            break
+        kept += char
+    return kept
 
 
 def flatten(values: dict, prefix: str = "") -> dict:
@@ -79,10 +120,7 @@ def cell(value) -> str:
         text = "null"
     else:
         text = str(value)
-    if len(text) > MAX_CELL:
-        half = (MAX_CELL - 1) // 2
-        text = text[:half] + "…" + text[-(MAX_CELL - 1 - half):]
-    return text
+    return cut_to(text, MAX_CELL)
 
 
 def differing_params(rows: list[dict]) -> list[str]:
@@ -100,32 +138,40 @@ def short_names(keys: list[str]) -> dict[str, str]:
 def table(rows: list[dict], width: int) -> str:
     """The experiments, their metrics, then as many differing params as fit `width`; the rest named below."""
     metrics = [(key, title) for key, title in METRICS if any(key in row["metrics"] for row in rows)]
-    columns = [("Experiment", [row["name"] for row in rows]), ("Created", [row["created"][5:16].replace("T", " ")
-                                                                          for row in rows])]
+    columns = [("Experiment", [cut_to(row["name"], MAX_NAME) for row in rows]),
+               ("Created", [row["created"][5:16].replace("T", " ") for row in rows])]
     columns += [(title, [cell(row["metrics"].get(key, "-")) for row in rows]) for key, title in metrics]
     params = differing_params(rows)
     names = short_names(params)
     left_out = []
-    used = sum(max(len(title), *map(len, values)) for title, values in columns) + len(SEPARATOR) * (len(columns) - 1)
+
+    def column_width(title: str, values: list[str]) -> int:
+        return max(display_width(title), *map(display_width, values))
+
+    used = sum(column_width(*column) for column in columns) + len(SEPARATOR) * (len(columns) - 1)
+    headline = used
     for key in params:
         values = [cell(row["params"].get(key, "-")) for row in rows]
-        column_width = max(len(names[key]), *map(len, values))
-        if used + len(SEPARATOR) + column_width > width:
+        if used + len(SEPARATOR) + column_width(names[key], values) > width:
             left_out.append(key)
             continue
         columns.append((names[key], values))
-        used += len(SEPARATOR) + column_width
-    widths = [max(len(title), *map(len, values)) for title, values in columns]
-    lines = [SEPARATOR.join(title.ljust(w) for (title, _), w in zip(columns, widths)).rstrip()]
+        used += len(SEPARATOR) + column_width(names[key], values)
+    widths = [column_width(*column) for column in columns]
+    lines = [SEPARATOR.join(pad(title, w) for (title, _), w in zip(columns, widths)).rstrip()]
     lines.append(SEPARATOR.join("-" * w for w in widths))
     for index in range(len(rows)):
-        lines.append(SEPARATOR.join(values[index].ljust(w) for (_, values), w in zip(columns, widths)).rstrip())
+        lines.append(SEPARATOR.join(pad(values[index], w) for (_, values), w in zip(columns, widths)).rstrip())
+    lines = [clip(line, width) for line in lines]
+    if headline > width:
+        lines.append(f"The headline metrics need {headline} columns and {width} are shown: widen the terminal or "
+                     f"pass --width {headline}")
     if not params:
         lines.append("(the runs have the same params)")
     if left_out:
         lines.append(f"{len(left_out)} more param(s) differ, left out to fit {width} columns: "
                      f"{', '.join(left_out)} (--width to widen)")
-    return "\n".join(line[:width] if index < len(rows) + 2 else line for index, line in enumerate(lines))
+    return "\n".join(lines)
 
 
 def correctness(rev: str) -> dict[str, bool] | None:
@@ -176,12 +222,38 @@ def show_experiments(rev: str | None) -> list[dict]:
     return json.loads(shown or "[]")
 
 
+def columns(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of columns (got {text!r})") from None
+    if value < MIN_WIDTH:
+        raise argparse.ArgumentTypeError(f"must be {MIN_WIDTH} or more (got {value})")
+    return value
+
+
+def use_plain_ellipsis_if_needed() -> None:
+    """An ASCII or Latin-1 terminal (PYTHONIOENCODING, LANG=C) cannot print "…": "..." instead; any other
+    character it cannot print is replaced rather than ending the command in a traceback."""
+    global ELLIPSIS
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "…".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        ELLIPSIS = "..."
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m commands.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m commands.compare", description=" ".join(
+        __doc__.split("\n\n")[0].split()))
     parser.add_argument("--rev", help="only the experiments of this commit (default: of every commit)")
-    parser.add_argument("--width", type=int, default=shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns,
-                        help=f"columns to fit (default: the terminal's, else {DEFAULT_WIDTH})")
+    parser.add_argument("--width", type=columns, default=max(MIN_WIDTH, shutil.get_terminal_size(
+        (DEFAULT_WIDTH, 24)).columns), help=f"columns to fit, {MIN_WIDTH} or more (default: the terminal's, else "
+                                            f"{DEFAULT_WIDTH})")
     args = parser.parse_args(argv)
+    use_plain_ellipsis_if_needed()
     rows = runs_of(show_experiments(args.rev))
     if not rows:
         raise StageError("no experiment with metrics/eval.json yet: run `dvc exp run` (or `dvc repro`) first")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import io
+import sys
+
+import pytest
 
 from commands import compare
 from tests.conftest import shipped_params
@@ -77,3 +81,40 @@ def test_runs_that_differ_by_a_few_test_images_are_called_within_noise():
     shuffled = {"best": best, "close": {f"other{i}": v for i, v in close.items()}}
     assert "not comparable" in "\n".join(compare.noise_lines(rows[:2], shuffled, 150))
     assert compare.noise_lines(rows[:1], predictions, 150) == []  # one run: nothing to pair
+
+
+def test_long_and_wide_names_keep_the_metrics_in_view_and_aligned():
+    """Hostile round 3, C5/C6/C9: one 190-character experiment name hid every metric at 150 columns; at 20 columns
+    the names alone were shown with no word; CJK and emoji names were padded by code points, misaligning columns."""
+    long_name = "sgd-" + "x" * 186
+    rows = compare.runs_of([experiment("main", "2026-12-01T09:00:00", {}, 0.5) | {"experiments": [
+        {"revs": [experiment(long_name, "2026-12-01T10:00:00", {"train": {"lr": 0.05}}, 0.61)]},
+        {"revs": [experiment("日本語の実験🚗", "2026-12-01T11:00:00", {"train": {"lr": 0.02}}, 0.63)]}]}])
+    lines = compare.table(rows, 150).splitlines()
+    assert "top1" in lines[0] and "0.6100" in lines[3] and "0.6300" in lines[4] and "…" in lines[3]
+    starts = {compare.display_width(line[:line.index(value)]) for line, value in
+              ((lines[0], "top1"), (lines[3], "0.6100"), (lines[4], "0.6300"))}
+    assert len(starts) == 1  # the top1 column starts at the same terminal column in every row
+    assert all(compare.display_width(line) <= 150 for line in lines[:5])
+    narrow = compare.table(rows, 40)
+    assert "The headline metrics need" in narrow and "pass --width" in narrow
+
+
+@pytest.mark.parametrize("width", ["0", "-5", "wide"])
+def test_a_width_that_cannot_hold_a_table_is_refused(width, capsys):
+    """Hostile round 3, C7: `--width 0` printed 28 empty lines, `--width -5` cut 5 characters off every line."""
+    with pytest.raises(SystemExit):
+        compare.main(["--width", width])
+    assert "--width" in capsys.readouterr().err
+
+
+def test_an_ascii_terminal_gets_dots_not_a_traceback(monkeypatch):
+    """Hostile round 3, C8: on an ASCII or Latin-1 terminal compare ended in a UnicodeEncodeError."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(compare, "ELLIPSIS", "…")
+    compare.use_plain_ellipsis_if_needed()
+    assert compare.ELLIPSIS == "..." and "..." in compare.cell("/mnt/shared/a-very-long-bucket-path/cars")
+    print("日本語 " + compare.cell("x" * 40))  # characters it cannot encode are replaced, not raised
+    out.flush()
+    assert b"?" in out.buffer.getvalue() and b"..." in out.buffer.getvalue()
