@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = pick_device()
     model, checkpoint = load_checkpoint(args.model, device)
-    target = gradcam_target(model, args.gradcam_layer) if args.gradcam else None  # a bad layer: before any work
+    target = (gradcam_target(model, args.gradcam_layer, checkpoint.preprocessing.resolution, "--gradcam-layer")
+              if args.gradcam else None)  # a bad layer: before any work
     batch_size = args.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
     workers = resolve_workers(args.workers) if len(files) > batch_size else 0  # a few photos: no start-up cost
     if device.type == "cpu":  # train's rule: the cores the loader workers leave (oversubscribed: 6x slower, measured)

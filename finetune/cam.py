@@ -24,6 +24,7 @@ from torch import nn
 from finetune import timm_models
 from finetune.errors import StageError
 from finetune.files import atomic_path
+from finetune.model import given_module, refuse_unless_spatial
 from finetune.transforms import Preprocessing, eval_transform, to_model_input
 
 IMAGE_WEIGHT = 0.6  # of the photo in a CAM overlay (the heat map: the rest)
@@ -42,17 +43,15 @@ def channels_last_to_first(activations: torch.Tensor) -> torch.Tensor:
     return activations.permute(0, 3, 1, 2)
 
 
-def gradcam_target(model: nn.Module, spec: str):
+def gradcam_target(model: nn.Module, spec: str, resolution: int | None = None, what: str = "gradcam.target_layer"):
     """(layer, reshape_transform or None) for GradCAM: the last spatial block of each model family (the last
-    residual block for ResNets, as the seeds' eval.py), or the module path given in gradcam.target_layer."""
+    residual block for ResNets, as the seeds' eval.py), or the module path given in gradcam.target_layer, which
+    must be a module whose output is a map (N, C, H, W) at `resolution` (checked with one forward pass of a blank
+    image: on the meta device in check, no compute)."""
     if spec != "auto":
-        module = model
-        try:
-            for part in spec.replace("[", ".").replace("]", "").split("."):
-                module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
-        except (AttributeError, IndexError, TypeError) as error:
-            raise StageError(f"gradcam.target_layer '{spec}' is not a module of {type(model).__name__} ({error}); "
-                             f"use a dotted path such as layer4[-1], or auto") from None
+        module = given_module(model, spec, what)
+        if resolution is not None:
+            refuse_unless_spatial(model, spec, module, resolution, what)
         return module, None
     if timm_models.is_timm_model(model):
         return timm_target(model)

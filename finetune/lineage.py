@@ -80,3 +80,16 @@ def changes_line(rows: list[dict], limit: int = 12) -> str:
     shown = [f"{r['param']} {format_value(r['now'])} (committed: {format_value(r['committed'])})"
              for r in rows[:limit]]
     return ", ".join(shown) + (f", and {len(rows) - limit} more" if len(rows) > limit else "")
+
+def print_changes(current: dict) -> None:
+    """The params that differ from the last commit's: a `dvc exp run -S` leaves its values in params.yaml, and
+    the next experiment inherits them unless they are reset."""
+    committed, why_not = committed_params()
+    if committed is None:
+        print(f"check: {why_not}")
+        return
+    rows = changed_params(current, committed)
+    if rows:
+        print(f"check: params.yaml differs from the last commit's in {len(rows)} param(s): {changes_line(rows)}. "
+              f"Values a previous `dvc exp run -S` left are among them: `git checkout params.yaml` resets them")
+

@@ -251,3 +251,57 @@ def model_preprocessing(model: nn.Module, resolution: int, crop: str) -> Preproc
                          crop_fraction=float(config.get("crop_pct", preprocessing.crop_fraction)),
                          mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
                          interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear")
+
+
+def given_module(model: nn.Module, spec: str, what: str = "gradcam.target_layer") -> nn.Module:
+    """The module at a dotted path such as layer4[-1] (a param's value: `what` names the param)."""
+    module = model
+    try:
+        for part in spec.replace("[", ".").replace("]", "").split("."):
+            if part.startswith("_"):  # __class__, _modules...: Python's attributes, never a layer
+                raise AttributeError(f"'{part}' is not a layer name")
+            module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
+    except (AttributeError, IndexError, TypeError, KeyError) as error:
+        raise StageError(f"{what} '{spec}' is not a module of {type(model).__name__} ({error}); "
+                         f"use a dotted path such as layer4[-1], or auto") from None
+    if not isinstance(module, nn.Module):
+        raise StageError(f"{what} '{spec}' is a {type(module).__name__} of {type(model).__name__}, "
+                         f"not a module: name a layer (a path without .weight or .bias), or use auto")
+    return module
+
+
+def output_shapes(model: nn.Module, resolution: int) -> dict[str, tuple]:
+    """Every named module's output shape for one blank image (on the model's device: meta costs nothing)."""
+    shapes, hooks = {}, []
+    for name, module in model.named_modules():
+        def record(_module, _inputs, output, name=name):
+            if isinstance(output, torch.Tensor):
+                shapes[name] = tuple(output.shape)
+        hooks.append(module.register_forward_hook(record))
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, resolution, resolution, device=device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def refuse_unless_spatial(model: nn.Module, spec: str, module: nn.Module, resolution: int,
+                          what: str = "gradcam.target_layer") -> None:
+    """GradCAM needs a module whose output is a map of the image (N, C, H, W), at `resolution`."""
+    names = {id(m): name for name, m in model.named_modules()}
+    try:
+        shapes = output_shapes(model, resolution)
+    except Exception:  # a model that cannot run this check's forward pass: the stage itself will say more
+        return
+    shape = shapes.get(names.get(id(module), ""))
+    if shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1:
+        return
+    spatial = [name for name, s in shapes.items() if name and len(s) == 4 and s[2] * s[3] > 1]  # in run order
+    raise StageError(f"{what} '{spec}' is not a module with a spatial output (its output at "
+                     f"{resolution} px: {shape or 'none'}): GradCAM needs a map of the image. Modules that have "
+                     f"one, last first: {', '.join(reversed(spatial[-6:]))}; or use auto")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import StageError
-from finetune.model import build_model, fetch_pretrained, fit_to_resolution
+from finetune.model import build_model, fetch_pretrained, fit_to_resolution, given_module, refuse_unless_spatial
 from finetune.params import Params
 from finetune.recipe import Freezer
 from finetune.resume import refuse_blocked_state_files
@@ -36,6 +36,9 @@ def check_recipe(params: Params) -> None:
             model = build_model(m.arch, CHECK_CLASSES, "none", m.head, m.head_hidden, m.head_dropout, m.drop_path,
                                 **constructor)
     Freezer(model, p)
+    if params.gradcam.target_layer != "auto":  # refused now, not after train and evaluate have run
+        layer = params.gradcam.target_layer
+        refuse_unless_spatial(model, layer, given_module(model, layer), p.resolution)
 
 
 def check_weights(params: Params) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from finetune.errors import run_stage
 from finetune.files import atomic_path
-from finetune.lineage import changed_params, changes_line, committed_params
+from finetune.lineage import print_changes
 from finetune.params import load_params
 from finetune.paths import PARAMS_CHECK
 from finetune.preflight import PASSED, check
@@ -29,19 +29,6 @@ def main() -> None:
         tmp.write_text(PASSED)
     print("check: params.yaml is valid")
     print_changes(params.model_dump())
-
-
-def print_changes(current: dict) -> None:
-    """The params that differ from the last commit's: a `dvc exp run -S` leaves its values in params.yaml, and
-    the next experiment inherits them unless they are reset."""
-    committed, why_not = committed_params()
-    if committed is None:
-        print(f"check: {why_not}")
-        return
-    rows = changed_params(current, committed)
-    if rows:
-        print(f"check: params.yaml differs from the last commit's in {len(rows)} param(s): {changes_line(rows)}. "
-              f"Values a previous `dvc exp run -S` left are among them: `git checkout params.yaml` resets them")
 
 
 if __name__ == "__main__":

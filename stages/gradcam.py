@@ -30,7 +30,7 @@ def main() -> None:
     g = load_params().gradcam
     device = pick_device()
     model, checkpoint = load_checkpoint(MODEL_PATH, device)  # the plain module: grad-cam's hooks miss compiled ones
-    target = gradcam_target(model, g.target_layer)
+    target = gradcam_target(model, g.target_layer, checkpoint.preprocessing.resolution)
     test = open_split("test")
     names = checkpoint.class_names
     rng = np.random.default_rng(g.seed)

@@ -24,6 +24,7 @@ def params_with(**changes):
 
 def test_the_shipped_recipe_passes_without_reading_weights_or_data():
     check_recipe(params_with(**{"model.weights": "none"}))
+    check_recipe(params_with(**{"gradcam.target_layer": "layer3[-1]"}))  # a spatial block: accepted
     check_recipe(params_with())  # IMAGENET1K_V2: a name, not a download: the meta device builds no weights
 
 
@@ -33,6 +34,12 @@ def test_the_shipped_recipe_passes_without_reading_weights_or_data():
      "inception_v3 cannot take train.resolution=64"),
     ({"model.arch": "vit_b_16", "model.weights": "none", "train.resolution": 256},
      "vit_b_16 cannot take train.resolution=256"),
+    # Hostile round 3, Q3/Q4: these passed check, then the gradcam stage crashed after train and evaluate had run
+    ({"gradcam.target_layer": "fc"}, r"'fc' is not a module with a spatial output \(its output at 224 px: \(1, 2\)\)"
+                                     r".*Modules that have one, last first: layer4, layer4.2"),
+    ({"gradcam.target_layer": "__class__"}, "'__class__' is not a module of ResNet"),
+    ({"gradcam.target_layer": "layer4.0.conv1.weight"}, "'layer4.0.conv1.weight' is a Parameter of ResNet, not a "
+                                                        "module"),
 ])
 def test_model_dependent_mistakes_are_refused(changes, message):
     with pytest.raises(StageError, match=message):

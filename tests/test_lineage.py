@@ -8,8 +8,7 @@ import subprocess
 import yaml
 
 from finetune.exporting import recipe_section
-from finetune.lineage import changed_params, changes_line, committed_params, shown_path
-from stages.check import print_changes
+from finetune.lineage import changed_params, changes_line, committed_params, print_changes, shown_path
 
 
 def git_repo(folder, params: dict) -> None:

@@ -184,3 +184,17 @@ def test_a_model_path_that_is_a_folder_or_a_link_loop_says_so(tmp_path):
                        (".", "is a folder, not a model file"), ("absent.pt", "not found: run `dvc repro train`")):
         with pytest.raises(StageError, match=re.escape(says)):
             load_checkpoint(tmp_path / name)
+
+
+@pytest.mark.parametrize("layer,says", [("fc", "is not a module with a spatial output"),
+                                        ("__class__", "is not a module of ResNet"),
+                                        ("layer4.0.conv1.weight", "is a Parameter of ResNet, not a module")])
+def test_a_gradcam_layer_without_a_map_is_refused_before_any_work(tmp_path, model_file, monkeypatch, layer, says):
+    """Hostile round 3, Q3: `--gradcam-layer fc` (or __class__, or a parameter's path) gave three different
+    tracebacks and wrote no predictions."""
+    monkeypatch.chdir(tmp_path)
+    photo(tmp_path / "a.jpg")
+    with pytest.raises(StageError, match=f"--gradcam-layer '{re.escape(layer)}' {says}"):
+        predict.main(["a.jpg", "--model", str(model_file), "--gradcam", "cams", "--gradcam-layer", layer])
+    assert not (tmp_path / "predictions.json").exists() and not list((tmp_path / "cams").glob("*"))
+
