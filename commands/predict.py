@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 from finetune.errors import StageError, run_stage
-from finetune.images import IMAGE_SUFFIXES, ImageRejected, open_header
+from finetune.images import IMAGE_SUFFIXES, ImageRejected, check_jpeg_scan, open_header
 from finetune.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS, PROJECT_ROOT
 
 OVERLAY_SIDE = 320  # px: a GradCAM overlay a person can read, whatever the model's input size
@@ -106,7 +106,10 @@ class Photos:
 
     def __getitem__(self, index: int):
         try:
-            return index, self.transform(open_header(self.files[index])), None
+            image = open_header(self.files[index])
+            if image.format == "JPEG":  # prepare's rule: corrupt scan data is refused, not classified as grey
+                check_jpeg_scan(self.files[index].read_bytes(), image)
+            return index, self.transform(image), None
         except Exception as error:  # missing, unreadable, refused (bomb, aspect ratio)
             return index, None, failure(error)
 

@@ -9,7 +9,9 @@ more than MAX_ASPECT_RATIO times (a 60000x1 strip would ask a shorter-side resiz
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 import stat
 import struct
 import sys
@@ -83,7 +85,8 @@ def exif_orientation(image: Image.Image) -> int:
 
 def load_pixels(image: Image.Image, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decodes the pixels (a JPEG at 1/2, 1/4 or 1/8 scale in the DCT when draft_size allows: several times
-    faster for big photos); applies the EXIF rotation; returns RGB. Truncated or corrupt data is refused.
+    faster for big photos); applies the EXIF rotation; returns RGB. Truncated or corrupt data is refused (what
+    Pillow sees: its JPEG decoder fills missing scan data with grey without a word, see check_jpeg_scan).
 
     Any other format is decoded whole, then reduced by whole factors to at least draft_size before its mode is
     converted: a 13000x13000 16-bit PNG or RGBA image made RGB at full size took +3.4 / +3.2 GB in float64 and
@@ -98,6 +101,36 @@ def load_pixels(image: Image.Image, draft_size: tuple[int, int] | None = None) -
         return to_rgb(image)
     except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, ValueError, MemoryError...
         raise ImageRejected(f"{type(error).__name__}: {error}") from None
+
+
+TAIL_BYTES = 1 << 16  # of a JPEG's end: enough to see the padding before its end marker
+SCAN_DATA_LOST = ("premature end", "instead of rst", "bad huffman code", "bad arithmetic code")
+EXTRANEOUS = re.compile(r"(\d+) extraneous bytes before marker 0x([0-9a-f]{2})")
+END_OF_IMAGE = b"\xff\xd9"
+
+
+def scan_data_lost(warning: str, tail: bytes) -> bool:
+    """Whether a libjpeg warning means pixels were not decoded from the file (scan data missing, unreadable, or
+    left unread), rather than a harmless oddity. "N extraneous bytes before marker 0xd9" is padding before the
+    end marker, which cameras and editors write, when those bytes are filler (0x00 or 0xFF); any other bytes
+    there are scan data the decoder never used (a header claiming arithmetic coding over Huffman data)."""
+    text = warning.lower()
+    if any(words in text for words in SCAN_DATA_LOST):
+        return True
+    if match := EXTRANEOUS.search(text):
+        count, marker = int(match.group(1)), match.group(2)
+        end = tail.rfind(END_OF_IMAGE)
+        if marker != "d9" or end < count:
+            return True
+        return not set(tail[end - count:end]) <= {0x00, 0xFF}
+    return False  # unknown JFIF revision, Adobe transform code, a bad ICC marker...: the pixels are whole
+
+
+def refuse_lost_scan_data(warnings: list[str], tail: bytes) -> None:
+    lost = [warning for warning in warnings if scan_data_lost(warning, tail)]
+    if lost:
+        raise ImageRejected(f"truncated or corrupt JPEG data (libjpeg: {lost[0]}): part of its pixels would be "
+                            f"invented")
 
 
 SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L")
@@ -230,3 +263,33 @@ def decode_prepared(encoded: bytes, reduction: int = 1):
         except ImageRejected:
             pass
     return decode_jpeg(encoded, mode="RGB")
+
+
+def refuse_impossible_scan(image: Image.Image, size: int) -> None:
+    """A baseline JPEG needs at least 2 bits per 8x8 block of its first component (a DC code and an end-of-block
+    code, even with optimised Huffman tables): a file too short for that is truncated, and is refused before
+    it is decoded at its header's size (a 1 KB file claiming 13000x13000 would cost a 507 MB decode). A
+    progressive JPEG can code runs of empty blocks in a few bits, so it gets no such bound."""
+    if image.info.get("progressive") or image.info.get("progression"):
+        return
+    blocks = math.ceil(image.width / 8) * math.ceil(image.height / 8)
+    if size < blocks // 4:
+        raise ImageRejected(f"truncated JPEG data: {size:,} bytes cannot hold the scan of a {image.width}x"
+                            f"{image.height} image (at least {blocks // 4:,} bytes)")
+
+
+def check_jpeg_scan(encoded: bytes, image: Image.Image):
+    """The JPEG decoded whole by training's decoder (TorchCodec's libjpeg-turbo, whose warnings, unlike Pillow's,
+    can be read), as a uint8 CHW tensor, or None when that decoder cannot read it (Pillow may still). Refused
+    (ImageRejected, with libjpeg's words) when scan data is missing or was left unread: libjpeg only warns, and
+    the missing pixels would be invented (a file cut short that still ends in an EOI marker decodes with its
+    bottom flat grey; a header claiming arithmetic coding over Huffman data decodes as noise). Harmless warnings
+    (padding before the end marker) keep it. prepare and predict apply this one rule."""
+    refuse_impossible_scan(image, len(encoded))
+    try:
+        with libjpeg_warnings() as warnings:
+            whole = decode_prepared(encoded)
+    except (RuntimeError, ImageRejected):
+        return None
+    refuse_lost_scan_data(warnings, encoded[-TAIL_BYTES:])
+    return whole

@@ -22,10 +22,9 @@ from tqdm import tqdm
 from finetune.errors import StageError
 from finetune.images import (
     ImageRejected,
-    decode_prepared,
+    check_jpeg_scan,
     exif_orientation,
     jpeg_size,
-    libjpeg_warnings,
     load_pixels,
     open_header,
 )
@@ -66,21 +65,12 @@ def scaled_size(size: tuple[int, int], max_short_side: int) -> tuple[int, int] |
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def the_loader_decodes(encoded: bytes) -> bool:
+def the_loader_decodes(encoded: bytes, image: Image.Image) -> bool:
     """Whether training's own decoder reads these bytes whole, at the size their header gives (the crop box is
     drawn from it): kept bytes must never fail mid-epoch. Those it refuses go through Pillow, which re-encodes
-    what it can read and reports what it cannot. Corrupt data that libjpeg only warns about (no decoder raises:
-    a file cut short that still ends in an EOI marker decodes with its bottom flat grey; a header claiming
-    arithmetic coding over Huffman data decodes as noise) is an ImageRejected with libjpeg's words."""
-    try:
-        with libjpeg_warnings() as warnings:
-            whole = decode_prepared(encoded)
-    except (RuntimeError, ImageRejected):
-        return False
-    if warnings:
-        raise ImageRejected(f"truncated or corrupt JPEG data (libjpeg: {warnings[0]}): part of its pixels would be "
-                            f"invented")
-    return jpeg_size(encoded) == (whole.shape[-1], whole.shape[-2])
+    what it can read and reports what it cannot. Corrupt data is refused (check_jpeg_scan)."""
+    whole = check_jpeg_scan(encoded, image)
+    return whole is not None and jpeg_size(encoded) == (whole.shape[-1], whole.shape[-2])
 
 
 def prepare_image(encoded: bytes, max_short_side: int, jpeg_quality: int) -> Prepared:
@@ -90,7 +80,7 @@ def prepare_image(encoded: bytes, max_short_side: int, jpeg_quality: int) -> Pre
         image = open_header(encoded)  # the header only; bombs and extreme aspect ratios are refused here
         result.width, result.height, result.mode = image.width, image.height, image.mode
         target = scaled_size(image.size, max_short_side)
-        decodes = image.format == "JPEG" and the_loader_decodes(encoded)  # every JPEG: corrupt ones are refused
+        decodes = image.format == "JPEG" and the_loader_decodes(encoded, image)  # every JPEG: corrupt ones refused
         if (image.format == "JPEG" and image.mode == "RGB" and exif_orientation(image) == 1 and target is None
                 and decodes):
             result.encoded, result.stored_short_side = encoded, min(image.size)

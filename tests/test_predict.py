@@ -198,3 +198,27 @@ def test_a_gradcam_layer_without_a_map_is_refused_before_any_work(tmp_path, mode
         predict.main(["a.jpg", "--model", str(model_file), "--gradcam", "cams", "--gradcam-layer", layer])
     assert not (tmp_path / "predictions.json").exists() and not list((tmp_path / "cams").glob("*"))
 
+
+
+def test_jpegs_prepare_refuses_as_corrupt_are_refused_by_predict_too(tmp_path, model_file, monkeypatch):
+    """Hostile round 3, Q7: a JPEG cut at 40% that still ends in an EOI marker, or a header claiming arithmetic
+    coding over Huffman data, was classified ("... 100.0%") on grey or noise pixels, with no warning. A JPEG
+    padded before its end marker is whole, and is classified."""
+    import io
+
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    gradient = np.repeat(np.linspace(0, 255, 400)[None, :, None], 300, 0).repeat(3, 2).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(gradient).save(out, "JPEG")
+    full = out.getvalue()
+    sof = full.find(b"\xff\xc0")
+    (tmp_path / "cut.jpg").write_bytes(full[: int(len(full) * 0.4)] + b"\xff\xd9")
+    (tmp_path / "arithmetic.jpg").write_bytes(full[:sof] + b"\xff\xc9" + full[sof + 2:])
+    (tmp_path / "padded.jpg").write_bytes(full[:-2] + b"\x00" * 64 + b"\xff\xd9")
+    assert predict.main(["cut.jpg", "arithmetic.jpg", "padded.jpg", "--model", str(model_file)]) == 0
+    rows = rows_of(tmp_path / "predictions")
+    for name in ("cut.jpg", "arithmetic.jpg"):
+        assert rows[name]["error"].startswith("truncated or corrupt JPEG data (libjpeg: Corrupt JPEG data"), rows
+    assert "top" in rows["padded.jpg"]

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 from PIL import Image
 
 from finetune.errors import StageError
-from finetune.images import MAX_ASPECT_RATIO, decode_prepared, to_rgb
+from finetune.images import MAX_ASPECT_RATIO, decode_prepared, open_header, refuse_impossible_scan, to_rgb
 from finetune.params import PrepareParams
 from finetune.preparation import (
     carve_splits,
@@ -124,6 +125,38 @@ def test_jpegs_that_libjpeg_only_warns_about_are_dropped_with_its_words(capfd):
     assert "Corrupt JPEG" not in capfd.readouterr().err  # captured, not printed
 
 
+@pytest.mark.parametrize("size", [(400, 300), (1600, 1200)])
+def test_a_valid_jpeg_padded_before_its_end_marker_is_kept(size, capfd):
+    """Hostile round 3, J1: 64 zero bytes before the EOI marker (camera and editor output; Pillow decodes it
+    pixel for pixel like the original) were dropped as "part of its pixels would be invented": libjpeg warns
+    "extraneous bytes before marker 0xd9" about padding as about unread scan data."""
+    gradient = np.repeat(np.linspace(0, 255, size[0])[None, :, None], size[1], 0).repeat(3, 2).astype(np.uint8)
+    full = encode(Image.fromarray(gradient))
+    for filler in (b"\x00", b"\xff"):
+        padded = full[:-2] + filler * 64 + b"\xff\xd9"
+        result = prepare_image(padded, 512, 95)
+        assert result.error == "" and result.encoded is not None, result.error
+        assert "extraneous" not in capfd.readouterr().err
+
+
+def test_a_jpeg_too_short_for_its_header_size_is_refused_before_it_is_decoded(monkeypatch):
+    """Hostile round 3, J2: a 1 KB JPEG whose header claims 13000x13000 was decoded at that size to look for
+    corrupt data: +490 MB per prepare process. Its bytes cannot hold the scan data of such an image: refused
+    from its header and size alone."""
+    import finetune.images as images
+
+    decoded = []
+    monkeypatch.setattr(images, "decode_prepared", lambda *a: decoded.append(1))
+    small = encode(Image.effect_noise((64, 48), 40).convert("RGB"))
+    sof = small.find(b"\xff\xc0")
+    claims_huge = small[:sof + 5] + struct.pack(">HH", 13000, 13000) + small[sof + 9:]
+    result = prepare_image(claims_huge, 512, 95)
+    assert result.error == (f"truncated JPEG data: {len(claims_huge):,} bytes cannot hold the scan of a 13000x13000 "
+                            f"image (at least 660,156 bytes)") and decoded == []
+    flat = encode(Image.new("RGB", (4000, 3000), (90, 90, 90)), optimize=True)  # as compact as a real one gets
+    assert refuse_impossible_scan(open_header(flat), len(flat)) is None
+
+
 @pytest.mark.parametrize("source", ["grey jpeg", "cmyk jpeg", "progressive jpeg", "rgba png", "large jpeg",
                                     "rotated jpeg"])
 def test_whatever_is_stored_the_training_decoder_reads_as_rgb(source):
@@ -149,7 +182,7 @@ def test_a_jpeg_the_training_decoder_refuses_is_reencoded_not_kept(monkeypatch):
     def refuse(encoded, reduction=1):
         raise RuntimeError("Unsupported JPEG feature")
 
-    monkeypatch.setattr("finetune.preparation.decode_prepared", refuse)
+    monkeypatch.setattr("finetune.images.decode_prepared", refuse)
     result = prepare_image(original, 512, 95)
     assert result.reencoded and result.encoded != original and decoded(result).size == (120, 80)
 
