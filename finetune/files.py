@@ -129,6 +129,19 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 LEGACY_MAGIC = b"\x80"  # a pickle protocol header: torch.save's format before 1.6
 
 
+def refused_pickle(error: str) -> str:
+    """What weights_only refused, in words, without torch's advice to allow-list the class (advice a user cannot
+    and should not follow for a file that may be hostile)."""
+    named = re.search(r"GLOBAL ([\w.]+)", error)
+    what = named.group(1) if named else ""
+    if re.search(r"(^|\.)(models?|nn\.modules)\.|^__main__\.", what):
+        return (f"it holds a whole pickled model ({what}, as torch.save(model) writes), which loading would have to "
+                f"run: refused (files are read with weights_only=True). Save its weights instead: "
+                f"torch.save(model.state_dict(), path)")
+    return ("it holds Python objects that loading would have to run, refused (files are read with weights_only=True)"
+            + (f": {what}" if what else ""))
+
+
 def read_torch(path: Path | str):
     """torch.load(path, weights_only=True): tensors and plain Python values only, never code. Anything else is a
     TorchFileUnreadable saying what the file is, without torch's advice to retry with weights_only=False (wrong
@@ -145,9 +158,7 @@ def read_torch(path: Path | str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only met something that is not a tensor or a plain value
-        refused = re.search(r"(unsupported GLOBAL [^\n]*|Unsupported [^\n]*)", str(error))
-        raise TorchFileUnreadable("it holds Python objects that loading would have to run, refused (files are read "
-                                  "with weights_only=True)" + (f": {refused.group(1)}" if refused else "")) from None
+        raise TorchFileUnreadable(refused_pickle(str(error))) from None
     except Exception as error:  # truncated zip, a foreign archive, a legacy file with objects
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         first = re.split(r" In PyTorch 2\.6, we changed", first)[0]  # torch's weights_only=False advice

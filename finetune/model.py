@@ -85,12 +85,35 @@ def stalled_reads_time_out(seconds: float):
         socket.setdefaulttimeout(previous)
 
 
+def damaged_cache(cached: Path | None, error: Exception) -> WeightsUnavailable | Exception:
+    """A cached weights file that cannot be read (truncated, an HTML login page saved in its place, random
+    bytes) named with the fix; any other error as it is."""
+    if cached is None or not cached.is_file():
+        return error
+    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return WeightsUnavailable(f"the cached weights file {cached} is damaged ({type(error).__name__}: "
+                              f"{first[:200]}): delete it, and run again to download it afresh")
+
+
+def torchvision_cache_file(arch: str, weights: str) -> Path | None:
+    try:
+        url = torchvision.models.get_model_weights(arch)[weights].url
+    except (KeyError, ValueError):
+        return None
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
 def download_pretrained(arch: str, weights: str, original) -> nn.Module:
     if timm_models.is_timm(arch):
         try:
             return original(weights)
         except timm_models.download_error_types() as error:
+            if not isinstance(error, (ConnectionError, TimeoutError)) and (
+                    damaged := damaged_cache(timm_models.cached_weights(arch), error)) is not error:
+                raise damaged from None
             raise WeightsUnavailable(timm_models.unavailable_message(arch, error)) from None
+        except Exception as error:  # safetensors' or torch's reader on a damaged cached file
+            raise damaged_cache(timm_models.cached_weights(arch), error) from None
     try:
         with stalled_reads_time_out(DOWNLOAD_STALL_SECONDS):
             return original(weights)
@@ -102,6 +125,8 @@ def download_pretrained(arch: str, weights: str, original) -> nn.Module:
             f"{cache}, set model.weights to the path of a local state dict, or set model.weights: none "
             f"to train from random init."
         ) from None
+    except Exception as error:  # torch's reader on a damaged cached file (truncated, HTML, random bytes)
+        raise damaged_cache(torchvision_cache_file(arch, weights), error) from None
 
 
 def constructor_kwargs(model: nn.Module, fitted: dict | None = None) -> dict:

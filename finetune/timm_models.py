@@ -9,6 +9,8 @@ part of the timm package, so it is known offline), which is what the pipeline tr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from finetune.params import TIMM_PREFIX as PREFIX
@@ -59,6 +61,19 @@ def download_error_types() -> tuple[type[Exception], ...]:
     import huggingface_hub.errors as hub_errors
 
     return (OSError, ConnectionError, TimeoutError, hub_errors.LocalEntryNotFoundError, hub_errors.HfHubHTTPError)
+
+
+def cached_weights(arch: str) -> Path | None:
+    """The hub cache's weights file of `arch`, if one is there (what timm loads offline)."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = timm.models.get_pretrained_cfg(model_name(arch)).hf_hub_id
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename) if hub_id else None
+        if isinstance(found, str):
+            return Path(found)
+    return None
 
 
 def unavailable_message(arch: str, error: Exception) -> str:

@@ -157,3 +157,55 @@ def test_named_weights_are_fetched_by_check_or_refused_with_the_fix(monkeypatch,
     check_weights(params)
     assert "check: resnet18 weights IMAGENET1K_V1 are in the local cache" in capsys.readouterr().out
     check_weights(params_with(**{"model.arch": "resnet18", "model.weights": "none"}))  # nothing to fetch
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 a zip cut short", b"<html><body>Please log in</body></html>",
+                                     os.urandom(4096)])
+def test_a_damaged_cached_weights_file_is_named_with_the_fix(monkeypatch, tmp_path, content):
+    """Hostile round 3, W3-W5: a truncated .pth, an HTML login page saved as the .pth, or random bytes in the
+    torch cache ended in a traceback that did not name the cached file."""
+    from torchvision.models import ResNet18_Weights
+
+    from finetune.preflight import check_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(content)
+    with pytest.raises(StageError, match=f"the cached weights file {cached} is damaged .*: delete it, and run again"):
+        check_weights(params_with(**{"model.arch": "resnet18", "model.weights": "IMAGENET1K_V1"}))
+
+
+def test_a_damaged_cached_timm_weights_file_is_named_with_the_fix(monkeypatch, tmp_path):
+    """W5: random bytes as model.safetensors in the Hugging Face cache."""
+    import timm
+
+    from finetune.preflight import check_weights
+
+    hub = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub_id = timm.models.get_pretrained_cfg("resnet18.a1_in1k").hf_hub_id
+    repo = hub / f"models--{hub_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    weights = repo / "snapshots" / ("0" * 40) / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(os.urandom(4096))
+    with pytest.raises(StageError, match=f"the cached weights file {weights} is damaged"):
+        check_weights(params_with(**{"model.arch": "timm/resnet18.a1_in1k", "model.weights": "pretrained"}))
+
+
+def test_a_whole_pickled_model_is_named_as_such_not_relayed_as_torch_advice(tmp_path):
+    """Hostile round 3, W9: a file written by torch.save(model) was refused with torch's own advice to
+    allow-list the class (add_safe_globals), which a user should not follow for a foreign file."""
+    whole = tmp_path / "whole.pt"
+    torch.save(build_model("resnet18", 1000, "none"), whole)
+    with pytest.raises(StageError, match=r"holds a whole pickled model \(torchvision.models.resnet.ResNet.*"
+                                         r"torch.save\(model.state_dict\(\), path\)") as refused:
+        check_recipe(params_with(**{"model.arch": "resnet18", "model.weights": str(whole)}))
+    assert "add_safe_globals" not in str(refused.value)
