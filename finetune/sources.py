@@ -77,11 +77,17 @@ def check_image_folder(root: Path) -> FolderListing:
         elif not entry.is_dir():
             listing.leave_out(entry, "a file outside the split/class folders: left out")
     if "train" not in splits:
-        found = ", ".join(p.name for p in entries(root) if p.is_dir()) or "no folders"
+        folders = [p for p in entries(root) if p.is_dir()]
+        found = ", ".join(p.name for p in folders[:8]) + (f", ... ({len(folders)} folders)" if len(folders) > 8
+                                                           else "") if folders else "no folders"
+        flat = len(folders) >= 2 and all(any(child.is_file() for child in entries(folder)) for folder in folders)
         raise SourceError(
-            f"data.source folder {root} needs a train split folder (and test, or data.test_fraction > 0 to carve "
-            f"one out of train; optionally validation), each holding one folder per class; found {found}"
-        )
+            (f"data.source folder {root} holds class folders ({found}) but no split folders: move your class "
+             f"folders under {root}/train/ (mkdir {root}/train && mv the class folders into it), and set "
+             f"data.test_fraction (0.2 is usual) to carve a test split out of train, or add {root}/test/ with the "
+             f"same class folders") if flat else
+            (f"data.source folder {root} needs a train split folder (and test, or data.test_fraction > 0 to carve "
+             f"one out of train; optionally validation), each holding one folder per class; found {found}"))
     listing.classes = sorted(p.name for p in entries(splits["train"]) if usable_folder(p))
     if len(listing.classes) < 2:
         raise SourceError(f"data.source folder {splits['train']} has {len(listing.classes)} class folder(s); "

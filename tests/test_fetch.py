@@ -61,6 +61,18 @@ def test_folder_without_train_split_is_refused(tmp_path):
         check_image_folder(tmp_path)
 
 
+def test_a_flat_folder_of_class_folders_is_told_to_move_them_under_train(tmp_path):
+    """A new user's real photos, one folder per class with no split folders, were refused with "needs a train
+    split folder": now the message says what to do."""
+    make_image_folder(tmp_path, num_classes=3, per_class={"train": 2})
+    for class_dir in (tmp_path / "train").iterdir():
+        class_dir.rename(tmp_path / class_dir.name)
+    (tmp_path / "train").rmdir()
+    with pytest.raises(SourceError, match=f"holds class folders .* but no split folders: move your class folders "
+                                          f"under {tmp_path}/train/ .*data.test_fraction"):
+        check_image_folder(tmp_path)
+
+
 def test_folder_without_test_split_is_fetched_for_prepare_to_carve(tmp_path):
     make_image_folder(tmp_path, num_classes=2, per_class={"train": 2})
     listing = check_image_folder(tmp_path)
