@@ -114,8 +114,12 @@ def map_size(shape: tuple, tokens: bool) -> tuple[int, int]:
     return int(shape[2]), int(shape[3])
 
 
+_WARNED: set[tuple] = set()  # once per process: the gradcam stage draws two grids from the same layer
+
+
 def warn_if_coarse(size: tuple[int, int], resolution: int, who: str) -> None:
-    if 0 < min(size) < MIN_MAP_SIDE:
+    if 0 < min(size) < MIN_MAP_SIDE and (size, resolution, who) not in _WARNED:
+        _WARNED.add((size, resolution, who))
         print(f"{who}: warning: at {resolution} px the GradCAM layer's map is {size[0]}x{size[1]}: too coarse to "
               f"show where the model looked; use a higher train.resolution or an earlier gradcam.target_layer "
               f"(e.g. layer3[-1])", file=sys.stderr)

@@ -349,7 +349,8 @@ def test_a_refused_param_loses_no_result(reproduced):
     """Before: `dvc exp run -S train.epochs=-1` was refused only after DVC had deleted models/model.pt and
     metrics/train/. Now the check stage refuses it before any stage's outputs are touched."""
     project, _ = reproduced
-    kept = ("models/model.pt", "metrics/train/metrics.json", "metrics/eval.json", "data/prepared/dataset_dict.json")
+    kept = ("models/model.pt", "metrics/train/metrics.json", "metrics/eval.json", "data/prepared/dataset_dict.json",
+            "metrics/params_check.txt")  # check's own output too (persist: DVC does not delete it first)
     before = {path: (project / path).read_bytes() for path in kept}
     result = run(["dvc", "exp", "run", "-S", "train.epochs=-1", "-S", "train.lr=.inf"], project, check=False)
     log = result.stdout + result.stderr

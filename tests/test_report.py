@@ -199,3 +199,12 @@ def test_a_grid_of_one_tile_keeps_its_width_title_and_probability(tmp_path):
     with unittest.mock.patch.object(matplotlib.figure.Figure, "savefig", capture):
         gradcam.draw_grid([(tile, 0, 1, 0.873)], ["a", "b"], title, tmp_path / "grid.png")
     assert title in texts and "true: a\npred: b (87%)" in texts
+
+
+def test_the_coarse_map_warning_is_said_once(capsys):
+    """Hostile round 3 leftover: the gradcam stage printed the "too coarse" warning twice (once per grid)."""
+    from finetune.cam import warn_if_coarse
+
+    for _ in range(2):
+        warn_if_coarse((2, 2), 64, "gradcam")
+    assert capsys.readouterr().err.count("too coarse") == 1
