@@ -85,8 +85,9 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
     names = checkpoint.class_names
     shown = ", ".join(markdown_text(name) for name in names[:20]) + (f", … ({len(names) - 20} more)" if len(names) > 20
                                                                      else "")
-    metrics = [{"what": "test top-1", "value": evaluation["top1"]}, {"what": "test top-5", "value": evaluation["top5"]},
-               {"what": "test mean per-class accuracy", "value": evaluation["mean_class_accuracy"]}]
+    metrics = [{"what": "test top-1", "value": evaluation["top1"]}]
+    metrics += [{"what": "test top-5", "value": evaluation["top5"]}] if len(names) > 10 else []  # say little with few
+    metrics += [{"what": "test mean per-class accuracy", "value": evaluation["mean_class_accuracy"]}]
     metrics += [{"what": "test top-1 with TTA (3 scales x 2 flips)", "value": evaluation["tta"]["top1"]}
                 ] if "tta" in evaluation else []
     source, weights = shown_path(str(d.get("source"))), str(params.get("model", {}).get("weights"))

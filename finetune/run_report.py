@@ -32,6 +32,7 @@ from finetune.stats import (
 )
 
 ZOOM_SIZE = 16  # classes in the zoomed block: counts and names stay legible
+FEW_CLASSES = 10  # at most this many: no top-5 shown
 DPI = 100
 
 
@@ -301,10 +302,11 @@ def headline(params: Params, results: RunResults) -> list[dict]:
     low, high = test.mean_class_interval
     rows = [
         {"what": "test top-1", "value": accuracy_with_interval(eval_metrics["top1"], test.top1_correct, test.images)},
-        {"what": "test top-5", "value": eval_metrics["top5"]},
         {"what": "test mean per-class accuracy",
          "value": f"{eval_metrics['mean_class_accuracy']:.2%} (95% interval {low:.1%}-{high:.1%}, bootstrap)"},
     ]
+    if data["classes"] > FEW_CLASSES:  # with 10 classes or fewer, top-5 says little (5 of 6 is nearly always right)
+        rows.insert(1, {"what": "test top-5", "value": eval_metrics["top5"]})
     rows.append({"what": f"expected calibration error (test, {BINS} bins)",
                  "value": f"{eval_metrics['calibration_error']:.3f}"
                  + (f" ({results.uncalibrated_error:.3f} before temperature scaling)"

@@ -100,8 +100,8 @@ def main() -> None:
     write_json(CONFUSION_JSON, {"class_names": names, "counts": confusion.tolist()})
 
     tta = metrics.get("tta")
-    print(f"\ntest: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  "
-          f"mean per-class {metrics['mean_class_accuracy']:.2%}  ({len(labels)} images, {precision.name})"
+    print(f"\ntest: top-1 {metrics['top1']:.2%}  " + (f"top-5 {metrics['top5']:.2%}  " if len(names) > 10 else "")
+          + f"mean per-class {metrics['mean_class_accuracy']:.2%}  ({len(labels)} images, {precision.name})"
           + f"\nexpected calibration error {metrics['calibration_error']:.3f} "
           f"({checkpoint.calibration.describe()}; uncalibrated {calibration['calibration_error_uncalibrated']:.3f})"
           + (f"\nTTA (3 scales x 2 flips): top-1 {tta['top1']:.2%}  top-5 {tta['top5']:.2%}" if tta else ""))

@@ -98,7 +98,7 @@ def test_gradcam_pngs_are_real_images(reproduced):
 
 
 def test_report_embeds_real_figures_and_names_the_mistakes(reproduced, image_folder):
-    project, _ = reproduced
+    project, log = reproduced
     report_dir = project / "plots/report"
     markdown = (report_dir / "report.md").read_text()
     # the source folder outside the project is shown by its name: the rest of its path is this machine's
@@ -115,6 +115,7 @@ def test_report_embeds_real_figures_and_names_the_mistakes(reproduced, image_fol
     metrics = json.loads((project / "metrics/eval.json").read_text())
     assert f"| test top-1 | {metrics['top1']:.2%} (95% interval " in markdown and "; 90 test images) |" in markdown
     assert "| kept epoch | 6 of 6 (the last; no validation split) |" in markdown
+    assert "top-5" not in markdown and "top-5" not in log  # 6 classes: top-5 is nearly always right, not shown
     # no validation split: no temperature, and the report says why and how to get one
     assert (f"| expected calibration error (test, 15 bins) | {metrics['calibration_error']:.3f} (not calibrated: "
             f"no temperature) |") in markdown

@@ -161,6 +161,7 @@ def test_images_in_two_splits_are_in_the_headline():
                                  {"calibration": calibration}, {"kept_epoch": 4}, data, test, probe)
 
     rows = report.headline(params, results(data))
+    assert [r["what"] for r in rows[:2]] == ["test top-1", "test top-5"]  # 196 classes: top-5 shown
     (row,) = [r for r in rows if "test images that are train images" in r["what"]]
     assert row["value"].startswith("19 (") and "0.24%" in row["value"] and "duplicate_images.csv" in row["value"]
     rows = report.headline(params, results(data | {"duplicates_across_splits": 0, "test_copies_of_train": 0}))
