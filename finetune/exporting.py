@@ -15,7 +15,7 @@ from finetune.checkpoint import Checkpoint
 from finetune.data import ImageSplit, make_loader, open_split
 from finetune.lineage import RECORDED_SECTIONS, changed_params, committed_params, flat, format_value, shown_path
 from finetune.markdown import markdown_code, markdown_table, markdown_text
-from finetune.transforms import eval_transform, to_model_input
+from finetune.transforms import Preprocessing, eval_transform, square_side, to_model_input
 
 EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 CHECK_IMAGES = 32
@@ -61,6 +61,25 @@ def compare(expected: torch.Tensor, got: torch.Tensor) -> dict:
             "top1_agreement": (got.argmax(1) == expected.argmax(1)).float().mean().item()}
 
 
+def serving_steps(p: Preprocessing) -> list[str]:
+    """Every step predict takes from a file to the model's input, in words exact enough to follow with Pillow and
+    numpy alone (tests/test_pipeline.py follows them and matches predict's probabilities within 1e-3)."""
+    side = square_side(p.resolution, p.crop_fraction)
+    resize = (f"resize to {side}x{side}" if p.resize == "square" else
+              f"resize the shorter side to {side} and the longer to int({side} x longer / shorter) (truncated)")
+    return [
+        f"decode with Pillow: Image.open, then Image.draft(None, ({side}, {side})) (a JPEG is decoded at the "
+        f"largest DCT scale, 1/2, 1/4 or 1/8, that keeps both sides at least {side}), then ImageOps.exif_transpose",
+        f"if k = min(width // {side}, height // {side}) is 2 or more: Image.reduce(k) (k x k box average)",
+        "convert to RGB (transparency composited onto white, 16-bit grey scaled to 8 bits)",
+        f"{resize}, {p.interpolation} with antialiasing (Pillow's Image.resize; predict uses torchvision's "
+        f"antialiased uint8 resize, which matches it to within a grey level)",
+        f"centre crop {p.resolution}x{p.resolution}: left = round((width - {p.resolution}) / 2), top = "
+        f"round((height - {p.resolution}) / 2)",
+        "float32 pixel values / 255, minus mean, divided by std, per channel; NCHW",
+    ]
+
+
 def serving_notes(checkpoint: Checkpoint, export_format: str) -> dict:
     p = checkpoint.preprocessing
     return {
@@ -68,7 +87,8 @@ def serving_notes(checkpoint: Checkpoint, export_format: str) -> dict:
         "class_names": checkpoint.class_names,
         "input": {"name": "image", "layout": "NCHW float32 RGB", "size": p.resolution, "mean": list(p.mean),
                   "std": list(p.std), "scale": "pixel values / 255 before mean/std", "resize": p.describe(),
-                  "interpolation": p.interpolation},
+                  "resize_mode": p.resize, "resize_to": square_side(p.resolution, p.crop_fraction),
+                  "interpolation": p.interpolation, "steps": serving_steps(p)},
         "output": {"name": "logits", "layout": "N x classes, in class_names order; softmax for probabilities",
                    "temperature": checkpoint.calibration.temperature,
                    "calibration": f"the model's logits divided by the temperature "
