@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import datasets
 
@@ -176,17 +179,54 @@ def load_folder(listing: FolderListing) -> datasets.DatasetDict:
     })
 
 
+HUB_PROBE_SECONDS = 3  # a connection to the hub (or the proxy) not made in this long: the hub is unreachable
+
+
+def hub_reachable() -> bool:
+    """Whether a TCP connection to the hub (HF_ENDPOINT, or the https proxy when one is set) opens within
+    HUB_PROBE_SECONDS. Without this, a refused or unroutable connection costs about a minute of the hub client's
+    retries before the same error."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxy = os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY")
+    target = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else endpoint
+    default_port = 443 if target.scheme == "https" else 80
+    try:
+        socket.create_connection((target.hostname, target.port or default_port), HUB_PROBE_SECONDS).close()
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+@contextmanager
+def hub_offline():
+    """The hub clients' offline mode for one call (they read these flags at call time): the local cache only."""
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
 def load_source(data: DataParams) -> datasets.DatasetDict:
-    """A saved DatasetDict or a hub dataset, as its author laid it out (standardize renames it)."""
+    """A saved DatasetDict or a hub dataset, as its author laid it out (standardize renames it). When the hub
+    cannot be reached, the local cache is used (what a run offline has), found in seconds."""
     kind = source_kind(data.source)
     if kind == "saved":
         return datasets.load_from_disk(data.source)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    unreachable = not offline and not hub_reachable()
     try:
-        return datasets.load_dataset(data.source, revision=data.revision)
+        with hub_offline() if unreachable else nullcontext():
+            return datasets.load_dataset(data.source, revision=data.revision)
     except Exception as error:  # the hub raises many types; each means the same to the user
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        where = (" in offline mode" if offline else
+                 f" (the hub was unreachable: no connection within {HUB_PROBE_SECONDS} s; not in the local cache "
+                 f"either)" if unreachable else "")
         raise SourceError(
-            f"could not load hub dataset '{data.source}'{' in offline mode' if offline else ''}: "
+            f"could not load hub dataset '{data.source}'{where}: "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
             f"To fix: run `dvc repro fetch` once where huggingface.co is reachable (the download is cached in "
             f"{datasets.config.HF_DATASETS_CACHE}), then set HF_HUB_OFFLINE=1 to work from that cache; "

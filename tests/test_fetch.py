@@ -204,3 +204,19 @@ def test_a_file_symlink_out_of_the_source_is_refused_one_inside_is_kept(tmp_path
     assert "train/Audi A5 Coupe 2012/alias.jpg" in train["id"]
     assert all(b"root:x" not in row["bytes"] for row in train["image"])
     assert "passwd" in (tmp_path / "raw" / "left_out.json").read_text()
+
+
+def test_an_unreachable_hub_is_known_in_seconds_not_after_a_minute_of_retries(monkeypatch):
+    """Issue 31: a refused hub connection (no network, not in offline mode) took 60 s of the hub client's retries
+    before the message; now a 3-second connection probe finds it and the local cache is tried at once."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
+    for proxy in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(SourceError) as caught:
+        load_source(data_params("someone/no_such_dataset"))
+    assert time.perf_counter() - start < 5
+    message = str(caught.value)
+    assert "could not load hub dataset 'someone/no_such_dataset' (the hub was unreachable: no connection within 3 s"\
+        in message and "HF_HUB_OFFLINE=1" in message
