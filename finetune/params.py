@@ -265,9 +265,10 @@ class TrainParams(Section):
         'weights still train. `update` (PyTorch\'s train mode) normalizes each batch by its own statistics and moves '
         'the running ones towards the new data. `pretrained` keeps the features the linear probe was fitted on (so '
         'a probe head stays valid as the backbone starts to move) and no longer depends on the batch size. Needs '
-        'pretrained weights; models without BatchNorm are unaffected. Experimental: in our one real run with it '
-        '(Caltech-101, EfficientNet-Lite0, probe head, SGD lr 0.01) training collapsed to chance, 9.2% test top-1 '
-        '(docs/recipes.md, "When fine-tuning loses to the linear probe")'))
+        'pretrained weights; models without BatchNorm are unaffected. Needs about a tenth of the usual lr: nothing '
+        'renormalizes a layer after a step (Caltech-101, EfficientNet-Lite0, probe head: SGD lr 0.01 diverged in two '
+        'steps, 0.001 and 0.002 trained to 94.2% and 94.1%, the best mean per-class accuracy; docs/recipes.md, "When '
+        'fine-tuning loses to the linear probe")'))
     freeze_epochs: int = Field(ge=0, le=10000, description=(
         'the first epochs train only the new head (the backbone frozen, its BatchNorm statistics too). Frozen params '
         'get no gradient (so no update, no weight decay, no momentum) and frozen BatchNorm layers stay in eval mode '
