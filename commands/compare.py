@@ -3,9 +3,10 @@ experiments themselves, in one table that fits the terminal (150 columns when it
 
 `dvc exp show --only-changed` compares each experiment with its baseline commit: when the commit holds the
 Stanford Cars defaults and every run passes a CPU trial's params with -S, all of them "changed" (316 columns,
-the one param that differs cut off at 150). Here only what differs among the runs listed is shown. Experiments
-of every commit are listed (`dvc exp show -A`: an experiment made before a commit stays in the table), with
-the commits that hold a run of their own; `--rev REV` limits them to one commit's.
+the one param that differs cut off at 150). Here only what differs among the runs listed is shown. The
+experiments of the current commit are listed, with the commit itself when it holds a run; `--rev REV` lists
+another commit's, `--all-commits` every commit's (an experiment made before a commit stays in the table; DVC
+then reads every commit of the history: 27 s for this project's 177, against 1.2 s for one).
 
 Below the table, every run is paired with the best one (highest top-1) on the same test images: the exact
 McNemar test on their per-image correctness (plots/predictions.csv, kept in git by each run), so that a
@@ -211,8 +212,9 @@ def noise_lines(rows: list[dict], predictions: dict[str, dict[str, bool] | None]
         line, width, subsequent_indent="    " if line.startswith("  ") else "  ")]
 
 
-def show_experiments(rev: str | None) -> list[dict]:
-    command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else ["--all-commits"])]
+def show_experiments(rev: str | None, all_commits: bool = False) -> list[dict]:
+    command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else []),
+               *(["--all-commits"] if all_commits else [])]
     try:
         shown = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     except FileNotFoundError:
@@ -248,13 +250,15 @@ def use_plain_ellipsis_if_needed() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m commands.compare", description=" ".join(
         __doc__.split("\n\n")[0].split()))
-    parser.add_argument("--rev", help="only the experiments of this commit (default: of every commit)")
+    parser.add_argument("--rev", help="the experiments of this commit (default: the current one)")
+    parser.add_argument("--all-commits", action="store_true",
+                        help="the experiments of every commit (slower: DVC reads the whole history)")
     parser.add_argument("--width", type=columns, default=max(MIN_WIDTH, shutil.get_terminal_size(
         (DEFAULT_WIDTH, 24)).columns), help=f"columns to fit, {MIN_WIDTH} or more (default: the terminal's, else "
                                             f"{DEFAULT_WIDTH})")
     args = parser.parse_args(argv)
     use_plain_ellipsis_if_needed()
-    rows = runs_of(show_experiments(args.rev))
+    rows = runs_of(show_experiments(args.rev, args.all_commits))
     if not rows:
         raise StageError("no experiment with metrics/eval.json yet: run `dvc exp run` (or `dvc repro`) first")
     print(table(rows, args.width))

@@ -71,6 +71,9 @@ def test_the_readme_cpu_path_from_trial_to_comparing_runs_in_a_used_clone(tmp_pa
     assert "cpu-trial-lr" not in shell("dvc exp show --json", clone).stdout  # of the new commit only
     shown = shell("dvc exp show -A --json", clone).stdout
     assert all(name in shown for name in ("cpu-trial-offline", "cpu-trial-lr", "queued-0.01", "queued-0.1"))
+    compare = f"{sys.executable} -m commands.compare --width 150"
+    assert "cpu-trial-lr" not in shell(compare, clone).stdout  # the current commit's runs, as dvc exp show
+    assert "cpu-trial-lr" in shell(f"{compare} --all-commits", clone).stdout
 
     # The tests in this same used clone (an applied experiment's params.yaml, metrics and plots in the workspace):
     # they read the params, docs and README as the project ships them. The files that read what an experiment
