@@ -271,6 +271,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def row_line(row: dict, min_confidence: float) -> str:
+    if "error" in row:
+        return f"{row['file']}: could not read it ({row['error']})"
+    guesses = ", ".join(f"{t['class_name']} {t['probability']:.1%}" for t in row["top"])
+    if row["answer"] == UNKNOWN:
+        return f"{row['file']}: {UNKNOWN} (below {min_confidence:.0%}; best guesses {guesses})"
+    return f"{row['file']}: {guesses}"
+
+
+def write_results(args: argparse.Namespace, rows: list[dict], checkpoint) -> None:
+    """OUT.json (every row, with the model's calibration and the threshold) and OUT.csv (one line per image and
+    rank, or per unreadable file)."""
+    from finetune.files import write_csv, write_json
+
+    write_json(Path(f"{args.out}.json"), {"model": args.model, "arch": checkpoint.arch,
+                                          "calibration": checkpoint.calibration.to_dict(),
+                                          "min_confidence": args.min_confidence, "images": rows})
+    write_csv(Path(f"{args.out}.csv"), [
+        {"file": row["file"], "answer": row["answer"], "rank": rank + 1, "class_name": top["class_name"],
+         "probability": top["probability"], "error": ""} for row in rows if "top" in row
+        for rank, top in enumerate(row["top"])
+    ] + [{"file": row["file"], "answer": "", "rank": "", "class_name": "", "probability": "", "error": row["error"]}
+         for row in rows if "error" in row], ["file", "rank", "class_name", "probability", "answer", "error"])
+
+
+def summary_line(args: argparse.Namespace, rows: list[dict], left_out: int) -> str:
+    failed = sum("error" in row for row in rows)
+    unknowns = sum(row.get("answer") == UNKNOWN for row in rows)
+    cams_failed = sum("gradcam_error" in row for row in rows)
+    return (f"predict: {len(rows) - failed} image(s) classified, {failed} unreadable"
+            + (f", {unknowns} answered {UNKNOWN} (top probability below --min-confidence {args.min_confidence:g})"
+               if args.min_confidence else "")
+            + (f", {left_out} file(s) in the folders left out (not image suffixes: "
+               f"{', '.join(sorted(IMAGE_SUFFIXES))})" if left_out else "")
+            + f"; wrote {args.out}.json and {args.out}.csv"
+            + (f", GradCAM overlays in {args.gradcam}" if args.gradcam else "")
+            + (f" ({cams_failed} could not be read again for theirs)" if cams_failed else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_outputs(args)
@@ -284,7 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.cam import gradcam_target
     from finetune.checkpoint import load_checkpoint
     from finetune.data import resolve_workers
-    from finetune.files import write_csv, write_json
     from finetune.runtime import Precision, pick_device, resolve_threads
 
     device = pick_device()
@@ -306,32 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         write_gradcam(classified, model, checkpoint, target, Path(args.gradcam), device)
 
     for row in rows:
-        if "error" in row:
-            print(f"{row['file']}: could not read it ({row['error']})")
-        else:
-            guesses = ", ".join(f"{t['class_name']} {t['probability']:.1%}" for t in row["top"])
-            unknown = f"{UNKNOWN} (below {args.min_confidence:.0%}; best guesses " if row["answer"] == UNKNOWN else ""
-            print(f"{row['file']}: {unknown}{guesses}{')' if unknown else ''}")
-    write_json(Path(f"{args.out}.json"), {"model": args.model, "arch": checkpoint.arch,
-                                          "calibration": checkpoint.calibration.to_dict(),
-                                          "min_confidence": args.min_confidence, "images": rows})
-    write_csv(Path(f"{args.out}.csv"), [
-        {"file": row["file"], "answer": row["answer"], "rank": rank + 1, "class_name": top["class_name"],
-         "probability": top["probability"], "error": ""} for row in rows if "top" in row
-        for rank, top in enumerate(row["top"])
-    ] + [{"file": row["file"], "answer": "", "rank": "", "class_name": "", "probability": "", "error": row["error"]}
-         for row in rows if "error" in row], ["file", "rank", "class_name", "probability", "answer", "error"])
+        print(row_line(row, args.min_confidence))
+    write_results(args, rows, checkpoint)
     failed = sum("error" in row for row in rows)
-    unknowns = sum(row.get("answer") == UNKNOWN for row in rows)
-    cams_failed = sum("gradcam_error" in row for row in rows)
-    print(f"predict: {len(rows) - failed} image(s) classified, {failed} unreadable"
-          + (f", {unknowns} answered {UNKNOWN} (top probability below --min-confidence {args.min_confidence:g})"
-             if args.min_confidence else "")
-          + (f", {left_out} file(s) in the folders left out (not image suffixes: "
-             f"{', '.join(sorted(IMAGE_SUFFIXES))})" if left_out else "")
-          + f"; wrote {args.out}.json and {args.out}.csv"
-          + (f", GradCAM overlays in {args.gradcam}" if args.gradcam else "")
-          + (f" ({cams_failed} could not be read again for theirs)" if cams_failed else ""))
+    print(summary_line(args, rows, left_out))
     return 1 if failed == len(rows) else 0
 
 

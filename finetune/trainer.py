@@ -151,6 +151,46 @@ class RunProjection:
                 f"the run (README 'Try it on a CPU'), or set train.device: cpu to train on the CPU anyway")
 
 
+def learning_rates(optimizer: torch.optim.Optimizer, head_lr_multiplier: float) -> dict[str, float]:
+    """The lr now: `lr` (train.lr under the schedule: the top backbone layer's under layer decay) and, when it
+    differs, `lr_head`."""
+    groups = optimizer.param_groups
+    # The top backbone group (scale 1, or the largest): under a strong train.layer_decay the stem's scale can
+    # underflow to 0 (1e-70 ** 4), and it must not be divided by.
+    backbone = max((g for g in groups if g["name"].startswith("backbone")), key=lambda g: g["lr_scale"])
+    lrs = {"lr": backbone["lr"] / backbone["lr_scale"]}
+    if head_lr_multiplier != 1:
+        lrs["lr_head"] = next(g for g in groups if g["name"].startswith("head"))["lr"]
+    return lrs
+
+
+def loss_and_logits(criterion: nn.Module, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, main logits). Inception/GoogLeNet in training mode also return auxiliary logits."""
+    if isinstance(outputs, tuple):
+        logits, aux = outputs[0], [extra for extra in outputs[1:] if extra is not None]
+    else:
+        logits, aux = outputs, []
+    loss = criterion(logits, labels)
+    for extra in aux:
+        loss = loss + AUX_LOSS_WEIGHT * criterion(extra, labels)
+    return loss, logits
+
+
+def new_model(params: Params, num_classes: int, head: ProbeHead | None, processes: Processes):
+    """(the model to fine-tune, with its new head(s) and the probe's weights in the head when given; the
+    constructor kwargs fitted to the resolution)."""
+    m, p = params.model, params.train
+    constructor = fit_to_resolution(m.arch, p.resolution, m.weights)
+    if constructor.get("aux_logits") is False and processes.is_main:
+        print(f"train: {m.arch}'s auxiliary classifier needs larger inputs than {p.resolution} px: training "
+              f"without it (299 px keeps it)")
+    model = build_model(m.arch, num_classes, m.weights, m.head, m.head_hidden, m.head_dropout, m.drop_path,
+                        **constructor)
+    if head is not None:
+        initialize_head(model, head)
+    return model, constructor
+
+
 class Trainer:
     def __init__(self, params: Params, num_classes: int, device: torch.device, processes: Processes | None = None,
                  train_images: int | None = None, head: ProbeHead | None = None):
@@ -164,15 +204,7 @@ class Trainer:
         self.on_cuda = device.type == "cuda"
         self.channels_last = resolve_channels_last(p.channels_last)
         self.compiled = resolve_switch(p.compile, device)
-        m = params.model
-        self.constructor = fit_to_resolution(m.arch, p.resolution, m.weights)
-        if self.constructor.get("aux_logits") is False and processes.is_main:
-            print(f"train: {m.arch}'s auxiliary classifier needs larger inputs than {p.resolution} px: training "
-                  f"without it (299 px keeps it)")
-        self.model = build_model(m.arch, num_classes, m.weights, m.head, m.head_hidden, m.head_dropout,
-                                 m.drop_path, **self.constructor)
-        if head is not None:
-            initialize_head(self.model, head)
+        self.model, self.constructor = new_model(params, num_classes, head, processes)
         self.preprocessing = model_preprocessing(self.model, p.resolution, p.crop)
         if p.sync_batchnorm and processes.distributed:
             if not self.on_cuda:
@@ -202,27 +234,7 @@ class Trainer:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.kept_model.state_dict().items()}
 
     def learning_rates(self) -> dict[str, float]:
-        """The lr now: `lr` (train.lr under the schedule: the top backbone layer's under layer decay) and, when it
-        differs, `lr_head`."""
-        groups = self.optimizer.param_groups
-        # The top backbone group (scale 1, or the largest): under a strong train.layer_decay the stem's scale can
-        # underflow to 0 (1e-70 ** 4), and it must not be divided by.
-        backbone = max((g for g in groups if g["name"].startswith("backbone")), key=lambda g: g["lr_scale"])
-        lrs = {"lr": backbone["lr"] / backbone["lr_scale"]}
-        if self.p.head_lr_multiplier != 1:
-            lrs["lr_head"] = next(g for g in groups if g["name"].startswith("head"))["lr"]
-        return lrs
-
-    def loss(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, main logits). Inception/GoogLeNet in training mode also return auxiliary logits."""
-        if isinstance(outputs, tuple):
-            logits, aux = outputs[0], [extra for extra in outputs[1:] if extra is not None]
-        else:
-            logits, aux = outputs, []
-        loss = self.criterion(logits, labels)
-        for extra in aux:
-            loss = loss + AUX_LOSS_WEIGHT * self.criterion(extra, labels)
-        return loss, logits
+        return learning_rates(self.optimizer, self.p.head_lr_multiplier)
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0):
         """Adds weight x the gradient of the loss on a uint8 batch (mixed by train.mixup/cutmix) to the params'
@@ -234,7 +246,7 @@ class Trainer:
         if self.mixer is not None:
             inputs, targets = self.mixer(inputs, targets)
         with self.precision.autocast():
-            loss, logits = self.loss(self.step_model(inputs), targets)
+            loss, logits = loss_and_logits(self.criterion, self.step_model(inputs), targets)
         self.precision.scaler.scale(loss * weight if weight != 1 else loss).backward()
         return loss, logits, targets
 

@@ -62,15 +62,10 @@ def main() -> None:
 
     loader = make_loader(ImageSplit(test, eval_transform(preprocessing)), batch_size, workers)
     logits, labels = predict_logits(model, loader, device, precision, True, preprocessing, desc="test")
-    raw_probs = logits.softmax(1)
-    probs = (logits / checkpoint.calibration.temperature).softmax(1)  # the same argmax: only confidences change
+    probs, confidence, raw_confidence, calibration = calibrated(logits, labels, checkpoint)
     predicted = probs.argmax(1)
-    correct = (predicted == labels).numpy()
-    confidence, raw_confidence = probs.max(1).values.numpy(), raw_probs.max(1).values.numpy()
     metrics = {**summarize(probs, labels), "kept_epoch": checkpoint.epoch,
-               "calibration_error": round(expected_calibration_error(confidence, correct), 4)}
-    calibration = {**checkpoint.calibration.to_dict(),
-                   "calibration_error_uncalibrated": round(expected_calibration_error(raw_confidence, correct), 4)}
+               "calibration_error": calibration.pop("calibration_error")}
     if e.tta:
         metrics["tta"] = summarize(tta_probs(model, test, preprocessing, batch_size, workers, device, precision,
                                              probs), labels)
@@ -85,23 +80,47 @@ def main() -> None:
                     "uncalibrated_confidence": round(float(raw_confidence[i]), 4)} for i in range(len(labels))]
 
     write_json(EVAL_METRICS, metrics)
-    shown = shown_rows(len(per_class))
-    write_json(EVAL_REPORT, {
-        "test_images": len(labels),
-        "calibration": calibration,
-        "classes_without_test_images": len(names) - len(per_class),
-        "worst_classes": per_class[:shown],
-        "best_classes": per_class[::-1][:shown] if shown < len(per_class) else [],
-        "most_confused": confused,
-    })
+    write_json(EVAL_REPORT, eval_report(len(labels), calibration, names, per_class, confused))
     write_csv(PER_CLASS_CSV, per_class, ["class_id", "class_name", "accuracy", "images"])
     write_csv(CONFUSED_CSV, confused, ["true", "predicted", "count"])
     write_csv(PREDICTIONS_CSV, predictions, ["id", "actual", "predicted", "confidence", "uncalibrated_confidence"])
     write_json(CONFUSION_JSON, {"class_names": names, "counts": confusion.tolist()})
 
+    print_summary(metrics, calibration, checkpoint, len(labels), precision.name, per_class, confused)
+
+
+def eval_report(images: int, calibration: dict, names: list[str], per_class: list[dict], confused: list[dict]) -> dict:
+    shown = shown_rows(len(per_class))
+    return {
+        "test_images": images,
+        "calibration": calibration,
+        "classes_without_test_images": len(names) - len(per_class),
+        "worst_classes": per_class[:shown],
+        "best_classes": per_class[::-1][:shown] if shown < len(per_class) else [],
+        "most_confused": confused,
+    }
+
+
+def calibrated(logits: torch.Tensor, labels: torch.Tensor, checkpoint):
+    """(probabilities with the checkpoint's temperature, their top confidence, the raw softmax's, the calibration
+    record with both expected calibration errors). The temperature keeps every argmax: only confidences change."""
+    raw_probs = logits.softmax(1)
+    probs = (logits / checkpoint.calibration.temperature).softmax(1)
+    correct = (probs.argmax(1) == labels).numpy()
+    confidence, raw_confidence = probs.max(1).values.numpy(), raw_probs.max(1).values.numpy()
+    return probs, confidence, raw_confidence, {
+        **checkpoint.calibration.to_dict(),
+        "calibration_error": round(expected_calibration_error(confidence, correct), 4),
+        "calibration_error_uncalibrated": round(expected_calibration_error(raw_confidence, correct), 4)}
+
+
+def print_summary(metrics: dict, calibration: dict, checkpoint, images: int, precision: str, per_class: list[dict],
+                  confused: list[dict]) -> None:
+    """The seeds' eval.py printout: the headline, then the worst and best classes and the most-confused pairs."""
+    names, shown = checkpoint.class_names, shown_rows(len(per_class))
     tta = metrics.get("tta")
     print(f"\ntest: top-1 {metrics['top1']:.2%}  " + (f"top-5 {metrics['top5']:.2%}  " if len(names) > 10 else "")
-          + f"mean per-class {metrics['mean_class_accuracy']:.2%}  ({len(labels)} images, {precision.name})"
+          + f"mean per-class {metrics['mean_class_accuracy']:.2%}  ({images} images, {precision})"
           + f"\nexpected calibration error {metrics['calibration_error']:.3f} "
           f"({checkpoint.calibration.describe()}; uncalibrated {calibration['calibration_error_uncalibrated']:.3f})"
           + (f"\nTTA (3 scales x 2 flips): top-1 {tta['top1']:.2%}  top-5 {tta['top5']:.2%}" if tta else ""))

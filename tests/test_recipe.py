@@ -13,7 +13,7 @@ from torch import nn
 from finetune.model import RecipeError
 from finetune.params import ParamsError, parse_params
 from finetune.recipe import Freezer, build_optimizer, build_scheduler, param_groups
-from finetune.trainer import Trainer
+from finetune.trainer import Trainer, loss_and_logits
 from finetune.transforms import train_transform
 from tests.conftest import tiny_params
 
@@ -210,8 +210,8 @@ def test_pretrained_norm_statistics_need_pretrained_weights():
 def test_label_smoothing_changes_the_loss():
     logits = torch.tensor([[4.0, 0.0, -2.0], [0.5, 3.0, 0.0]])
     labels = torch.tensor([0, 1])
-    plain, _ = trainer_with().loss(logits, labels)
-    smoothed, _ = trainer_with(**{"train.label_smoothing": 0.1}).loss(logits, labels)
+    plain, _ = loss_and_logits(trainer_with().criterion, logits, labels)
+    smoothed, _ = loss_and_logits(trainer_with(**{"train.label_smoothing": 0.1}).criterion, logits, labels)
     assert smoothed > plain
     assert smoothed == pytest.approx(nn.functional.cross_entropy(logits, labels, label_smoothing=0.1).item())
 
