@@ -44,6 +44,27 @@ def no_probe(reason: str) -> None:
     print(f"probe: no linear probe: {reason}")
 
 
+def fitted_probe(features: dict, names: list[str], regularization):
+    """(the fit that chose C, the fit on all of train, what C was chosen on, the held-out labels). C is chosen on
+    the validation split when there is one, else on a stratified 20% of train, then the probe is refitted on all
+    of train (what the fine-tune trains on too)."""
+    train_x, train_y = features["train"]
+    if "validation" in features:
+        held_x, held_y, held_out = *features["validation"], "the validation split"
+        fit_x, fit_y = train_x, train_y
+    else:
+        held = held_out_rows(train_y)
+        held_x, held_y, held_out = train_x[held], train_y[held], "a stratified 20% of train"
+        fit_x, fit_y = train_x[~held], train_y[~held]
+    if regularization != "auto":
+        chosen = fit_probe(train_x, train_y, held_x, held_y, names, regularization)
+        return chosen, chosen, held_out, held_y
+    chosen = fit_probe(fit_x, fit_y, held_x, held_y, names)
+    fit = chosen if fit_x is train_x else fit_probe(train_x, train_y, held_x, held_y, names,
+                                                     chosen.head.regularization)
+    return chosen, fit, held_out, held_y
+
+
 def main() -> None:
     params = load_params()
     m, p = params.model, params.probe
@@ -61,22 +82,8 @@ def main() -> None:
     features = {name: pooled_features(model, split, preprocessing, batch_size, workers, device, precision,
                                       f"probe features ({name})") for name, split in splits.items()}
     feature_seconds = time.perf_counter() - start
-    train_x, train_y = features["train"]
-    if "validation" in features:
-        held_x, held_y, held_out = *features["validation"], "the validation split"
-        fit_x, fit_y = train_x, train_y
-    else:
-        held = held_out_rows(train_y)
-        held_x, held_y, held_out = train_x[held], train_y[held], "a stratified 20% of train"
-        fit_x, fit_y = train_x[~held], train_y[~held]
-    if p.regularization == "auto":
-        chosen = fit_probe(fit_x, fit_y, held_x, held_y, names)
-        # Refitted on all of train (what the fine-tune trains on too) with the C chosen on the held-out images.
-        fit = chosen if fit_x is train_x else fit_probe(train_x, train_y, held_x, held_y, names,
-                                                         chosen.head.regularization)
-    else:
-        chosen = fit = fit_probe(train_x, train_y, held_x, held_y, names, p.regularization)
-
+    train_x, _ = features["train"]
+    chosen, fit, held_out, held_y = fitted_probe(features, names, p.regularization)
     test_x, test_y = features["test"]
     probs = probe_logits(fit.head, test_x).softmax(1)
     scores = summarize(probs, torch.from_numpy(test_y))
