@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import datasets
 
 from finetune.errors import StageError
-from finetune.files import atomic_dir
+from finetune.files import atomic_dir, escaped
 from finetune.images import IMAGE_SUFFIXES
 from finetune.params import DataParams
 from finetune.paths import LEFT_OUT_FILES
@@ -43,7 +43,7 @@ class FolderListing:
     left_out: list[dict] = field(default_factory=list)  # {"split", "id", "reason"}
 
     def leave_out(self, path: Path, reason: str) -> None:
-        relative = path.relative_to(self.root).as_posix()
+        relative = escaped(path.relative_to(self.root).as_posix())  # a name that is not UTF-8 as \\xNN
         self.left_out.append({"split": relative.split("/")[0], "id": relative, "reason": reason})
 
 
@@ -168,15 +168,31 @@ def load_folder(listing: FolderListing) -> datasets.DatasetDict:
     """The listed files as splits (id = the path inside the folder, image = the file's bytes, label). The bytes
     are read as save_to_disk writes each batch, so memory stays flat however many images there are."""
     features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(decode=False),
-                                  "label": datasets.ClassLabel(names=listing.classes)})
+                                  "label": datasets.ClassLabel(names=[escaped(name) for name in listing.classes])})
+    foreign = [path for files in listing.files.values() for path, _ in files if not utf8(str(path))]
+    if foreign:
+        print(f"fetch: {len(foreign)} image(s) whose folder or file name is not UTF-8 (e.g. "
+              f"{escaped(foreign[0].relative_to(listing.root).as_posix())}): kept, their names written with \\xNN "
+              f"for each byte that is not UTF-8")
     return datasets.DatasetDict({
         split: datasets.Dataset.from_dict({
-            "id": [path.relative_to(listing.root).as_posix() for path, _ in files],
-            "image": [{"path": str(path), "bytes": None} for path, _ in files],
+            "id": [escaped(path.relative_to(listing.root).as_posix()) for path, _ in files],
+            # a name Arrow cannot store: its bytes read now (few), under the escaped name
+            "image": [{"path": str(path), "bytes": None} if utf8(str(path)) else
+                      {"path": escaped(str(path)), "bytes": path.read_bytes()} for path, _ in files],
             "label": [label for _, label in files],
         }, features=features)
         for split, files in sorted(listing.files.items(), key=lambda item: SPLIT_ORDER.index(item[0]))
     })
+
+
+def utf8(text: str) -> bool:
+    """Whether a name is UTF-8 (Python keeps the other bytes of a file name as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 HUB_PROBE_SECONDS = 3  # a connection to the hub (or the proxy) not made in this long: the hub is unreachable

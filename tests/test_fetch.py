@@ -220,3 +220,32 @@ def test_an_unreachable_hub_is_known_in_seconds_not_after_a_minute_of_retries(mo
     message = str(caught.value)
     assert "could not load hub dataset 'someone/no_such_dataset' (the hub was unreachable: no connection within 3 s"\
         in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_names_that_are_not_utf8_are_kept_escaped_and_said(tmp_path, capsys):
+    """Hostile round 3, F1: a Latin-1 class folder (`Citro\\xebn C3`) or file name (`caf\\xe9.jpg`) ended fetch in a
+    pyarrow UnicodeEncodeError traceback that named neither. The rule now: kept, each byte that is not UTF-8
+    written as \\xNN in the id and the class name, and the count said."""
+    import os
+
+    source = tmp_path / "photos"
+    make_image_folder(source, num_classes=2, per_class={"train": 3, "test": 2})
+    root = os.fsencode(source)
+    for split in ("train", "test"):
+        first = sorted((source / split).iterdir())[0]
+        os.rename(os.fsencode(first), root + f"/{split}/".encode() + b"Citro\xebn C3")
+    latin = root + b"/train/Citro\xebn C3/caf\xe9.jpg"
+    class_image(0, 2, __import__("numpy").random.default_rng(0)).save(os.fsdecode(latin))
+    with open(root + b"/train/Citro\xebn C3/notes\xe9.txt", "w") as notes:  # left out, and listed as such
+        notes.write("not an image")
+    listing = check_image_folder(source)
+    save(load_folder(listing), tmp_path / "raw", listing.left_out)
+    left_out = __import__("json").loads((tmp_path / "raw" / "left_out.json").read_text(encoding="utf-8"))
+    assert [row["id"] for row in left_out] == ["train/Citro\\xebn C3/notes\\xe9.txt"]
+    assert "fetch: 6 image(s) whose folder or file name is not UTF-8" in capsys.readouterr().out
+    saved = datasets.load_from_disk(str(tmp_path / "raw"))
+    assert "Citro\\xebn C3" in saved["train"].features["label"].names
+    assert "train/Citro\\xebn C3/caf\\xe9.jpg" in saved["train"]["id"]
+    row = saved["train"].cast_column("image", datasets.Image(decode=False))[saved["train"]["id"].index(
+        "train/Citro\\xebn C3/caf\\xe9.jpg")]
+    assert row["image"]["bytes"] == open(latin, "rb").read()  # the photo itself, not a name that cannot be opened
