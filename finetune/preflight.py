@@ -82,8 +82,25 @@ def check_writable_state_dir(state_dir: Path) -> None:
                 folder.rmdir()
 
 
+WEIGHTS_DIR = Path("weights")  # a DVC dependency of check, probe and train (dvc.yaml)
+
+
+def note_untracked_weights(weights: str) -> None:
+    """A local weights file outside weights/ is recorded by its path only: replacing it would re-run nothing."""
+    path = Path(weights)
+    if not path.is_file():
+        return
+    try:
+        path.resolve().relative_to(WEIGHTS_DIR.resolve())
+    except ValueError:
+        print(f"check: model.weights {weights} is outside {WEIGHTS_DIR}/: DVC records it by its path only, so "
+              f"replacing the file would not re-run train; move it into {WEIGHTS_DIR}/ (model.weights: "
+              f"{WEIGHTS_DIR}/{path.name}) to have DVC track it")
+
+
 def check(params: Params) -> None:
     """Everything `check` verifies, cheapest first; raises a StageError naming the problem and the fix."""
     check_recipe(params)
     check_machine(params)
     check_weights(params)
+    note_untracked_weights(params.model.weights)

@@ -297,9 +297,10 @@ def from_pretrained(tmp_path_factory, image_folder, reproduced):
     """A run from "pretrained" weights (the first run's model: features that separate these classes), its head
     started from the linear probe, up to the report."""
     first, _ = reproduced
-    params = tiny_params(image_folder, **{"model.weights": str(first / "models/model.pt"), "train.epochs": 2,
+    params = tiny_params(image_folder, **{"model.weights": "weights/start.pt", "train.epochs": 2,
                                           "train.lr": 0.01, "train.head_init": "probe", "data.val_fraction": 0.2})
     project = make_project(tmp_path_factory.mktemp("pretrained"), params)
+    shutil.copy(first / "models/model.pt", project / "weights/start.pt")  # tracked by DVC there, not by git
     result = run(["dvc", "repro", "report"], project)
     return project, result.stdout + result.stderr
 
@@ -346,6 +347,28 @@ def test_a_run_with_a_validation_split_calibrates_its_confidence(from_pretrained
         in markdown
     with Image.open(project / "plots/report/reliability.png") as figure:
         assert figure.width >= 2 * 500  # two panels: before and after the temperature
+
+
+def test_replacing_a_local_weights_file_re_runs_what_it_feeds(from_pretrained):
+    """Issue 31: a local model.weights file was recorded by its path only: replaced, DVC said "up to date" and
+    kept the old model. Under weights/ it is a dependency of check, probe and train (its hash in dvc.lock)."""
+    project, log = from_pretrained
+    assert "is outside weights/" not in log
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert any(dep["path"] == "weights" for dep in lock["stages"]["train"]["deps"])
+    before = json.loads(run(["dvc", "status", "--json"], project).stdout)  # export never ran here
+    assert not {"check", "probe", "train"} & set(before), before
+    weights = project / "weights/start.pt"
+    original = weights.read_bytes()
+    state = torch.load(weights, weights_only=True)
+    state["state_dict"]["fc.bias"] += 1  # other weights under the same name
+    torch.save(state, weights)
+    try:
+        status = run(["dvc", "status", "--json"], project).stdout
+        assert {"check", "probe", "train"} <= set(json.loads(status)), status
+    finally:
+        weights.write_bytes(original)
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout) == before
 
 
 def test_a_train_only_variant_reuses_the_probe(from_pretrained):
