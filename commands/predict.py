@@ -65,8 +65,9 @@ def check_output(path: Path, option: str) -> None:
     target = path.resolve()
     for folder in protected_folders():
         if target.is_relative_to(folder.resolve()):
+            default = " (default: predictions)" if option.startswith("--out") else ""
             raise StageError(f"{option} is inside {folder}, where the pipeline keeps its outputs; write "
-                             f"elsewhere (default: predictions)")
+                             f"elsewhere{default}")
     if target.is_dir():
         raise StageError(f"{option}: {path} is a folder, where predict writes a file; pick another {option.split()[0]}")
     parent = target.parent

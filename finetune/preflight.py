@@ -4,9 +4,7 @@ from a local weights file), the machine (GPU, compiler, a writable train.state_d
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,7 +13,7 @@ from finetune.errors import StageError
 from finetune.model import build_model, fetch_pretrained, fit_to_resolution, given_module, refuse_unless_spatial
 from finetune.params import Params
 from finetune.recipe import Freezer
-from finetune.resume import refuse_blocked_state_files
+from finetune.resume import refuse_unusable_state_dir
 from finetune.runtime import cuda_unavailable_reason
 
 PASSED = ("params.yaml passed `python -m stages.check` (schema, model and resolution, unfreeze_from, weights file, "
@@ -57,29 +55,11 @@ def check_machine(params: Params) -> None:
     if p.device == "cuda" and not torch.cuda.is_available():
         raise StageError(f"train.device: cuda, but no GPU is usable ({cuda_unavailable_reason()}). See README "
                          f"'GPU drivers', or set train.device: auto or cpu")
-    check_writable_state_dir(Path(p.state_dir).expanduser())
-    refuse_blocked_state_files(p.state_dir)
+    refuse_unusable_state_dir(p.state_dir)
     compiles_on_cpu = p.compile is True and (p.device == "cpu" or not torch.cuda.is_available())
     if compiles_on_cpu and not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
         raise StageError("train.compile: true on the CPU needs a C++ compiler (inductor builds C++ kernels): "
                          "install one (Debian/Ubuntu: apt-get install g++), or set train.compile: auto")
-
-
-def check_writable_state_dir(state_dir: Path) -> None:
-    """A real write: as root os.access says yes to almost anything (/sys, /proc), and a FUSE bucket mount can
-    accept permissions it then refuses. Folders created for the check are removed again."""
-    existing = next(folder for folder in (state_dir, *state_dir.parents) if folder.exists())
-    created = [folder for folder in (state_dir, *state_dir.parents) if not folder.exists()]
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=state_dir).close()
-    except OSError as error:
-        raise StageError(f"train.state_dir {state_dir} cannot be written ({existing}: {error.strerror}): mount "
-                         f"the shared storage, fix its permissions, or set train.state_dir: checkpoints") from None
-    finally:
-        for folder in created:  # innermost first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
 
 
 WEIGHTS_DIR = Path("weights")  # a DVC dependency of check, probe and train (dvc.yaml)

@@ -14,10 +14,12 @@ DVC output: DVC would delete it before the stage runs (see dvc.yaml).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,30 @@ def refuse_blocked_state_files(state_dir: str | Path) -> None:
         raise StageError(f"{blocked[0]} is {kind}, at the name where train saves a run's resume state"
                          + (f" ({len(blocked)} such names in {folder})" if len(blocked) > 1 else "")
                          + ": move it away, or set train.state_dir to another folder")
+
+
+def check_writable_state_dir(state_dir: Path) -> None:
+    """A real write: as root os.access says yes to almost anything (/sys, /proc), and a FUSE bucket mount can
+    accept permissions it then refuses. Folders created for the check are removed again."""
+    existing = next(folder for folder in (state_dir, *state_dir.parents) if folder.exists())
+    created = [folder for folder in (state_dir, *state_dir.parents) if not folder.exists()]
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=state_dir).close()
+    except OSError as error:
+        raise StageError(f"train.state_dir {state_dir} cannot be written ({existing}: {error.strerror}): mount "
+                         f"the shared storage, fix its permissions, or set train.state_dir: checkpoints") from None
+    finally:
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def refuse_unusable_state_dir(state_dir: str | Path) -> None:
+    """check and train both: a train.state_dir that cannot be written, or a name where a state file goes that is
+    taken by something else, would fail after the first epoch's work."""
+    check_writable_state_dir(Path(state_dir).expanduser())
+    refuse_blocked_state_files(state_dir)
 
 
 def other_states(path: Path) -> list[Path]:

@@ -28,7 +28,7 @@ from finetune.resume import (
     Progress,
     load_state,
     other_states,
-    refuse_blocked_state_files,
+    refuse_unusable_state_dir,
     run_fingerprint,
     save_state,
     state_path,
@@ -206,7 +206,7 @@ def train(params: Params, processes: Processes) -> None:
     starts_from = {"probe": file_digest(PROBE_HEAD)} if head is not None else {}
     fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints() | starts_from)
     state = state_path(p.state_dir, fingerprint)
-    refuse_blocked_state_files(p.state_dir)  # check did too; the folder may have changed since
+    refuse_unusable_state_dir(p.state_dir)  # check did too; the folder may have changed since, or no check ran
     progress = load_state(state, trainer, fingerprint)
     check_same_start(processes, progress, state)
     print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers, threads))

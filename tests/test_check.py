@@ -83,7 +83,7 @@ def test_a_folder_at_a_state_file_name_is_refused_before_any_work(tmp_path):
     """Hostile round 3, R11: a folder at this run's state-file name passed check; train then raised
     IsADirectoryError after its first epoch, and again on every rerun."""
     from finetune.preflight import check_machine
-    from finetune.resume import STATE_PREFIX, refuse_blocked_state_files
+    from finetune.resume import STATE_PREFIX, refuse_unusable_state_dir
 
     state_dir = tmp_path / "checkpoints"
     state_dir.mkdir()
@@ -94,7 +94,10 @@ def test_a_folder_at_a_state_file_name_is_refused_before_any_work(tmp_path):
                                          "run's resume state: move it away, or set train.state_dir"):
         check_machine(params_with(**{"train.state_dir": str(state_dir)}))
     with pytest.raises(StageError, match="is a folder"):
-        refuse_blocked_state_files(state_dir)  # what train calls before its first epoch
+        refuse_unusable_state_dir(state_dir)  # what train calls before its first epoch, with or without check
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StageError, match="file/run cannot be written .*Not a directory"):
+        refuse_unusable_state_dir(tmp_path / "file" / "run")  # round 3: train run directly gave a traceback
 
 
 @pytest.mark.skipif(not os.access("/sys", os.W_OK) or os.path.exists("/sys/x"), reason="needs root: os.access "

@@ -114,8 +114,9 @@ def test_outputs_are_refused_before_any_work(tmp_path, model_file, monkeypatch):
     (tmp_path / "X.json").mkdir()
     with pytest.raises(StageError, match="--out X: .*X.json is a folder"):
         predict.main([image, "--model", str(model_file), "--out", "X"])
-    with pytest.raises(StageError, match=f"--gradcam {REPO}/plots/cams is inside {REPO}/plots"):
+    with pytest.raises(StageError, match=f"--gradcam {REPO}/plots/cams is inside {REPO}/plots") as refused:
         predict.main([image, "--model", str(model_file), "--gradcam", str(REPO / "plots/cams")])
+    assert "default: predictions" not in str(refused.value)  # --out's default is not --gradcam's (round 3)
     with pytest.raises(StageError, match=f"--out {REPO}/metrics/eval is inside {REPO}/metrics"):
         predict.main([image, "--model", str(model_file), "--out", str(REPO / "metrics/eval")])
     (tmp_path / "afile").write_text("")
