@@ -216,8 +216,40 @@ def load_local_weights(arch: str, path: Path, original, new_heads) -> nn.Module:
         missing, unexpected = ["?"], []
     if unexpected or any(not key.startswith(heads) for key in missing):
         raise WeightsUnavailable(f"{path} does not fit {arch} (with the ImageNet head, this run's head or another "
-                                 f"head of this pipeline): {mismatch}")
+                                 f"head of this pipeline): {mismatch.rstrip(':')}. {what_it_fits(state, arch)}")
     return model
+
+
+def what_it_fits(state: dict, arch: str = "") -> str:
+    """Which torchvision classification models a state dict's keys and shapes fit, said as the fix; else what the
+    file holds. Each candidate is built on the meta device (no memory); the family of `arch` first (resnet18's
+    file for resnet50: about a second), every other model only when none of those fits (5-10 s)."""
+    import warnings
+
+    def family(name: str) -> str:
+        return torchvision.models.get_model_builder(name).__module__
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    own = family(arch) if arch in names else None
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    fits = []
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for group in ([n for n in names if family(n) == own], [n for n in names if family(n) != own]):
+            for name in group:
+                try:
+                    expected = {k: tuple(v.shape) for k, v in torchvision.models.get_model(name).state_dict().items()}
+                except Exception:  # a model that cannot be built on the meta device
+                    continue
+                if expected == shapes:
+                    fits.append(name)
+            if fits:
+                break
+    if fits:
+        return f"It fits {', '.join(fits)}: set model.arch to {'that' if len(fits) == 1 else 'one of them'}"
+    first = ", ".join(list(shapes)[:3])
+    return (f"It fits no torchvision model with its ImageNet head ({len(shapes)} tensors, the first {first}): a timm "
+            f"model's weights go with model.arch: timm/<name>")
 
 
 def input_size_problem(arch: str, resolution: int, training: bool, **constructor) -> str | None:

@@ -56,8 +56,10 @@ def test_a_truncated_or_foreign_weights_file_is_refused_up_front(tmp_path):
         check_recipe(params_with(**{"model.weights": str(truncated)}))
     other = tmp_path / "other.pt"
     torch.save(build_model("resnet18", 1000, "none").state_dict(), other)
-    with pytest.raises(StageError, match="does not fit resnet50"):
+    with pytest.raises(StageError, match="does not fit resnet50") as refused:
         check_recipe(params_with(**{"model.weights": str(other)}))
+    # round 3: the message ended at "Error(s) in loading state_dict for ResNet:"; now it names the model the file fits
+    assert str(refused.value).endswith("It fits resnet18: set model.arch to that")
 
 
 def test_an_unwritable_state_dir_is_refused(tmp_path):
