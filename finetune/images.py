@@ -95,7 +95,8 @@ def load_pixels(image: Image.Image, draft_size: tuple[int, int] | None = None) -
         if image.format == "JPEG" and draft_size:
             image.draft(None, draft_size)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        # in place: for an unrotated image exif_transpose would return a whole copy (+676 MB for 13000^2 RGBA)
+        ImageOps.exif_transpose(image, in_place=True)
         if draft_size:
             image = reduced(image, min(image.width // draft_size[0], image.height // draft_size[1]))
         return to_rgb(image)
@@ -134,26 +135,42 @@ def refuse_lost_scan_data(warnings: list[str], tail: bytes) -> None:
 
 
 SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L")
-REDUCE_BAND = 64  # output rows of a 16-bit image reduced at a time
+BAND_BYTES = 16 << 20  # of the source rows reduced at a time: memory beyond the decoded image stays this small
+ALPHA_MODES = ("RGBA", "LA")  # Pillow's reduce converts these whole to premultiplied alpha first: done in bands
+
+
+def band_rows(factor: int, width: int, bytes_per_pixel: int) -> int:
+    """Output rows per band, so that a band's source rows hold about BAND_BYTES."""
+    return max(1, BAND_BYTES // (factor * max(width, 1) * bytes_per_pixel))
 
 
 def reduced(image: Image.Image, factor: int) -> Image.Image:
-    """The image shrunk by averaging factor x factor blocks (Pillow's reduce; 16-bit grey, which reduce does not
-    take, a band of rows at a time, straight to 8 bits); unchanged for a factor below 2."""
+    """The image shrunk by averaging factor x factor blocks (Pillow's reduce), a band of rows at a time where a
+    whole-image step would copy the image: 16-bit grey, which reduce does not take, straight to 8 bits; RGBA and LA,
+    which reduce converts whole. A 13000x13000 image so costs its decode and a few MB, not 2-3x its size.
+    Unchanged for a factor below 2."""
     if factor < 2:
         return image
     if image.mode in SIXTEEN_BIT_GREY:
         width, height = image.width // factor, image.height // factor
         out = np.empty((height, width), dtype=np.uint8)
-        for row in range(0, height, REDUCE_BAND):
-            rows = min(REDUCE_BAND, height - row)
+        step = band_rows(factor, image.width, 8)
+        for row in range(0, height, step):
+            rows = min(step, height - row)
             band = np.asarray(image.crop((0, row * factor, width * factor, (row + rows) * factor)), dtype=np.float64)
             out[row:row + rows] = np.clip(band.reshape(rows, factor, width, factor).mean(axis=(1, 3)) / 257, 0,
                                           255).round()
         return Image.fromarray(out, "L")
     if image.mode in ("1", "P"):
         image = image.convert("RGBA" if "transparency" in image.info else "L" if image.mode == "1" else "RGB")
-    return image.reduce(factor)
+    if image.mode not in ALPHA_MODES:
+        return image.reduce(factor)
+    out = Image.new(image.mode, (-(-image.width // factor), -(-image.height // factor)))
+    step = band_rows(factor, image.width, 8)  # the band and its premultiplied copy
+    for row in range(0, out.height, step):
+        band = image.crop((0, row * factor, image.width, min(image.height, (row + step) * factor)))
+        out.paste(band.reduce(factor), (0, row))
+    return out
 
 
 def open_image(source: bytes | Path) -> Image.Image:
