@@ -15,6 +15,7 @@ from finetune.checkpoint import Checkpoint
 from finetune.data import ImageSplit, make_loader, open_split
 from finetune.lineage import RECORDED_SECTIONS, changed_params, committed_params, flat, format_value, shown_path
 from finetune.markdown import markdown_code, markdown_table, markdown_text
+from finetune.stats import wilson_interval
 from finetune.transforms import Preprocessing, eval_transform, square_side, to_model_input
 
 EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -105,7 +106,8 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
     names = checkpoint.class_names
     shown = ", ".join(markdown_text(name) for name in names[:20]) + (f", … ({len(names) - 20} more)" if len(names) > 20
                                                                      else "")
-    metrics = [{"what": "test top-1", "value": evaluation["top1"]}]
+    test_images = splits.get("test", {}).get("images", 0)
+    metrics = [{"what": "test top-1", "value": with_interval(evaluation["top1"], test_images)}]
     metrics += [{"what": "test top-5", "value": evaluation["top5"]}] if len(names) > 10 else []  # say little with few
     metrics += [{"what": "test mean per-class accuracy", "value": evaluation["mean_class_accuracy"]}]
     metrics += [{"what": "test top-1 with TTA (3 scales x 2 flips)", "value": evaluation["tta"]["top1"]}
@@ -145,6 +147,14 @@ def model_card(checkpoint: Checkpoint, export_format: str, evaluation: dict, dat
         "per-class accuracy and the most-confused pairs.\n"
         f"- {inherited_biases(checkpoint.arch, weights)}",
     ]) + "\n"
+
+
+def with_interval(accuracy: float, images: int) -> str:
+    """"81.7% (95% interval 80.8%-82.5%; 8,041 test images)": how far the figure can be trusted (Wilson)."""
+    if not images:
+        return f"{accuracy:.1%}"
+    low, high = wilson_interval(round(accuracy * images), images)
+    return f"{accuracy:.1%} (95% interval {low:.1%}-{high:.1%}; {images:,} test images)"
 
 
 def recipe_section(params: dict) -> str:
