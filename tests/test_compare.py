@@ -118,3 +118,12 @@ def test_an_ascii_terminal_gets_dots_not_a_traceback(monkeypatch):
     print("日本語 " + compare.cell("x" * 40))  # characters it cannot encode are replaced, not raised
     out.flush()
     assert b"?" in out.buffer.getvalue() and b"..." in out.buffer.getvalue()
+
+
+def test_help_describes_the_command_whole(capsys):
+    """Hostile round 3: `--help` cut its description mid-sentence (the docstring's first line)."""
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "in one table that fits the terminal (150 columns when it cannot tell)." in text
+    assert "--all-commits" in text
