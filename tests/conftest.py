@@ -196,7 +196,10 @@ def interrupt_after_first_epoch(cwd: Path, sig: int, whole_group: bool = False, 
     process = start_stage("train", cwd, start_new_session=True)
     deadline = time.monotonic() + 240
     while not set(states(state_dir)) - before:
-        assert process.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
+        if process.poll() is not None:  # its own words, to tell a crash from a refusal
+            raise AssertionError(f"train ended ({process.returncode}) before its first checkpoint:\n"
+                                 f"{process.communicate()[0][-4000:]}")
+        assert time.monotonic() < deadline, "train saved no checkpoint in 240 s"
         time.sleep(0.05)
     if whole_group:
         os.killpg(process.pid, sig)
