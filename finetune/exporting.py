@@ -39,6 +39,10 @@ def export_model(model: nn.Module, example: torch.Tensor, export_format: str, pa
     if export_format == "onnx":
         program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
                                     verbose=False, dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+        # Each node carries the Python stack that made it (this machine's source paths): not for a shipped model
+        for graph in (program.model.graph, *program.model.functions.values()):
+            for node in graph.all_nodes():
+                node.metadata_props.clear()
         program.save(str(path))
     else:
         torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path))
