@@ -25,6 +25,7 @@ import sys
 import textwrap
 import unicodedata
 
+from commands import int_at_least
 from finetune.errors import StageError, run_stage
 from finetune.paths import EVAL_METRICS, PREDICTIONS_CSV, PROBE_METRICS
 from finetune.stats import correct_by_id, images_for_significance, paired, points, wilson_interval
@@ -224,16 +225,6 @@ def show_experiments(rev: str | None, all_commits: bool = False) -> list[dict]:
     return json.loads(shown or "[]")
 
 
-def columns(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of columns (got {text!r})") from None
-    if value < MIN_WIDTH:
-        raise argparse.ArgumentTypeError(f"must be {MIN_WIDTH} or more (got {value})")
-    return value
-
-
 def use_plain_ellipsis_if_needed() -> None:
     """An ASCII or Latin-1 terminal (PYTHONIOENCODING, LANG=C) cannot print "…": "..." instead; any other
     character it cannot print is replaced rather than ending the command in a traceback."""
@@ -253,9 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rev", help="the experiments of this commit (default: the current one)")
     parser.add_argument("--all-commits", action="store_true",
                         help="the experiments of every commit (slower: DVC reads the whole history)")
-    parser.add_argument("--width", type=columns, default=max(MIN_WIDTH, shutil.get_terminal_size(
-        (DEFAULT_WIDTH, 24)).columns), help=f"columns to fit, {MIN_WIDTH} or more (default: the terminal's, else "
-                                            f"{DEFAULT_WIDTH})")
+    terminal = shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
+    parser.add_argument("--width", type=int_at_least(MIN_WIDTH, "columns"), default=max(MIN_WIDTH, terminal),
+                        help=f"columns to fit, {MIN_WIDTH} or more (default: the terminal's, else {DEFAULT_WIDTH})")
     args = parser.parse_args(argv)
     use_plain_ellipsis_if_needed()
     rows = runs_of(show_experiments(args.rev, args.all_commits))

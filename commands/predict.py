@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from commands import int_at_least
 from finetune.errors import StageError, run_stage
 from finetune.images import IMAGE_SUFFIXES, ImageRejected, check_jpeg_scan, open_header
 from finetune.paths import MODEL_PATH, PIPELINE_OUTPUT_DIRS, PROJECT_ROOT
@@ -223,18 +224,6 @@ def labelled(overlay, caption: str):
     for number, line in enumerate(lines):
         draw.text((6, image.height + 4 + 20 * number), line, fill="black", font=font)
     return canvas
-
-
-def int_at_least(lowest: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"must be {lowest} or more (got {value})")
-        return value
-    return parse
 
 
 positive_int = int_at_least(1)
