@@ -274,7 +274,7 @@ def test_cuda_out_of_memory_names_the_batch_size_and_the_fix(workdir, monkeypatc
     with pytest.raises(StageError) as stopped:
         training.run(load_params())
     message = str(stopped.value)
-    assert "CUDA out of memory at train.batch_size=32, train.resolution=64" in message
+    assert "CUDA out of memory at train.batch_size=32, train.resolution=32" in message
     assert "Lower train.batch_size" in message and "scale train.lr" in message
 
 
