@@ -67,6 +67,24 @@ def check_image_folder(root: Path) -> FolderListing:
     layouts that cannot train. Hidden and symlinked folders are left out (and listed), file symlinks may point
     anywhere inside the folder but never outside it (a link to /etc/passwd must not reach the DVC cache)."""
     listing = FolderListing(root)
+    splits = split_folders(root, listing)
+    if "train" not in splits:
+        raise SourceError(no_train_split(root))
+    listing.classes = sorted(p.name for p in entries(splits["train"]) if usable_folder(p))
+    if len(listing.classes) < 2:
+        raise SourceError(f"data.source folder {splits['train']} has {len(listing.classes)} class folder(s); "
+                          f"at least 2 are needed")
+    for split, folder in splits.items():
+        listing.files[split] = list_split_folder(folder, listing)
+    if listing.left_out:
+        print(f"fetch: left out {len(listing.left_out)} file(s) or folder(s) (listed in metrics/dropped_images.csv "
+              f"by prepare): " + "; ".join(f"{row['id']}: {row['reason']}" for row in listing.left_out[:5])
+              + (" ..." if len(listing.left_out) > 5 else ""))
+    return listing
+
+
+def split_folders(root: Path, listing: FolderListing) -> dict[str, Path]:
+    """Split name (train, validation, test) -> its folder; anything else at the top is left out and listed."""
     splits = {}
     for entry in entries(root):
         if usable_folder(entry, listing):
@@ -79,42 +97,39 @@ def check_image_folder(root: Path) -> FolderListing:
                 splits[split] = entry
         elif not entry.is_dir():
             listing.leave_out(entry, "a file outside the split/class folders: left out")
-    if "train" not in splits:
-        folders = [p for p in entries(root) if p.is_dir()]
-        found = ", ".join(p.name for p in folders[:8]) + (f", ... ({len(folders)} folders)" if len(folders) > 8
-                                                           else "") if folders else "no folders"
-        flat = len(folders) >= 2 and all(any(child.is_file() for child in entries(folder)) for folder in folders)
-        raise SourceError(
-            (f"data.source folder {root} holds class folders ({found}) but no split folders: move your class "
-             f"folders under {root}/train/ (mkdir {root}/train && mv the class folders into it), and set "
-             f"data.test_fraction (0.2 is usual) to carve a test split out of train, or add {root}/test/ with the "
-             f"same class folders") if flat else
-            (f"data.source folder {root} needs a train split folder (and test, or data.test_fraction > 0 to carve "
-             f"one out of train; optionally validation), each holding one folder per class; found {found}"))
-    listing.classes = sorted(p.name for p in entries(splits["train"]) if usable_folder(p))
-    if len(listing.classes) < 2:
-        raise SourceError(f"data.source folder {splits['train']} has {len(listing.classes)} class folder(s); "
-                          f"at least 2 are needed")
-    for split, folder in splits.items():
-        listing.files[split] = []
-        for class_dir in entries(folder):
-            if not usable_folder(class_dir, listing):  # a hidden or symlinked folder is listed by usable_folder
-                if not class_dir.is_dir():
-                    listing.leave_out(class_dir, "a file outside the class folders: left out")
-                continue
-            if class_dir.name not in listing.classes:
-                raise SourceError(f"class folder {class_dir} is not among the train classes; add it to train or "
-                                  f"remove it")
-            images = list_class_folder(class_dir, listing)
-            if not images:
-                raise SourceError(f"class folder {class_dir} holds no image files; add images or remove the folder")
-            label = listing.classes.index(class_dir.name)
-            listing.files[split] += [(image, label) for image in images]
-    if listing.left_out:
-        print(f"fetch: left out {len(listing.left_out)} file(s) or folder(s) (listed in metrics/dropped_images.csv "
-              f"by prepare): " + "; ".join(f"{row['id']}: {row['reason']}" for row in listing.left_out[:5])
-              + (" ..." if len(listing.left_out) > 5 else ""))
-    return listing
+    return splits
+
+
+def no_train_split(root: Path) -> str:
+    """What to do about a folder without train/: a flat folder of class folders is told how to move them."""
+    folders = [p for p in entries(root) if p.is_dir()]
+    found = ", ".join(p.name for p in folders[:8]) + (f", ... ({len(folders)} folders)" if len(folders) > 8
+                                                       else "") if folders else "no folders"
+    if len(folders) >= 2 and all(any(child.is_file() for child in entries(folder)) for folder in folders):
+        return (f"data.source folder {root} holds class folders ({found}) but no split folders: move your class "
+                f"folders under {root}/train/ (mkdir {root}/train && mv the class folders into it), and set "
+                f"data.test_fraction (0.2 is usual) to carve a test split out of train, or add {root}/test/ with "
+                f"the same class folders")
+    return (f"data.source folder {root} needs a train split folder (and test, or data.test_fraction > 0 to carve "
+            f"one out of train; optionally validation), each holding one folder per class; found {found}")
+
+
+def list_split_folder(folder: Path, listing: FolderListing) -> list[tuple[Path, int]]:
+    """(image, label) of each class folder of a split; a class train lacks, or an empty one, is refused."""
+    files = []
+    for class_dir in entries(folder):
+        if not usable_folder(class_dir, listing):  # a hidden or symlinked folder is listed by usable_folder
+            if not class_dir.is_dir():
+                listing.leave_out(class_dir, "a file outside the class folders: left out")
+            continue
+        if class_dir.name not in listing.classes:
+            raise SourceError(f"class folder {class_dir} is not among the train classes; add it to train or "
+                              f"remove it")
+        images = list_class_folder(class_dir, listing)
+        if not images:
+            raise SourceError(f"class folder {class_dir} holds no image files; add images or remove the folder")
+        files += [(image, listing.classes.index(class_dir.name)) for image in images]
+    return files
 
 
 def entries(folder: Path) -> list[Path]:
