@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from dvclive import Live
-from tqdm import tqdm
 
 from finetune.calibration import Calibration, calibrate
 from finetune.checkpoint import Checkpoint, save_checkpoint
@@ -250,14 +249,6 @@ def stopped_message(epochs_done: int, epochs: int, state: Path) -> str:
     return f"train: interrupted {where} epoch(s) are saved in {state}: run `dvc repro` again to resume"
 
 
-def clear_progress_bars() -> None:
-    """Closes the bars a signal left drawn (one caught while a bar was being set up is never closed by its own
-    loop), so the stop message starts its own line: CI once read `epoch 2/4:   0%| ... [00:00<?, ?batch/s]train:
-    interrupted in epoch 2 of 4...` as one line."""
-    for bar in list(tqdm._instances):
-        bar.close()
-
-
 def run(params: Params) -> None:
     """The whole training run in this process (one of train.devices under torchrun); Ctrl-C or SIGTERM end it with
     the command that resumes it."""
@@ -273,7 +264,6 @@ def run(params: Params) -> None:
             os.environ["TQDM_DISABLE"] = "1"
         train(params, processes)
     except RunStopped as stopped:
-        clear_progress_bars()
         sys.exit(str(stopped))
     finally:
         stop_processes(processes)

@@ -385,23 +385,26 @@ def test_the_stop_message_never_names_an_epoch_past_the_last():
     assert stopped_message(1, 3, state).startswith("train: interrupted in epoch 2 of 3; 1 finished epoch(s) are saved")
 
 
-def test_a_stopped_run_clears_the_progress_bar_it_was_drawing(monkeypatch, capsys):
+@pytest.mark.parametrize("ending,said", [
+    (SystemExit("train: interrupted in epoch 2 of 4"), "train: interrupted in epoch 2 of 4"),  # train's stop
+    (StageError("the training loss became nan"), "error: the training loss became nan"),
+], ids=["stopped", "error"])
+def test_a_stage_ending_early_clears_the_progress_bar_it_was_drawing(capsys, ending, said):
     """CI once read `epoch 2/4:   0%| ... [00:00<?, ?batch/s]train: interrupted in epoch 2 of 4...` as one line: a
     signal caught after the epoch's bar was drawn but before its loop started left it open (a loop closes its bar
     on the way out; one not started does not), and the stop message followed on its line."""
     from tqdm import tqdm
 
-    from finetune import training
+    from finetune.errors import run_stage
 
     bars = []  # as the stopped run's traceback does, which keeps the epoch's frame until the process exits
 
-    def stopped_while_drawing(params, processes):
+    def stopped_while_drawing():
         bars.append(tqdm(total=6, desc="epoch 2/4", unit="batch", leave=False))  # its loop never started
-        raise training.RunStopped("train: interrupted in epoch 2 of 4")
+        raise ending
 
-    monkeypatch.setattr(training, "train", stopped_while_drawing)
     with pytest.raises(SystemExit) as stopped:
-        training.run(type("Params", (), {"train": type("Train", (), {"devices": 1})})())
+        run_stage(stopped_while_drawing)
     drawn = capsys.readouterr().err
-    assert str(stopped.value) == "train: interrupted in epoch 2 of 4"
+    assert str(stopped.value) == said
     assert "epoch 2/4" in drawn and drawn.endswith("\r")  # cleared: the message that follows starts its own line
