@@ -269,6 +269,16 @@ class TrainParams(Section):
         'renormalizes a layer after a step (Caltech-101, EfficientNet-Lite0, probe head: SGD lr 0.01 diverged in two '
         'steps, 0.001 and 0.002 trained to 94.2% and 94.1%, the best mean per-class accuracy; docs/recipes.md, "When '
         'fine-tuning loses to the linear probe")'))
+    wise_ft: list[Annotated[float, Field(ge=0, le=1)]] = Field(max_length=21, description=(
+        "mix the kept weights with the run's start at these α and keep the mix that validates best; []: off. "
+        'WiSE-FT (Wortsman et al., CVPR 2022, "Robust fine-tuning of zero-shot models"): after the last epoch every '
+        'weight becomes (1 - α) × its value at the start (the pretrained backbone under the probe head) + α × its '
+        'fine-tuned value, each α is scored on the validation split, and the best mix (ties: the lower validation '
+        'loss) is calibrated and saved; `α` 0 is the start itself (the linear probe), 1 the fine-tuned weights. '
+        'Costs one validation pass per α. The choice and every α\'s validation accuracy are in '
+        'metrics/train/metrics.json (`wise_ft`). Needs `train.head_init: probe` (a random head mixed is noise) and a '
+        'validation split (`data.val_fraction`) to choose on: both are checked before training. E.g. '
+        '`[0.25, 0.5, 0.75, 1.0]`'))
     freeze_epochs: int = Field(ge=0, le=10000, description=(
         'the first epochs train only the new head (the backbone frozen, its BatchNorm statistics too). Frozen params '
         'get no gradient (so no update, no weight decay, no momentum) and frozen BatchNorm layers stay in eval mode '
@@ -418,6 +428,10 @@ class Params(Section):
             if self.model.head != "linear":
                 raise ValueError("train.head_init: probe needs model.head: linear (the probe is one linear layer): "
                                  "set train.head_init: random")
+        if self.train.wise_ft and self.train.head_init != "probe":
+            raise ValueError("train.wise_ft mixes the fine-tuned weights with the run's start, which needs "
+                             "train.head_init: probe (a random head at the start mixes noise into the result): set "
+                             "train.head_init: probe, or train.wise_ft: []")
         if self.train.norm_statistics == "pretrained" and self.model.weights == "none":
             raise ValueError("train.norm_statistics: pretrained needs pretrained weights (model.weights: none has no "
                              "statistics to keep): set train.norm_statistics: update")

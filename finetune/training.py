@@ -44,6 +44,7 @@ from finetune.runtime import (
 )
 from finetune.trainer import LossNotFinite, Trainer, make_loaders, pass_batch_size
 from finetune.transforms import eval_transform
+from finetune.wise import choose_mix
 
 
 class Interrupted(Exception):
@@ -55,8 +56,9 @@ class RunStopped(Exception):
 
 
 def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_loader, fingerprint: dict,
-               state: Path) -> None:
-    """Epochs from the first unfinished one to the last: train, validate, keep the best, save the state, log.
+               state: Path, start: dict | None) -> None:
+    """Epochs from the first unfinished one to the last: train, validate, keep the best, save the state, log;
+    then, with train.wise_ft, the kept weights mixed with `start` (the weights before the first step).
 
     A fresh DVCLive dir each run; a resumed run replays the logged epochs first, so the curves have every
     epoch exactly once whether or not the run was interrupted."""
@@ -75,15 +77,23 @@ def run_epochs(trainer: Trainer, progress: Progress, train_loader, validation_lo
                 metrics |= {"validation/loss": loss, "validation/acc": accuracy}
                 if accuracy > progress.best_accuracy:
                     progress.best_accuracy, progress.best_epoch = accuracy, epoch + 1
-                    progress.best_state = trainer.weights_copy() if is_main else None
+                    # every process mixes them with train.wise_ft (its validation is a collective)
+                    progress.best_state = trainer.weights_copy() if is_main or start is not None else None
             print(epoch_line(epoch, p, metrics))
             progress.epochs_done = epoch + 1
             progress.history.append(metrics)
             if is_main:
                 save_state(state, trainer, progress, fingerprint)
             log_epoch(live, metrics, epoch + 1)
+        if start is not None:
+            choice = choose_mix(trainer.kept_model, start, progress.best_state or trainer.weights_copy(), p.wise_ft,
+                                lambda: trainer.validate(validation_loader))
+            progress.best_state = choice.weights
+            print(choice.line())
         if is_main:
             live.summary["kept_epoch"] = progress.best_epoch or p.epochs
+            if start is not None:
+                live.summary["wise_ft"] = choice.summary()
 
 
 def check_same_start(processes: Processes, progress: Progress, path: Path) -> None:
@@ -196,6 +206,9 @@ def train(params: Params, processes: Processes) -> None:
     train_split = open_split("train")
     names = class_names(train_split)
     validation_split = open_split("validation") if "validation" in split_names() else None
+    if p.wise_ft and validation_split is None:
+        raise StageError("train.wise_ft chooses its mix on the validation split, and the prepared data has none: set "
+                         "data.val_fraction (0.1 is usual), or train.wise_ft: []")
     head = load_probe(PROBE_HEAD, names) if p.head_init == "probe" else None
     trainer = Trainer(params, len(names), device, processes, train_images=len(train_split), head=head)
     workers = resolve_workers(p.num_workers, processes.world_size)
@@ -207,6 +220,7 @@ def train(params: Params, processes: Processes) -> None:
     fingerprint = run_fingerprint(params.model.model_dump(), p.model_dump(), prepared_fingerprints() | starts_from)
     state = state_path(p.state_dir, fingerprint)
     refuse_unusable_state_dir(p.state_dir)  # check did too; the folder may have changed since, or no check ran
+    start = trainer.weights_copy() if p.wise_ft else None  # before a resumed state replaces them
     progress = load_state(state, trainer, fingerprint)
     check_same_start(processes, progress, state)
     print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers, threads))
@@ -219,7 +233,7 @@ def train(params: Params, processes: Processes) -> None:
     # action again: a run killed while writing the model finishes from that state when run again.
     previous_handler = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
-        run_epochs(trainer, progress, train_loader, validation_loader, fingerprint, state)
+        run_epochs(trainer, progress, train_loader, validation_loader, fingerprint, state, start)
     except (KeyboardInterrupt, Interrupted):
         raise RunStopped(stopped_message(progress.epochs_done, p.epochs, state)) from None
     except LossNotFinite as error:

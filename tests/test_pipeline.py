@@ -296,10 +296,11 @@ def test_experiment_reuses_data_stages_and_reports_the_change(reproduced):
 @pytest.fixture(scope="module")
 def from_pretrained(tmp_path_factory, image_folder, reproduced):
     """A run from "pretrained" weights (the first run's model: features that separate these classes), its head
-    started from the linear probe, up to the report."""
+    started from the linear probe and its weights mixed with that start (WiSE-FT), up to the report."""
     first, _ = reproduced
     params = tiny_params(image_folder, **{"model.weights": "weights/start.pt", "train.epochs": 2,
-                                          "train.lr": 0.01, "train.head_init": "probe", "data.val_fraction": 0.2})
+                                          "train.lr": 0.01, "train.head_init": "probe", "data.val_fraction": 0.2,
+                                          "train.wise_ft": [0.0, 0.5, 1.0]})
     project = make_project(tmp_path_factory.mktemp("pretrained"), params)
     shutil.copy(first / "models/model.pt", project / "weights/start.pt")  # tracked by DVC there, not by git
     result = run(["dvc", "repro", "report"], project)
@@ -350,6 +351,28 @@ def test_a_run_with_a_validation_split_calibrates_its_confidence(from_pretrained
         assert figure.width >= 2 * 500  # two panels: before and after the temperature
 
 
+def test_wise_ft_keeps_the_mix_that_validates_best_and_alpha_0_is_the_start_itself(from_pretrained, tmp_path):
+    project, log = from_pretrained
+    mix = json.loads((project / "metrics/train/metrics.json").read_text())["wise_ft"]
+    assert set(mix["validation_acc"]) == {"0", "0.5", "1"} and mix["alpha"] in (0, 0.5, 1)
+    assert mix["validation_acc"][f"{mix['alpha']:g}"] == max(mix["validation_acc"].values())
+    assert re.search(r"train: WiSE-FT, validation accuracy of the weights mixed with the start: α 0 0\.\d{4}, "
+                     r"α 0\.5 0\.\d{4}, α 1 0\.\d{4}; kept α", log)
+    # α 0 alone: the saved model is the start, the pretrained backbone under the probe's head, whatever trained
+    copy = tmp_path / "alpha0"
+    shutil.copytree(project, copy, ignore=shutil.ignore_patterns(".dvc", ".git", "checkpoints"))
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["train"].update(wise_ft=[0.0], epochs=1)
+    (copy / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "kept α 0 (the start: the linear probe)" in run([sys.executable, "-m", "stages.train"], copy).stdout
+    saved = torch.load(copy / "models/model.pt", weights_only=True)["state_dict"]
+    start = torch.load(copy / "weights/start.pt", weights_only=True)["state_dict"]
+    probe = torch.load(copy / "models/probe.pt", weights_only=True)
+    assert torch.equal(saved["fc.weight"], probe["weight"]) and torch.equal(saved["fc.bias"], probe["bias"])
+    backbone = [name for name, value in saved.items() if value.is_floating_point() and not name.startswith("fc.")]
+    assert len(backbone) > 100 and all(torch.equal(saved[name], start[name]) for name in backbone)
+
+
 def test_replacing_a_local_weights_file_re_runs_what_it_feeds(from_pretrained):
     """Issue 31: a local model.weights file was recorded by its path only: replaced, DVC said "up to date" and
     kept the old model. Under weights/ it is a dependency of check, probe and train (its hash in dvc.lock)."""
@@ -376,7 +399,8 @@ def test_a_train_only_variant_reuses_the_probe(from_pretrained):
     project, _ = from_pretrained
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "pretrained run"], project)
-    result = run(["dvc", "exp", "run", "report", "-S", "train.lr=0.02", "-S", "train.head_init=random"], project)
+    result = run(["dvc", "exp", "run", "report", "-S", "train.lr=0.02", "-S", "train.head_init=random",
+                  "-S", "train.wise_ft=[]"], project)
     log = result.stdout + result.stderr
     assert "Running stage 'probe'" not in log and "Running stage 'train'" in log
     table = run([sys.executable, "-m", "commands.compare", "--width", "200"], project).stdout
