@@ -313,7 +313,7 @@ def print_table(report: dict) -> None:
               f"{proj['epochs']} epochs {proj['full_run_h']:.2f} h")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fraction", type=float, default=0.02, help="share of Stanford Cars' 8,144 train images")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 448])
@@ -328,8 +328,11 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=6, help="12-megapixel photos for predict's figure")
     parser.add_argument("--loader-only", action="store_true", help="skip the model's throughput and projection")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON report is written")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     params = load_params()
     arch = args.arch or params.model.arch
     batch_size = args.batch_size or (params.train.batch_size if torch.cuda.is_available() else 8)

@@ -198,7 +198,9 @@ class ModelParams(Section):
         return self
 
 
-class TrainParams(Section):
+class TrainRecipe(Section):
+    """What is trained and how: resolution, optimizer, schedule, head, freezing and augmentations."""
+
     resolution: int = Field(ge=32, le=MAX_RESOLUTION, description=(
         'training crop size and eval crop size. inception_v3 wants 299 (its auxiliary head is switched off below 299,'
         ' with a message); sizes a model cannot take are refused before training'))
@@ -305,6 +307,17 @@ class TrainParams(Section):
     random_erasing: float = Field(ge=0, le=1, description=(
         'probability of erasing a random box of each image (0.25 is usual); 0: off. The box is filled with the mean '
         "pixel (0 after normalization), as torchvision's recipes do"))
+    @field_validator("crop_scale")
+    @classmethod
+    def area_range(cls, scale: list[float]) -> list[float]:
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"train.crop_scale must be [min, max] with 0 < min <= max <= 1 (got {scale})")
+        return scale
+
+
+class TrainParams(TrainRecipe):
+    """The recipe, and where and how it runs: seed, device, precision, processes, resume state."""
+
     seed: int = Field(ge=0, le=MAX_SEED, description=(
         "seeds torch, numpy, random, the loader's shuffle and every image's augmentation"))
     device: Literal["auto", "cuda", "cpu"] = Field(description=(
@@ -343,13 +356,6 @@ class TrainParams(Section):
         '`torchrun` itself: see "More than one GPU" in docs/operations.md'))
     sync_batchnorm: bool = Field(description=(
         "devices > 1 on GPUs: BatchNorm statistics over the global batch, not each GPU's share"))
-
-    @field_validator("crop_scale")
-    @classmethod
-    def area_range(cls, scale: list[float]) -> list[float]:
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"train.crop_scale must be [min, max] with 0 < min <= max <= 1 (got {scale})")
-        return scale
 
     @model_validator(mode="after")
     def phases_fit(self) -> TrainParams:

@@ -191,6 +191,12 @@ def new_model(params: Params, num_classes: int, head: ProbeHead | None, processe
     return model, constructor
 
 
+def training_phase(p: TrainParams, epoch: int) -> str:
+    if epoch < p.freeze_epochs:
+        return "the new head only"
+    return f"from {p.unfreeze_from} on, and the head" if p.unfreeze_from else "every layer"
+
+
 class Trainer:
     def __init__(self, params: Params, num_classes: int, device: torch.device, processes: Processes | None = None,
                  train_images: int | None = None, head: ProbeHead | None = None):
@@ -294,13 +300,8 @@ class Trainer:
         self.wrap_for_steps()
         starts_phase = epoch == 0 or epoch == self.p.freeze_epochs
         if starts_phase and (trainable < total or epoch > 0):
-            if epoch < self.p.freeze_epochs:
-                what = "the new head only"
-            elif self.p.unfreeze_from:
-                what = f"from {self.p.unfreeze_from} on, and the head"
-            else:
-                what = "every layer"
-            print(f"train: from epoch {epoch + 1}, {trainable} of {total} parameter tensors train ({what})")
+            print(f"train: from epoch {epoch + 1}, {trainable} of {total} parameter tensors train "
+                  f"({training_phase(self.p, epoch)})")
 
     def train_epoch(self, loader, epoch: int) -> EpochResult:
         self.set_trainable(epoch)

@@ -224,10 +224,8 @@ def train(params: Params, processes: Processes) -> None:
     progress = load_state(state, trainer, fingerprint)
     check_same_start(processes, progress, state)
     print(start_line(params, trainer, processes, len(train_split), validation_split, len(names), workers, threads))
-    if processes.is_main and (others := other_states(state)):
-        print(f"train: {state.parent} also holds the state of {len(others)} unfinished run(s) of other params or "
-              f"data ({', '.join(o.name for o in others[:3])}{', ...' if len(others) > 3 else ''}): left as they "
-              f"are, to resume when their params come back; delete them when you no longer need them")
+    if processes.is_main:
+        mention_other_states(state)
 
     # SIGTERM stops training between two saved epochs; once the last epoch's state is saved it takes its default
     # action again: a run killed while writing the model finishes from that state when run again.
@@ -237,12 +235,7 @@ def train(params: Params, processes: Processes) -> None:
     except (KeyboardInterrupt, Interrupted):
         raise RunStopped(stopped_message(progress.epochs_done, p.epochs, state)) from None
     except LossNotFinite as error:
-        raise StageError(
-            f"the training loss became {error} in epoch {progress.epochs_done + 1}. The learning rate is likely too "
-            f"high for this batch size (train.lr={p.lr}, train.batch_size={p.batch_size}): scale it with the batch "
-            f"size (the seeds' 0.1 is for batch 128) or lower it."
-            + (f" The last good epoch ({progress.epochs_done}) is kept in {state}." if progress.epochs_done
-               else "")) from None
+        raise loss_not_finite(error, p, progress.epochs_done, state) from None
     except torch.OutOfMemoryError:
         raise StageError(f"CUDA out of memory at train.batch_size={p.batch_size}, train.resolution={p.resolution}. "
                          f"Lower train.batch_size (and scale train.lr with it: lr 0.1 per 128 images), keep "
@@ -253,6 +246,21 @@ def train(params: Params, processes: Processes) -> None:
 
     if processes.is_main:
         save_model(params, trainer, progress, names, state, validation_split, workers)
+
+
+def mention_other_states(state: Path) -> None:
+    if others := other_states(state):
+        print(f"train: {state.parent} also holds the state of {len(others)} unfinished run(s) of other params or "
+              f"data ({', '.join(o.name for o in others[:3])}{', ...' if len(others) > 3 else ''}): left as they "
+              f"are, to resume when their params come back; delete them when you no longer need them")
+
+
+def loss_not_finite(error: LossNotFinite, p: TrainParams, epochs_done: int, state: Path) -> StageError:
+    return StageError(
+        f"the training loss became {error} in epoch {epochs_done + 1}. The learning rate is likely too high for this "
+        f"batch size (train.lr={p.lr}, train.batch_size={p.batch_size}): scale it with the batch size (the seeds' "
+        f"0.1 is for batch 128) or lower it."
+        + (f" The last good epoch ({epochs_done}) is kept in {state}." if epochs_done else ""))
 
 
 def stopped_message(epochs_done: int, epochs: int, state: Path) -> str:

@@ -102,6 +102,17 @@ def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = 
     return result
 
 
+def wait_for_queue(project: Path, timeout_s: float = 900) -> str:
+    """`dvc queue status` once nothing is queued or running any more."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        assert time.monotonic() < deadline, f"queue still busy after {timeout_s} s:\n{status}"
+        time.sleep(3)
+
+
 def run_stage(name: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m stages.<name>` in `cwd`, as DVC runs it."""
     return run([sys.executable, "-m", f"stages.{name}"], cwd, check=check)
