@@ -163,7 +163,8 @@ def test_the_readmes_comparing_commands_work_after_two_experiments(walk):
         if command.startswith("dvc metrics diff"):  # --all: every headline metric, changed or not
             assert all(word in result.stdout for word in ("metrics/eval.json", "top1", "kept_epoch", first, second))
     assert any(command.startswith("dvc plots diff") for command in walk["comparing"])
-    assert "<script src=" not in walk["page"] and walk["page"].count("vegaEmbed('#") >= 3
+    page = walk["comparing"]["page"]
+    assert "<script src=" not in page and page.count("vegaEmbed('#") >= 3
 
 
 def test_pushed_run_is_pulled_elsewhere_without_rerunning_anything(walk, tmp_path):
