@@ -273,8 +273,14 @@ def accuracy_with_interval(accuracy: float, correct: int, images: int) -> str:
     return f"{accuracy:.2%} (95% interval {low:.1%}-{high:.1%}; {images:,} test images)"
 
 
-def probe_verdict(probe: ProbeComparison, top1: float) -> str:
-    """One paragraph: did fine-tuning pay over the few-minute baseline, beyond the noise of the test split?"""
+def probe_verdict(probe: ProbeComparison, top1: float, mix: dict | None = None) -> str:
+    """One paragraph: did fine-tuning pay over the few-minute baseline, beyond the noise of the test split?
+    mix: the train.wise_ft choice (metrics/train/metrics.json's `wise_ft`), when the run mixed its weights."""
+    if mix is not None and mix["alpha"] == 0:
+        return (f"**The saved model is the linear probe itself** ({top1:.2%} test top-1): `train.wise_ft` scored the "
+                f"mixes of the fine-tuned weights with the start on the validation split and the start won "
+                f"({mix_scores(mix)}), so fine-tuning added nothing measurable on this data; see docs/recipes.md, "
+                f"\"When fine-tuning loses to the linear probe\".")
     if probe.pair is None:
         return f"**No linear-probe baseline:** {probe.reason}."
     pair, gain = probe.pair, top1 - probe.top1
@@ -293,7 +299,13 @@ def probe_verdict(probe: ProbeComparison, top1: float) -> str:
     return (f"**Fine-tuning lost to a linear probe of the same frozen weights: {points(gain)} top-1** ({evidence}). "
             f"The pretrained features already separate these classes, and this recipe distorted them. Try starting "
             f"from the probe with a gentler recipe (`train.head_init: probe`, see docs/recipes.md, \"When fine-tuning "
-            f"loses to the linear probe\"), or use the probe itself (`models/probe.pt`).")
+            f"loses to the linear probe\"), letting validation choose a mix with the start (`train.wise_ft`), or use "
+            f"the probe itself (`models/probe.pt`).")
+
+
+def mix_scores(mix: dict) -> str:
+    return "validation top-1 " + ", ".join(f"α {alpha} {accuracy:.2%}" for alpha, accuracy in
+                                           mix["validation_acc"].items())
 
 
 def headline(params: Params, results: RunResults) -> list[dict]:
@@ -327,6 +339,9 @@ def headline(params: Params, results: RunResults) -> list[dict]:
     rows += [
         {"what": "kept epoch", "value": f"{kept} of {params.train.epochs}"
          + (" (best validation accuracy)" if "validation" in splits else " (the last; no validation split)")},
+        *([{"what": "weights mixed with the start (WiSE-FT)",
+            "value": f"α {train_summary['wise_ft']['alpha']:g} kept ({mix_scores(train_summary['wise_ft'])})"}]
+          if "wise_ft" in train_summary else []),
         {"what": "images (train / validation / test)",
          "value": " / ".join(str(splits[s]["images"]) if s in splits else "-"
                              for s in ("train", "validation", "test"))},
@@ -434,7 +449,7 @@ def write_markdown(path: Path, params: Params, results: RunResults, block: tuple
         f"{t.resolution} px, {t.epochs} epochs",
         "Written by `dvc repro` (stage `report`) from this run's metrics; `dvc metrics show` / "
         "`dvc exp show` hold the same numbers, `dvc plots diff` overlays runs. " + changes_sentence(params),
-        probe_verdict(results.probe, results.eval_metrics["top1"]),
+        probe_verdict(results.probe, results.eval_metrics["top1"], results.train_summary.get("wise_ft")),
         markdown_table(headline(params, results), {"what": "metric", "value": "value"})
         + (f"\n\n{imbalance}" if imbalance else ""),
         "## Training curves\n\n![loss, accuracy and learning rate per epoch](curves.png)",

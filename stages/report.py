@@ -76,7 +76,8 @@ def main() -> None:
         write_markdown(out / "report.md", params, results, block, names, gradcam, imbalance)
     print(f"report: wrote {REPORT_DIR}/report.md with curves.png, per_class_accuracy.png, confusion.png"
           + (", confusion_zoom.png" if block[1] < len(names) else "") + ", reliability.png")
-    print(f"report: {probe_verdict(probe, results.eval_metrics['top1']).replace('**', '')}")
+    verdict = probe_verdict(probe, results.eval_metrics["top1"], results.train_summary.get("wise_ft"))
+    print(f"report: {verdict.replace('**', '')}")
     if imbalance:
         print(f"report: {imbalance.replace('**', '')}")
 

@@ -358,6 +358,8 @@ def test_wise_ft_keeps_the_mix_that_validates_best_and_alpha_0_is_the_start_itse
     assert mix["validation_acc"][f"{mix['alpha']:g}"] == max(mix["validation_acc"].values())
     assert re.search(r"train: WiSE-FT, validation accuracy of the weights mixed with the start: α 0 0\.\d{4}, "
                      r"α 0\.5 0\.\d{4}, α 1 0\.\d{4}; kept α", log)
+    assert f"| weights mixed with the start (WiSE-FT) | α {mix['alpha']:g} kept (validation top-1 α 0 " in \
+        (project / "plots/report/report.md").read_text()
     # α 0 alone: the saved model is the start, the pretrained backbone under the probe's head, whatever trained
     copy = tmp_path / "alpha0"
     shutil.copytree(project, copy, ignore=shutil.ignore_patterns(".dvc", ".git", "checkpoints"))

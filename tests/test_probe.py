@@ -158,6 +158,14 @@ def test_the_verdict_says_whether_fine_tuning_paid():
     assert "did not measurably beat" in text and "within the noise" in text and "test images to be told apart" in text
     none = report.ProbeComparison(reason="model.weights: none (random init): there are no pretrained features")
     assert report.probe_verdict(none, 0.5).startswith("**No linear-probe baseline:** model.weights: none")
+    assert "`train.wise_ft`" in report.probe_verdict(lost, 0.86)
+    # train.wise_ft kept the start: the model is the probe, and the verdict says so instead of a tie
+    same = comparison(0, 0, 900)
+    start_won = {"alpha": 0.0, "validation_acc": {"0": 0.95, "0.5": 0.94, "1": 0.93}}
+    text = report.probe_verdict(same, 0.9, start_won)
+    assert text.startswith("**The saved model is the linear probe itself** (90.00% test top-1)")
+    assert "validation top-1 α 0 95.00%, α 0.5 94.00%, α 1 93.00%" in text
+    assert report.probe_verdict(won, 0.92, {**start_won, "alpha": 0.5}) == report.probe_verdict(won, 0.92)
 
 
 def test_the_trainer_starts_its_head_from_the_probe_and_params_refuse_what_cannot():
