@@ -356,8 +356,8 @@ def test_wise_ft_keeps_the_mix_that_validates_best_and_alpha_0_is_the_start_itse
     mix = json.loads((project / "metrics/train/metrics.json").read_text())["wise_ft"]
     assert set(mix["validation_acc"]) == {"0", "0.5", "1"} and mix["alpha"] in (0, 0.5, 1)
     assert mix["validation_acc"][f"{mix['alpha']:g}"] == max(mix["validation_acc"].values())
-    assert re.search(r"train: WiSE-FT, validation accuracy of the weights mixed with the start: α 0 0\.\d{4}, "
-                     r"α 0\.5 0\.\d{4}, α 1 0\.\d{4}; kept α", log)
+    assert re.search(r"train: WiSE-FT, validation accuracy of the weights mixed with the start: α 0 [01]\.\d{4}, "
+                     r"α 0\.5 [01]\.\d{4}, α 1 [01]\.\d{4}; kept α", log), log  # 1.0000: all right on easy data
     assert f"| weights mixed with the start (WiSE-FT) | α {mix['alpha']:g} kept (validation top-1 α 0 " in \
         (project / "plots/report/report.md").read_text()
     # α 0 alone: the saved model is the start, the pretrained backbone under the probe's head, whatever trained
