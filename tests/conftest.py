@@ -24,12 +24,12 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-# The test files that take longest (seconds of one clean-clone run, 2026-12-04), collected first: `make test`
+# The test files that take longest (seconds of one clean-clone run, 2026-12-05), collected first: `make test`
 # hands whole files to its two processes in collection order (--no-loadscope-reorder), so starting with these lets
-# the short ones fill the gaps and both processes end together (the one-test README walk, 360 s, ran alone at the
+# the short ones fill the gaps and both processes end together (the one-walk README file, 425 s, ran alone at the
 # end when xdist ordered the files by their number of tests).
-LONGEST_FILES = ["test_gpu_path.py", "test_resume.py", "test_pipeline.py", "test_readme_recipes.py",  # 470-420
-                 "test_readme_path.py", "test_queue_and_remote.py", "test_distributed.py"]  # 360-280
+LONGEST_FILES = ["test_readme_path.py", "test_resume.py", "test_pipeline.py", "test_readme_recipes.py",  # 425-378
+                 "test_gpu_path.py", "test_distributed.py", "test_modern_recipes.py"]  # 370-113
 
 
 def pytest_collection_modifyitems(items: list) -> None:
