@@ -63,6 +63,13 @@ RECIPES = {
     "lpft": {"train.optimizer": "sgd", "train.lr": 0.01, "train.nesterov": "true", "train.weight_decay": 1e-4,
              "train.no_weight_decay_on_norm_and_bias": "true", "train.lr_schedule": "cosine",
              "train.head_init": "probe"},
+    # (a'') (a') with the pretrained BatchNorm statistics kept (a tenth of the lr: nothing renormalizes a layer
+    # after a step), milder crops, and the kept weights mixed with the start, the mix chosen on a 10% validation
+    # split (WiSE-FT: Wortsman et al., CVPR 2022). Caltech-101 (2026-12-05): validation kept α 0, the probe itself.
+    "wise": {"data.val_fraction": 0.1, "train.optimizer": "sgd", "train.lr": 0.002, "train.nesterov": "true",
+             "train.weight_decay": 1e-4, "train.no_weight_decay_on_norm_and_bias": "true",
+             "train.lr_schedule": "cosine", "train.crop_scale": "[0.35,1.0]", "train.head_init": "probe",
+             "train.norm_statistics": "pretrained", "train.wise_ft": "[0,0.25,0.5,0.75,1]"},
     # (b) The seeds' "freeze, then differential lr" family (their runs 1-6), with the lr the failed runs lacked:
     # epoch 1 trains the new head alone (a linear probe, BatchNorm statistics frozen), then every layer, the head
     # at 10x the backbone's lr (LP-FT: Kumar et al., ICLR 2022).
@@ -140,6 +147,7 @@ def run_pipeline(recipe: str, args) -> dict:
     return {"tool": "pipeline", "recipe": recipe, "command": "dvc exp run " + " ".join(command[3:]),
             "top1": metrics["top1"], "top5": metrics["top5"], "mean_class_accuracy": metrics["mean_class_accuracy"],
             "tta_top1": metrics.get("tta", {}).get("top1"), "probe_top1": probe.get("probe_top1"),
+            "wise_ft": json.loads((clone / "metrics/train/metrics.json").read_text()).get("wise_ft"),
             "wall_s": round(seconds, 1),
             "train_images_per_s": spread(speeds), "most_confused": report["most_confused"][:5],
             "clone": str(clone)}
