@@ -404,17 +404,20 @@ torch.save({{"format": "x", "state_dict": Payload()}}, "{path}")
 """
 
 
-@pytest.fixture
-def hostile_files(tmp_path):
-    """A pickle that runs code when loaded without weights_only, a truncated file, foreign ones."""
+@pytest.fixture(scope="module")
+def hostile_files(tmp_path_factory):
+    """A pickle that runs code when loaded without weights_only, a truncated file, foreign ones (made once: each
+    test checks that its loads left no marker, so a load that ran the code fails it and every test after it)."""
+    tmp_path = tmp_path_factory.mktemp("hostile")
     marker = tmp_path / "code_ran"
     planted = tmp_path / "planted.pt"
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-c", PLANTED.format(marker=marker, path=planted)], check=True)
-    # The file is live: loading it the unsafe way runs its code.
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load('{planted}', weights_only=False)"], check=True)
+    # Written in another process (its Payload class exists only there); the file is live: loading it the unsafe
+    # way runs its code.
+    subprocess.run([sys.executable, "-c", PLANTED.format(marker=marker, path=planted)
+                    + f"torch.load('{planted}', weights_only=False)\n"], check=True)
     assert marker.exists()
     marker.unlink()
     good = build_model("resnet18", 3, "none")

@@ -4,6 +4,7 @@ it when any of them changes, and only then), and no stage imports another stage.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,8 @@ LIBRARY = "finetune"  # the shared machinery; stages/ holds the DVC stages' entr
 COMMANDS = REPO / "commands"  # what a user runs by hand (predict, compare): they may not import stages either
 
 
-def project_imports(module: Path) -> set[Path]:
+@functools.cache  # the files do not change during a run; the docs' table asks for each closure many times
+def project_imports(module: Path) -> frozenset[Path]:
     """The project modules (stages/*.py, finetune/*.py) `module` imports anywhere in its code (top level or inside
     functions)."""
     found = set()
@@ -28,17 +30,18 @@ def project_imports(module: Path) -> set[Path]:
             path = REPO / (name.replace(".", "/") + ".py")
             if name.startswith(("stages.", f"{LIBRARY}.")) and path.is_file():
                 found.add(path)
-    return found
+    return frozenset(found)
 
 
-def closure(module: Path) -> set[Path]:
+@functools.cache
+def closure(module: Path) -> frozenset[Path]:
     seen, todo = set(), [module]
     while todo:
         current = todo.pop()
         if current not in seen:
             seen.add(current)
             todo += project_imports(current)
-    return seen
+    return frozenset(seen)
 
 
 def stage_modules() -> dict[str, Path]:
