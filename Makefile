@@ -1,4 +1,4 @@
-# `make repro`: set up and run the pipeline. `make test`: set up, lint, and run the whole test suite (~26 min on
+# `make repro`: set up and run the pipeline. `make test`: set up, lint, and run the whole test suite (26-28 min on
 # 2 CPU cores). `make test-fast`: the tests not marked slow (~1 min). `make gpu-check`: on a CUDA machine, the
 # whole pipeline with the default GPU settings on generated data, one PASS/FAIL line per path.
 PYTHON ?= python3
