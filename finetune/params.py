@@ -307,6 +307,7 @@ class TrainRecipe(Section):
     random_erasing: float = Field(ge=0, le=1, description=(
         'probability of erasing a random box of each image (0.25 is usual); 0: off. The box is filled with the mean '
         "pixel (0 after normalization), as torchvision's recipes do"))
+
     @field_validator("crop_scale")
     @classmethod
     def area_range(cls, scale: list[float]) -> list[float]:
