@@ -86,8 +86,10 @@ def images_for_significance(pair: Paired, limit: int = 10**7) -> int | None:
 
 
 def points(share: float) -> str:
-    """A difference of accuracies as signed percentage points: +1.6 points."""
-    return f"{share * 100:+.1f} points"
+    """A difference of accuracies as signed percentage points: +1.6 points; one too small to show is 0.0 points
+    (not -0.0)."""
+    shown = round(share * 100, 1)
+    return f"{shown:+.1f} points" if shown else "0.0 points"
 
 
 def bootstrap_mean_class_interval(actual: list, predicted: list, resamples: int = 1000,

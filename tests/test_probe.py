@@ -24,6 +24,7 @@ from finetune.stats import (
     bootstrap_mean_class_interval,
     images_for_significance,
     paired,
+    points,
     wilson_interval,
 )
 
@@ -124,6 +125,11 @@ def test_a_difference_of_two_images_is_noise_and_says_how_many_images_would_tell
     bigger = Paired(needed, round(2 * needed / 189), round(needed / 189))
     assert bigger.beyond_noise
     assert images_for_significance(Paired(189, 3, 3)) is None
+
+
+def test_a_difference_reads_as_signed_points_and_none_too_small_to_show_as_minus_zero():
+    assert points(0.245) == "+24.5 points" and points(-0.0175) == "-1.8 points"
+    assert points(-0.0004) == points(0.0004) == points(0.0) == "0.0 points"  # the report once said "-0.0 points"
 
 
 def test_mean_per_class_interval_covers_the_estimate():
