@@ -26,12 +26,12 @@ from finetune.data import ImageSplit, make_loader
 from finetune.errors import StageError
 from finetune.files import TorchFileUnreadable, read_torch, save_torch
 from finetune.model import build_model, model_preprocessing
+from finetune.params import PROBE_C_GRID
 from finetune.runtime import Precision, predict_logits
 from finetune.splits import stratified_assignment
 from finetune.transforms import Preprocessing, eval_transform
 
 FORMAT = "transfer-learning-probe/1"
-C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # inverse regularization strengths tried, weakest regularization last
 HELD_OUT_FRACTION = 0.2  # of each train class, to choose C when there is no validation split
 HELD_OUT_SEED = 0
 MAX_ITERATIONS = 1000  # L-BFGS iterations per fit; standardized features converge well before on real data
@@ -79,7 +79,7 @@ def held_out_rows(labels: np.ndarray) -> np.ndarray:
 
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, held_x: np.ndarray, held_y: np.ndarray,
               class_names: list[str], regularization: float | None = None) -> Fit:
-    """C chosen on (held_x, held_y) from C_GRID (or `regularization` as given), then refitted on all of train."""
+    """C chosen on (held_x, held_y) from PROBE_C_GRID (or `regularization` as given), then refitted on all of train."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -91,7 +91,7 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, held_x: np.ndarray, held
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         if regularization is None:
-            for c in C_GRID:  # weakest regularization last; each fit starts from the last one's solution
+            for c in PROBE_C_GRID:  # weakest regularization last; each fit starts from the last one's solution
                 classifier.set_params(C=c).fit(standardized, train_y)
                 held_out[c] = float(classifier.score((held_x - mean) / std, held_y))
             regularization = max(held_out, key=lambda c: (held_out[c], -c))  # ties: the stronger regularization
