@@ -247,11 +247,14 @@ def run_throughput(args) -> dict:
         figures["timm train.py"].append(epoch_speeds(log)[-1])
         print(f"real_data: throughput round {round_ + 1}: pipeline {figures['pipeline'][-1]} images/s, timm "
               f"{figures['timm train.py'][-1]} images/s", flush=True)
+    ratios = [ours / theirs for ours, theirs in zip(figures["pipeline"], figures["timm train.py"], strict=True)]
     train_images = sum(1 for image in (subset / "train").rglob("*") if image.is_file())
     return {"tool": "both", "recipe": f"sgd, 1 epoch of {train_images:,} images", "top1": None,
             "mean_class_accuracy": None, "tta_top1": None, "wall_s": 0.0, "rounds": args.rounds,
             "threads_each": threads, "train_images_per_s": {tool: spread(values) for tool, values in figures.items()},
-            "runs": figures, "epochs": 1}
+            "runs": figures, "epochs": 1,
+            # Paired by round: each ratio shares its minutes of this machine's drifting speed with its timm run.
+            "pipeline_to_timm_by_round": spread(ratios)}
 
 
 def run_probe(args) -> dict:
