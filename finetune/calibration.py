@@ -10,10 +10,12 @@ leaves a model under-confident (T < 1 sharpens it back). The test split is never
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
 
 BINS = 15  # equal-width confidence bins, as in Guo et al.
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # the coverage table's rows
@@ -55,6 +57,8 @@ class Calibration:
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T > 0 minimising the mean cross-entropy of logits / T, by L-BFGS on log T (one parameter, a convex
     problem in practice); clamped to TEMPERATURE_RANGE."""
+    # imported here: the report stage reads calibrations and draws their bins without PyTorch (~1.5 s a run)
+    import torch
     # clones: logits predicted under torch.inference_mode cannot take part in autograd
     logits, labels = logits.float().clone(), labels.clone()
     log_t = torch.zeros(1, requires_grad=True)
@@ -62,7 +66,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     def closure():
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
         loss.backward()
         return loss
 
@@ -114,15 +118,3 @@ def coverage_table(confidence: np.ndarray, correct: np.ndarray, thresholds=THRES
                      "errors": int((~correct[kept]).sum())})
     return rows
 
-
-class Calibrated(nn.Module):
-    """The model with its logits divided by the calibration temperature: what export writes, so that a softmax
-    of the exported model's output gives the calibrated probabilities predict prints."""
-
-    def __init__(self, model: nn.Module, temperature: float):
-        super().__init__()
-        self.model = model
-        self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) * self.inverse_temperature

@@ -25,6 +25,19 @@ CHECK_IMAGES = 32
 RELATIVE_TOLERANCE = 1e-4
 
 
+class Calibrated(nn.Module):
+    """The model with its logits divided by the calibration temperature: what export writes, so that a softmax
+    of the exported model's output gives the calibrated probabilities predict prints."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.inverse_temperature
+
+
 def sample_batch(checkpoint: Checkpoint) -> torch.Tensor:
     """Up to CHECK_IMAGES test images through the model's eval transform, normalized."""
     test, preprocessing = open_split("test"), checkpoint.preprocessing

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from finetune.calibration import Calibrated
 from finetune.checkpoint import load_checkpoint
 from finetune.errors import StageError, run_stage
 from finetune.exporting import (
     EXPORT_FILES,
     RELATIVE_TOLERANCE,
+    Calibrated,
     compare,
     export_model,
     load_exported,

@@ -11,7 +11,6 @@ import torch
 
 from commands import predict
 from finetune.calibration import (
-    Calibrated,
     Calibration,
     calibrate,
     coverage_table,
@@ -21,6 +20,7 @@ from finetune.calibration import (
 )
 from finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from finetune.errors import StageError
+from finetune.exporting import Calibrated
 from finetune.model import build_model
 from finetune.transforms import Preprocessing
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import matplotlib.figure
 import matplotlib.text
 import numpy as np
@@ -12,6 +15,7 @@ from PIL import Image
 from finetune import cam as gradcam
 from finetune import run_report as report
 from finetune.markdown import markdown_table, markdown_text
+from tests.conftest import REPO
 
 CLASSES = 196
 
@@ -209,3 +213,11 @@ def test_the_coarse_map_warning_is_said_once(capsys):
     for _ in range(2):
         warn_if_coarse((2, 2), 64, "gradcam")
     assert capsys.readouterr().err.count("too coarse") == 1
+
+
+def test_the_report_stage_starts_without_pytorch():
+    """report re-runs after every experiment; importing PyTorch would add ~1.5 s to each run for nothing."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, stages.report; print(sorted({m.split('.')[0] for m in "
+                             "sys.modules} & {'torch', 'torchvision', 'timm'}))"],
+                            cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
