@@ -7,6 +7,7 @@ torch.compile all run on the CPU), which is how the CUDA code paths are exercise
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import sys
@@ -23,8 +24,28 @@ from tqdm import tqdm
 from finetune.errors import StageError
 from finetune.transforms import Preprocessing, to_model_input
 
+# glibc's mallopt parameters (malloc.h) and the environment that sets them, which then wins
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+MALLOC_ENVIRONMENT = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 CPU_RUN_LIMIT_HOURS = 2.0  # train.device: auto refuses a CPU run projected longer than this
 NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+
+
+def keep_freed_memory() -> bool:
+    """Keeps the host memory a step frees for the next step instead of giving it back to the OS: on glibc, no
+    mmap'd blocks and no trimming of the heap. By default every block over 32 MB (the activations of a batch) is
+    mmap'd, freed to the OS at the end of the step and page-faulted back, zeroed, in the next one: 100-240
+    thousand page faults per step of EfficientNet-Lite0 at 160 px, batch 32, and 15-20% of the step's time on the
+    2-core CPU (1.06-1.15 s per step against 0.89-0.90 s without them). The process keeps its peak memory
+    instead, as PyTorch's caching allocator does on a GPU. Not on other C libraries, and not when the environment
+    already sets malloc's behaviour (MALLOC_*_ or GLIBC_TUNABLES: theirs wins). True when applied."""
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in MALLOC_ENVIRONMENT):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl (Alpine) or another C library
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def pick_device(local_rank: int = 0) -> torch.device:

@@ -35,6 +35,7 @@ from finetune.resume import (
 )
 from finetune.runtime import (
     Processes,
+    keep_freed_memory,
     predict_logits,
     resolve_threads,
     seed_everything,
@@ -201,6 +202,7 @@ def raise_interrupted(signum, frame):
 
 def train(params: Params, processes: Processes) -> None:
     p = params.train
+    keep_freed_memory()  # before the model and the loader workers: they inherit it
     seed_everything(p.seed)
     device = training_device(p.device, processes.local_rank)
     train_split = open_split("train")

@@ -41,12 +41,13 @@ from finetune.paths import (
     PER_CLASS_CSV,
     PREDICTIONS_CSV,
 )
-from finetune.runtime import Precision, pick_device, predict_logits, resolve_eval_batch
+from finetune.runtime import Precision, keep_freed_memory, pick_device, predict_logits, resolve_eval_batch
 from finetune.transforms import eval_transform
 
 
 def main() -> None:
     e = load_params().evaluate
+    keep_freed_memory()
     device = pick_device()
     model, checkpoint = load_checkpoint(MODEL_PATH, device)
     test = open_split("test")

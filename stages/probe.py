@@ -31,7 +31,7 @@ from finetune.probe import (
     probe_logits,
     save_probe,
 )
-from finetune.runtime import Precision, pick_device, resolve_eval_batch
+from finetune.runtime import Precision, keep_freed_memory, pick_device, resolve_eval_batch
 
 PREDICTION_COLUMNS = ["id", "actual", "predicted", "confidence"]
 
@@ -70,6 +70,7 @@ def main() -> None:
     m, p = params.model, params.probe
     if m.weights == "none":
         return no_probe("model.weights: none (random init): there are no pretrained features to probe")
+    keep_freed_memory()
     device = pick_device()
     model, preprocessing = feature_extractor(m.arch, m.weights, params.train.resolution)
     model = model.to(device, memory_format=torch.channels_last)
