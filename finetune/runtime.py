@@ -33,10 +33,10 @@ NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
 
 def keep_freed_memory() -> bool:
     """Keeps the host memory a step frees for the next step instead of giving it back to the OS: on glibc, no
-    mmap'd blocks and no trimming of the heap. By default every block over 32 MB (the activations of a batch) is
-    mmap'd, freed to the OS at the end of the step and page-faulted back, zeroed, in the next one: 100-240
-    thousand page faults per step of EfficientNet-Lite0 at 160 px, batch 32, and 15-20% of the step's time on the
-    2-core CPU (1.06-1.15 s per step against 0.89-0.90 s without them). The process keeps its peak memory
+    mmap'd blocks and no trimming of the heap. By default every block over malloc's mmap threshold (128 KB, rising
+    to at most 32 MB: a batch's activations are over it) is mmap'd, freed to the OS at the end of the step and
+    page-faulted back, zeroed, in the next one: 100-240 thousand page faults per step of EfficientNet-Lite0 at
+    160 px, batch 32, and 15-20% of the step's time on the 2-core CPU (BENCHMARKS.md). The process keeps its peak memory
     instead, as PyTorch's caching allocator does on a GPU. Not on other C libraries, and not when the environment
     already sets malloc's behaviour (MALLOC_*_ or GLIBC_TUNABLES: theirs wins). True when applied."""
     if not sys.platform.startswith("linux") or any(name in os.environ for name in MALLOC_ENVIRONMENT):

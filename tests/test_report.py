@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import matplotlib.figure
@@ -15,7 +14,7 @@ from PIL import Image
 from finetune import cam as gradcam
 from finetune import run_report as report
 from finetune.markdown import markdown_table, markdown_text
-from tests.conftest import REPO
+from tests.conftest import REPO, run
 
 CLASSES = 196
 
@@ -217,7 +216,6 @@ def test_the_coarse_map_warning_is_said_once(capsys):
 
 def test_the_report_stage_starts_without_pytorch():
     """report re-runs after every experiment; importing PyTorch would add ~1.5 s to each run for nothing."""
-    loaded = subprocess.run([sys.executable, "-c", "import sys, stages.report; print(sorted({m.split('.')[0] for m in "
-                             "sys.modules} & {'torch', 'torchvision', 'timm'}))"],
-                            cwd=REPO, capture_output=True, text=True, check=True)
+    loaded = run([sys.executable, "-c", "import sys, stages.report; print(sorted({m.split('.')[0] for m in "
+                  "sys.modules} & {'torch', 'torchvision', 'timm'}))"], REPO)
     assert loaded.stdout.strip() == "[]", loaded.stdout
