@@ -69,6 +69,15 @@ RECIPES = {
     "sgd-square": {"train.optimizer": "sgd", "train.lr": 0.025, "train.nesterov": "true", "train.weight_decay": 1e-4,
                    "train.no_weight_decay_on_norm_and_bias": "true", "train.lr_schedule": "cosine",
                    "train.crop": "resize_then_crop"},
+    # sgd-square at Lite0's own resolution (twice the pixels of 160: about twice the time).
+    "sgd-square-224": {"train.optimizer": "sgd", "train.lr": 0.025, "train.nesterov": "true",
+                       "train.weight_decay": 1e-4, "train.no_weight_decay_on_norm_and_bias": "true",
+                       "train.lr_schedule": "cosine", "train.crop": "resize_then_crop", "train.resolution": 224},
+    # sgd-square with TrivialAugment (one random photometric or geometric op per image; Müller & Hutter 2021).
+    "sgd-square-trivial": {"train.optimizer": "sgd", "train.lr": 0.025, "train.nesterov": "true",
+                           "train.weight_decay": 1e-4, "train.no_weight_decay_on_norm_and_bias": "true",
+                           "train.lr_schedule": "cosine", "train.crop": "resize_then_crop",
+                           "train.augment": "trivial_augment"},
     # (a') (a) started from the fitted linear probe (LP-FT: Kumar et al., ICLR 2022) at a gentler lr: for data
     # whose frozen features are already strong (Caltech-101: 93.16%, against 93.09% from a random head at 0.025).
     "lpft": {"train.optimizer": "sgd", "train.lr": 0.01, "train.nesterov": "true", "train.weight_decay": 1e-4,

@@ -55,11 +55,12 @@ class Fit:
     converged: bool
 
 
-def feature_extractor(arch: str, weights: str, resolution: int) -> tuple[nn.Module, Preprocessing]:
+def feature_extractor(arch: str, weights: str, resolution: int, crop: str) -> tuple[nn.Module, Preprocessing]:
     """The pretrained model with its new head replaced by the identity (its output: what the head sees), and the
-    evaluation preprocessing at `resolution` (shorter side to resolution / crop fraction, centre crop)."""
+    run's own evaluation preprocessing at `resolution` (`crop`: train.crop, whose resize_then_crop makes eval resize
+    to a square): the probe is scored on the very pixels evaluate scores the fine-tune on."""
     model = build_model(arch, 2, weights)  # any class count: the head is dropped
-    preprocessing = model_preprocessing(model, resolution, "random_resized")
+    preprocessing = model_preprocessing(model, resolution, crop)
     model.set_submodule(model.head_paths[0], nn.Identity())
     return model.eval(), preprocessing
 

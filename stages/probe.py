@@ -1,8 +1,9 @@
 """Stage `probe`: the linear-probe baseline of a pretrained run, and the head `train.head_init: probe` starts from.
 
 The frozen backbone's pooled features of the train and test images (one forward pass each, at the evaluation
-preprocessing of train.resolution), then a multinomial logistic regression on them (finetune/probe.py). It
-depends on the data, model.arch, model.weights and train.resolution only: a variant that changes any other
+preprocessing of train.resolution and train.crop), then a multinomial logistic regression on them
+(finetune/probe.py). It depends on the data, model.arch, model.weights, train.resolution and train.crop (which
+sets eval's resize: shorter side or square) only: a variant that changes any other
 train.* param reuses it from DVC's cache. With model.weights: none there is nothing to probe; the outputs say so.
 
 models/probe.pt              the fitted probe as a linear head over the pooled features (or why there is none)
@@ -72,7 +73,7 @@ def main() -> None:
         return no_probe("model.weights: none (random init): there are no pretrained features to probe")
     keep_freed_memory()
     device = pick_device()
-    model, preprocessing = feature_extractor(m.arch, m.weights, params.train.resolution)
+    model, preprocessing = feature_extractor(m.arch, m.weights, params.train.resolution, params.train.crop)
     model = model.to(device, memory_format=torch.channels_last)
     batch_size, workers = resolve_eval_batch(p.batch_size, device), resolve_workers(p.num_workers)
     precision = Precision("auto", device)
@@ -89,7 +90,8 @@ def main() -> None:
     probs = probe_logits(fit.head, test_x).softmax(1)
     scores = summarize(probs, torch.from_numpy(test_y))
     ids, predicted = splits["test"]["id"], probs.argmax(1)
-    save_probe(PROBE_HEAD, fit.head, {"arch": m.arch, "weights": m.weights, "resolution": params.train.resolution})
+    save_probe(PROBE_HEAD, fit.head, {"arch": m.arch, "weights": m.weights, "resolution": params.train.resolution,
+                                 "crop": params.train.crop})
     write_json(PROBE_METRICS, {"probe_top1": scores["top1"],
                                "probe_mean_class_accuracy": scores["mean_class_accuracy"]})
     images = sum(len(split) for split in splits.values())
