@@ -118,6 +118,31 @@ TIMM_ARGS = {
             "--warmup-epochs", "0", "--min-lr", "0", "--smoothing", "0.1", "--scale", "0.25", "1.0",
             "--color-jitter", "0", "--train-interpolation", "bicubic", "--hflip", "0.5", "--channels-last"],
 }
+# train.crop resize_then_crop (a square resize to resolution/0.875, then a random `resolution` crop) has no timm
+# flag: timm reads a copy of the data squashed to that square (squashed_copy), where a RandomResizedCrop of the
+# fixed area (0.875)^2 and ratio 1 is the same random crop, and timm's eval (shorter side, centre crop) the same
+# square eval as the pipeline's.
+SQUARE_CROP_AREA = f"{0.875 ** 2:.6f}"
+TIMM_ARGS["sgd-square"] = [*TIMM_ARGS["sgd"][:TIMM_ARGS["sgd"].index("--scale")], "--scale", SQUARE_CROP_AREA,
+                           SQUARE_CROP_AREA, "--ratio", "1", "1",
+                           *TIMM_ARGS["sgd"][TIMM_ARGS["sgd"].index("--scale") + 3:]]
+
+
+def squashed_copy(data: Path, dest: Path, side: int) -> Path:
+    """Every image of `data` resized to side x side (bicubic, as the weights' interpolation), in the same layout:
+    once per dataset and side (reused when `dest` is complete)."""
+    from PIL import Image
+
+    done = dest / ".complete"
+    if done.exists():
+        return dest
+    for image in sorted(data.glob("*/*/*")):
+        target = dest / image.relative_to(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(image) as opened:
+            opened.convert("RGB").resize((side, side), Image.BICUBIC).save(target.with_suffix(".png"))
+    done.touch()
+    return dest
 
 
 def run_logged(command: list[str], cwd: Path, log: Path, env: dict) -> float:
@@ -178,7 +203,11 @@ def run_timm(recipe: str, args) -> dict:
         sys.exit("timm parts need --timm-train PATH: timm's train.py (fetch github:huggingface/pytorch-image-models)")
     out = args.workdir / f"timm-{recipe}"
     out.mkdir(parents=True)
-    command = [sys.executable, str(args.timm_train), "--data-dir", str(args.data), "--train-split", "train",
+    data = args.data
+    if RECIPES[recipe].get("train.crop") == "resize_then_crop":
+        side = round(BASE["train.resolution"] / 0.875)
+        data = squashed_copy(args.data, args.workdir / f"squashed-{side}", side)
+    command = [sys.executable, str(args.timm_train), "--data-dir", str(data), "--train-split", "train",
                "--val-split", "test", "--model", ARCH.removeprefix("timm/"), "--pretrained", "--pretrained-path",
                str(args.weights), "--num-classes", str(num_classes(args.data)), "--img-size",
                str(BASE["train.resolution"]), "-b", str(BASE["train.batch_size"]), "--epochs", str(args.epochs),
@@ -188,7 +217,7 @@ def run_timm(recipe: str, args) -> dict:
     rows = list(csv.DictReader(open(out / "run" / "summary.csv")))
     speeds = epoch_speeds(out / "run.log")
     model_file = out / "run" / "last.pth.tar"
-    top1_mean_class = timm_mean_class_accuracy(model_file, args)
+    top1_mean_class = timm_mean_class_accuracy(model_file, data)
     return {"tool": "timm train.py", "recipe": recipe, "command": "python train.py " + " ".join(command[2:]),
             "top1": round(float(rows[-1]["eval_top1"]) / 100, 5), "top5": round(float(rows[-1]["eval_top5"]) / 100, 5),
             "mean_class_accuracy": top1_mean_class, "tta_top1": None, "wall_s": round(seconds, 1),
@@ -205,7 +234,7 @@ def epoch_speeds(log: Path) -> list[float]:
     return [last[epoch] for epoch in sorted(last)]
 
 
-def timm_mean_class_accuracy(model_file: Path, args) -> float:
+def timm_mean_class_accuracy(model_file: Path, data: Path) -> float:
     """timm reports top-1/top-5 only: its last checkpoint, rebuilt by timm and fed by timm's own eval transform,
     scored per class on the test folder. Read with weights_only (the checkpoint also holds train.py's args)."""
     import argparse as argparse_module
@@ -216,12 +245,12 @@ def timm_mean_class_accuracy(model_file: Path, args) -> float:
 
     with torch.serialization.safe_globals([argparse_module.Namespace]):
         state = torch.load(model_file, map_location="cpu", weights_only=True)["state_dict"]
-    model = timm.create_model(ARCH.removeprefix("timm/"), num_classes=num_classes(args.data))
+    model = timm.create_model(ARCH.removeprefix("timm/"), num_classes=num_classes(data))
     model.load_state_dict(state)
     model = model.to(memory_format=torch.channels_last).eval()
     config = resolve_data_config({"input_size": (3, BASE["train.resolution"], BASE["train.resolution"])},
                                  model=model)
-    test = ImageDataset(str(args.data / "test"), transform=create_transform(**config))  # train.py's class order
+    test = ImageDataset(str(data / "test"), transform=create_transform(**config))  # train.py's class order
     loader = torch.utils.data.DataLoader(test, batch_size=64, num_workers=1)
     correct, total = torch.zeros(model.num_classes), torch.zeros(model.num_classes)
     with torch.inference_mode():
@@ -367,7 +396,7 @@ def main() -> None:
         else:
             sys.exit(f"unknown part {part}: pipeline:<recipe>, timm:<recipe> or probe")
         result |= {"dataset": results.name, "epochs": result.get("epochs", args.epochs),
-                   "resolution": BASE["train.resolution"],
+                   "resolution": {**BASE, **RECIPES.get(recipe, {})}["train.resolution"],
                    "commit": commit,
                    "cpus": len(args.cpus), "threads": len(args.cpus), "date": time.strftime("%Y-%m-%d"),
                    "machine": f"{os.cpu_count()}-core CPU, no GPU", "load_average_after": os.getloadavg()}
