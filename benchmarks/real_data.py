@@ -343,16 +343,19 @@ def print_table() -> None:
 
 
 def print_dataset_table(rows: list[dict]) -> None:
-    print("| Run | Recipe | Resolution | Epochs | Test top-1 | Mean per-class | TTA top-1 | Wall time | "
-          "Train images/s (min / median / max over epochs) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| Run | Recipe | Resolution | Epochs | Test top-1 | Its linear probe (points over it) | Mean per-class | "
+          "TTA top-1 | Wall time | Train images/s (min / median / max over epochs) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         speed = row.get("train_images_per_s")
         speed_text = (f"{speed['min']} / {speed['median']} / {speed['max']}" if speed
                       else f"features: {row['feature_images_per_s']['train']}")
         tta = f"{row['tta_top1']:.2%}" if row.get("tta_top1") is not None else "-"
+        probe = row.get("probe_top1")  # the probe stage of the pipeline run's own clone
+        probe_text = f"{probe:.2%} ({(row['top1'] - probe) * 100:+.2f})" if probe is not None else "-"
         print(f"| {row['tool']} | {row['recipe']} | {row.get('resolution', 160)} | {row.get('epochs') or '-'} | "
-              f"{row['top1']:.2%} | {row['mean_class_accuracy']:.2%} | {tta} | {row['wall_s'] / 60:.1f} min | "
+              f"{row['top1']:.2%} | {probe_text} | {row['mean_class_accuracy']:.2%} | {tta} | "
+              f"{row['wall_s'] / 60:.1f} min | "
               f"{speed_text} |")
 
 
