@@ -73,6 +73,10 @@ RECIPES = {
     "sgd-square-224": {"train.optimizer": "sgd", "train.lr": 0.025, "train.nesterov": "true",
                        "train.weight_decay": 1e-4, "train.no_weight_decay_on_norm_and_bias": "true",
                        "train.lr_schedule": "cosine", "train.crop": "resize_then_crop", "train.resolution": 224},
+    # sgd-square started from the fitted linear probe (LP-FT: Kumar et al., ICLR 2022), at sgd's lr.
+    "lpft-square": {"train.optimizer": "sgd", "train.lr": 0.025, "train.nesterov": "true",
+                    "train.weight_decay": 1e-4, "train.no_weight_decay_on_norm_and_bias": "true",
+                    "train.lr_schedule": "cosine", "train.crop": "resize_then_crop", "train.head_init": "probe"},
     # sgd-square with TrivialAugment (one random photometric or geometric op per image; Müller & Hutter 2021).
     "sgd-square-trivial": {"train.optimizer": "sgd", "train.lr": 0.025, "train.nesterov": "true",
                            "train.weight_decay": 1e-4, "train.no_weight_decay_on_norm_and_bias": "true",
