@@ -16,35 +16,22 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from finetune.data import ImageSplit, make_loader
-from finetune.errors import StageError
-from finetune.files import TorchFileUnreadable, read_torch, save_torch
 from finetune.model import build_model, model_preprocessing
 from finetune.params import PROBE_C_GRID
+from finetune.probe_head import ProbeHead
 from finetune.runtime import Precision, predict_logits
 from finetune.splits import stratified_assignment
 from finetune.transforms import Preprocessing, eval_transform
 
-FORMAT = "transfer-learning-probe/1"
 HELD_OUT_FRACTION = 0.2  # of each train class, to choose C when there is no validation split
 HELD_OUT_SEED = 0
 MAX_ITERATIONS = 1000  # L-BFGS iterations per fit; standardized features converge well before on real data
-
-
-@dataclass(frozen=True)
-class ProbeHead:
-    """A fitted probe as a linear layer over the raw pooled features: logits = features @ weight.T + bias."""
-
-    weight: torch.Tensor  # (classes, features)
-    bias: torch.Tensor  # (classes,)
-    class_names: list[str]
-    regularization: float  # the C chosen
 
 
 @dataclass
@@ -107,6 +94,27 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, held_x: np.ndarray, held
     return Fit(head, held_out, time.perf_counter() - start, converged)
 
 
+def fitted_probe(features: dict, names: list[str], regularization):
+    """(the fit that chose C, the fit on all of train, what C was chosen on, the held-out labels). C is chosen on
+    the validation split when there is one, else on a stratified 20% of train, then the probe is refitted on all
+    of train (what the fine-tune trains on too)."""
+    train_x, train_y = features["train"]
+    if "validation" in features:
+        held_x, held_y, held_out = *features["validation"], "the validation split"
+        fit_x, fit_y = train_x, train_y
+    else:
+        held = held_out_rows(train_y)
+        held_x, held_y, held_out = train_x[held], train_y[held], "a stratified 20% of train"
+        fit_x, fit_y = train_x[~held], train_y[~held]
+    if regularization != "auto":
+        chosen = fit_probe(train_x, train_y, held_x, held_y, names, regularization)
+        return chosen, chosen, held_out, held_y
+    chosen = fit_probe(fit_x, fit_y, held_x, held_y, names)
+    fit = chosen if fit_x is train_x else fit_probe(train_x, train_y, held_x, held_y, names,
+                                                     chosen.head.regularization)
+    return chosen, fit, held_out, held_y
+
+
 def expand_to_all_classes(classifier, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's coefficients cover the classes present in train; a class without a train image gets a
     zero weight and a bias far below the others, so the probe never predicts it (as no fine-tune learns it)."""
@@ -123,42 +131,3 @@ def expand_to_all_classes(classifier, num_classes: int) -> tuple[np.ndarray, np.
 
 def probe_logits(head: ProbeHead, features: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(features) @ head.weight.T + head.bias
-
-
-def save_probe(path: Path, head: ProbeHead | None, record: dict) -> None:
-    """head None: no probe (record["reason"] says why); train refuses train.head_init: probe from it."""
-    payload = {"format": FORMAT, "record": record, "class_names": [], "weight": None, "bias": None}
-    if head is not None:
-        payload |= {"class_names": head.class_names, "weight": head.weight, "bias": head.bias,
-                    "regularization": head.regularization}
-    save_torch(path, payload)
-
-
-def load_probe(path: Path, class_names: list[str]) -> ProbeHead:
-    """The fitted head for `train.head_init: probe`, checked against the classes it will predict."""
-    try:
-        payload = read_torch(path)
-    except (FileNotFoundError, TorchFileUnreadable) as error:
-        raise StageError(f"{path} cannot be read ({error}): run `dvc repro probe`") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise StageError(f"{path} is not a probe of this pipeline: run `dvc repro probe`")
-    if payload["weight"] is None:
-        raise StageError(f"train.head_init: probe, but there is no linear probe ({payload['record'].get('reason')}): "
-                         f"set train.head_init: random")
-    if payload["class_names"] != class_names:
-        raise StageError(f"{path} was fitted for other classes ({len(payload['class_names'])}, the prepared data has "
-                         f"{len(class_names)}): run `dvc repro probe`")
-    return ProbeHead(payload["weight"], payload["bias"], class_names, float(payload["regularization"]))
-
-
-def initialize_head(model: nn.Module, head: ProbeHead) -> None:
-    """Loads the probe into the model's main linear head (model.head_paths[0])."""
-    layer = model.get_submodule(model.head_paths[0])
-    if not isinstance(layer, nn.Linear):
-        raise StageError("train.head_init: probe needs model.head: linear (a probe is one linear layer)")
-    if head.weight.shape != layer.weight.shape or head.bias.shape != layer.bias.shape:
-        raise StageError(f"the probe's head ({tuple(head.weight.shape)}) does not fit the model's "
-                         f"({tuple(layer.weight.shape)}): it was fitted for another model; run `dvc repro probe`")
-    with torch.no_grad():
-        layer.weight.copy_(head.weight.to(layer.weight.dtype))
-        layer.bias.copy_(head.bias.to(layer.bias.dtype))

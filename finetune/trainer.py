@@ -23,7 +23,7 @@ from finetune.data import ImageSplit, SeededEpochSampler, make_loader
 from finetune.errors import StageError
 from finetune.model import AUX_LOSS_WEIGHT, RecipeError, build_model, fit_to_resolution, model_preprocessing
 from finetune.params import Params, TrainParams
-from finetune.probe import ProbeHead, initialize_head
+from finetune.probe_head import ProbeHead, initialize_head
 from finetune.recipe import Freezer, build_ema, build_mixer, build_optimizer, build_scheduler
 from finetune.runtime import (
     CPU_RUN_LIMIT_HOURS,

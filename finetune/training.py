@@ -23,7 +23,7 @@ from finetune.files import file_digest
 from finetune.model import constructor_kwargs
 from finetune.params import Params, TrainParams
 from finetune.paths import LIVE_DIR, MODEL_PATH, PREPARED_DIR, PROBE_HEAD
-from finetune.probe import load_probe
+from finetune.probe_head import load_probe
 from finetune.resume import (
     Progress,
     load_state,

@@ -16,23 +16,11 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from finetune.data import class_names, open_split, resolve_workers, split_names
 from finetune.errors import run_stage
 from finetune.files import write_csv, write_json
-from finetune.metrics import summarize
-from finetune.params import load_params
+from finetune.params import Params, load_params
 from finetune.paths import PROBE_HEAD, PROBE_METRICS, PROBE_PREDICTIONS, PROBE_REPORT
-from finetune.probe import (
-    feature_extractor,
-    fit_probe,
-    held_out_rows,
-    pooled_features,
-    probe_logits,
-    save_probe,
-)
-from finetune.runtime import Precision, keep_freed_memory, pick_device, resolve_eval_batch
+from finetune.probe_head import save_probe
 
 PREDICTION_COLUMNS = ["id", "actual", "predicted", "confidence"]
 
@@ -45,32 +33,23 @@ def no_probe(reason: str) -> None:
     print(f"probe: no linear probe: {reason}")
 
 
-def fitted_probe(features: dict, names: list[str], regularization):
-    """(the fit that chose C, the fit on all of train, what C was chosen on, the held-out labels). C is chosen on
-    the validation split when there is one, else on a stratified 20% of train, then the probe is refitted on all
-    of train (what the fine-tune trains on too)."""
-    train_x, train_y = features["train"]
-    if "validation" in features:
-        held_x, held_y, held_out = *features["validation"], "the validation split"
-        fit_x, fit_y = train_x, train_y
-    else:
-        held = held_out_rows(train_y)
-        held_x, held_y, held_out = train_x[held], train_y[held], "a stratified 20% of train"
-        fit_x, fit_y = train_x[~held], train_y[~held]
-    if regularization != "auto":
-        chosen = fit_probe(train_x, train_y, held_x, held_y, names, regularization)
-        return chosen, chosen, held_out, held_y
-    chosen = fit_probe(fit_x, fit_y, held_x, held_y, names)
-    fit = chosen if fit_x is train_x else fit_probe(train_x, train_y, held_x, held_y, names,
-                                                     chosen.head.regularization)
-    return chosen, fit, held_out, held_y
-
-
 def main() -> None:
-    params = load_params()
-    m, p = params.model, params.probe
-    if m.weights == "none":
+    if load_params(look_up_models=False).model.weights == "none":
         return no_probe("model.weights: none (random init): there are no pretrained features to probe")
+    measure_probe(load_params())  # model.arch and model.weights looked up now: a model is built
+
+
+def measure_probe(params: Params) -> None:
+    # Imported here, not above: a run without pretrained weights writes its no-probe record without paying the
+    # seconds of importing torchvision, timm and datasets.
+    import torch
+
+    from finetune.data import class_names, open_split, resolve_workers, split_names
+    from finetune.metrics import summarize
+    from finetune.probe import feature_extractor, fitted_probe, pooled_features, probe_logits
+    from finetune.runtime import Precision, keep_freed_memory, pick_device, resolve_eval_batch
+
+    m, p = params.model, params.probe
     keep_freed_memory()
     device = pick_device()
     model, preprocessing = feature_extractor(m.arch, m.weights, params.train.resolution, params.train.crop)
@@ -84,21 +63,19 @@ def main() -> None:
     features = {name: pooled_features(model, split, preprocessing, batch_size, workers, device, precision,
                                       f"probe features ({name})") for name, split in splits.items()}
     feature_seconds = time.perf_counter() - start
-    train_x, _ = features["train"]
     chosen, fit, held_out, held_y = fitted_probe(features, names, p.regularization)
     test_x, test_y = features["test"]
     probs = probe_logits(fit.head, test_x).softmax(1)
     scores = summarize(probs, torch.from_numpy(test_y))
-    ids, predicted = splits["test"]["id"], probs.argmax(1)
     save_probe(PROBE_HEAD, fit.head, {"arch": m.arch, "weights": m.weights, "resolution": params.train.resolution,
-                                 "crop": params.train.crop})
+                                      "crop": params.train.crop})
     write_json(PROBE_METRICS, {"probe_top1": scores["top1"],
                                "probe_mean_class_accuracy": scores["mean_class_accuracy"]})
     images = sum(len(split) for split in splits.values())
     write_json(PROBE_REPORT, {
         "probe": True, **{f"{name}_images": len(split) for name, split in splits.items()},
         "top1": scores["top1"], "top5": scores["top5"], "mean_class_accuracy": scores["mean_class_accuracy"],
-        "feature_dim": int(train_x.shape[1]), "regularization": fit.head.regularization,
+        "feature_dim": int(test_x.shape[1]), "regularization": fit.head.regularization,
         "regularization_chosen_on": held_out if p.regularization == "auto" else "given (probe.regularization)",
         "held_out_images": int(len(held_y)),
         "held_out_accuracy": {f"{c:g}": round(a, 5) for c, a in chosen.held_out.items()},
@@ -106,13 +83,19 @@ def main() -> None:
         "feature_images_per_s": round(images / feature_seconds, 1),
         "fit_seconds": round(chosen.seconds + (fit.seconds if fit is not chosen else 0), 1),
     })
-    write_csv(PROBE_PREDICTIONS, [{"id": ids[i], "actual": names[test_y[i]], "predicted": names[predicted[i]],
-                                   "confidence": round(probs[i, predicted[i]].item(), 4)} for i in range(len(ids))],
-              PREDICTION_COLUMNS)
+    write_predictions(splits["test"]["id"], names, test_y, probs)
     print(f"probe: {m.arch} ({m.weights}) frozen at {params.train.resolution} px: test top-1 {scores['top1']:.2%}, "
           f"mean per-class {scores['mean_class_accuracy']:.2%} ({len(test_y)} images); C={fit.head.regularization:g} "
           f"({'chosen on ' + held_out if p.regularization == 'auto' else 'given'}); features of {images} images in "
           f"{feature_seconds:.0f} s" + ("" if fit.converged else "; L-BFGS did not fully converge"))
+
+
+def write_predictions(ids: list[str], names: list[str], labels, probs) -> None:
+    """Per test image, as evaluate's plots/predictions.csv: the report compares the two image by image."""
+    predicted = probs.argmax(1)
+    write_csv(PROBE_PREDICTIONS, [{"id": ids[i], "actual": names[labels[i]], "predicted": names[predicted[i]],
+                                   "confidence": round(probs[i, predicted[i]].item(), 4)} for i in range(len(ids))],
+              PREDICTION_COLUMNS)
 
 
 if __name__ == "__main__":

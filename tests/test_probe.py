@@ -3,22 +3,20 @@ verdict on whether fine-tuning paid over the probe."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from finetune import run_report as report
+from finetune.errors import StageError
 from finetune.params import PROBE_C_GRID
-from finetune.probe import (
-    ProbeHead,
-    fit_probe,
-    held_out_rows,
-    initialize_head,
-    load_probe,
-    probe_logits,
-    save_probe,
-)
+from finetune.probe import fit_probe, held_out_rows, probe_logits
+from finetune.probe_head import ProbeHead, initialize_head, load_probe, save_probe
 from finetune.stats import (
     Paired,
     binomial_two_sided,
@@ -28,6 +26,7 @@ from finetune.stats import (
     points,
     wilson_interval,
 )
+from tests.conftest import run, tiny_params
 
 
 def blobs(classes: int = 5, per_class: int = 40, dim: int = 12, seed: int = 0, spread: float = 1.0):
@@ -192,3 +191,16 @@ def test_the_trainer_starts_its_head_from_the_probe_and_params_refuse_what_canno
     raw["model"].update(weights="IMAGENET1K_V1", head="mlp")
     with pytest.raises(ParamsError, match="train.head_init: probe needs model.head: linear"):
         parse_params(raw, look_up_models=False)
+
+
+def test_a_run_without_pretrained_weights_writes_its_no_probe_record_without_torchvision(tmp_path):
+    """model.weights: none runs probe too (every tiny run of the tests does): its record needs torch alone, not the
+    seconds of torchvision, timm and datasets."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path)))
+    result = run([sys.executable, "-X", "importtime", "-m", "stages.probe"], tmp_path)
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
+    assert "torch" in imported and not imported & {"torchvision", "timm", "datasets", "sklearn"}
+    assert "no linear probe: model.weights: none" in result.stdout
+    assert json.loads((tmp_path / "metrics/probe_report.json").read_text())["probe"] is False
+    with pytest.raises(StageError, match="there is no linear probe"):
+        load_probe(tmp_path / "models/probe.pt", ["a", "b"])
