@@ -16,8 +16,9 @@ that many PyTorch threads and one loader process, and writes `benchmarks/real_da
 (`<part>-<N>-epochs.json` with `--epochs N` other than 4). Parts:
 - `pipeline:<recipe>`: `dvc exp run -n <recipe> -S ...` exactly as a user types it (RECIPES below);
 - `timm:<recipe>`: timm's train.py on the same folders with the same settings (TIMM_ARGS: what maps to what);
-- `probe`: the pipeline's own stage `probe` alone (`dvc repro probe`): logistic regression on the frozen pooled
-  features of the same weights, the floor a fine-tune must beat (every `pipeline:*` part also reports it);
+- `probe[:<recipe>]`: the pipeline's own stage `probe` alone (`dvc repro probe`) with the recipe's params (default
+  `sgd`; the probe reads its resolution and train.crop): logistic regression on the frozen pooled features of the
+  same weights, the floor a fine-tune must beat (every `pipeline:*` part also reports its own);
 - `throughput`: train images/s of both trainers with the `sgd` recipe on the same subset (8 train and 2 test images
   per class), one epoch each, alternated pipeline, timm, pipeline, timm... (`--rounds`), each tool's own epoch
   figure; run it on an otherwise idle machine.
@@ -196,6 +197,7 @@ def run_pipeline(recipe: str, args) -> dict:
     return {"tool": "pipeline", "recipe": recipe, "command": "dvc exp run " + " ".join(command[3:]),
             "top1": metrics["top1"], "top5": metrics["top5"], "mean_class_accuracy": metrics["mean_class_accuracy"],
             "tta_top1": metrics.get("tta", {}).get("top1"), "probe_top1": probe.get("probe_top1"),
+            "probe_mean_class_accuracy": probe.get("probe_mean_class_accuracy"),
             "wise_ft": json.loads((clone / "metrics/train/metrics.json").read_text()).get("wise_ft"),
             "wall_s": round(seconds, 1),
             "train_images_per_s": spread(speeds), "most_confused": report["most_confused"][:5],
@@ -310,14 +312,15 @@ def run_throughput(args) -> dict:
             "pipeline_to_timm_by_round": spread(ratios)}
 
 
-def run_probe(args) -> dict:
-    """The pipeline's own stage `probe` (after fetch and prepare) in a clone of its own, nothing else."""
-    clone = fresh_clone(args.workdir / "probe")
-    set_params(clone, pipeline_overrides("sgd", args.data, args.weights, len(args.cpus), args.epochs))
+def run_probe(recipe: str, args) -> dict:
+    """The pipeline's own stage `probe` (after fetch and prepare) in a clone of its own, nothing else, with the params
+    of `recipe` (the probe reads its resolution and train.crop: eval's resize)."""
+    clone = fresh_clone(args.workdir / f"probe-{recipe}")
+    set_params(clone, pipeline_overrides(recipe, args.data, args.weights, len(args.cpus), args.epochs))
     seconds = run_logged(["dvc", "repro", "probe"], clone, clone / "run.log", environment(len(args.cpus)))
     report = json.loads((clone / "metrics/probe_report.json").read_text())
-    return {"tool": "linear probe", "recipe": "the pipeline's stage probe: logistic regression on frozen pooled "
-            "features", "top1": report["top1"], "top5": report["top5"],
+    return {"tool": "linear probe", "recipe": f"the pipeline's stage probe at {recipe}'s eval preprocessing: "
+            "logistic regression on frozen pooled features", "top1": report["top1"], "top5": report["top5"],
             "mean_class_accuracy": report["mean_class_accuracy"], "C": report["regularization"],
             "held_out_scores": report["held_out_accuracy"],
             "feature_images_per_s": {"train": report["feature_images_per_s"]}, "tta_top1": None,
@@ -365,7 +368,7 @@ def print_dataset_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", help="pipeline:<recipe>, timm:<recipe>, probe")
+    parser.add_argument("parts", nargs="*", help="pipeline:<recipe>, timm:<recipe>, probe[:<recipe>], throughput")
     parser.add_argument("--data", type=Path, help="a built dataset folder (train/, test/): Stanford Cars, Caltech-101")
     parser.add_argument("--dataset", help="the name its results are filed under (default: the folder's name)")
     parser.add_argument("--weights", type=Path, help="EfficientNet-Lite0 weights (build_imagenet_lite0.py)")
@@ -397,11 +400,11 @@ def main() -> None:
         elif tool == "timm":
             result = run_timm(recipe, args)
         elif tool == "probe":
-            result = run_probe(args)
+            result = run_probe(recipe or "sgd", args)
         elif tool == "throughput":
             result = run_throughput(args)
         else:
-            sys.exit(f"unknown part {part}: pipeline:<recipe>, timm:<recipe> or probe")
+            sys.exit(f"unknown part {part}: pipeline:<recipe>, timm:<recipe>, probe[:<recipe>] or throughput")
         result |= {"dataset": results.name, "epochs": result.get("epochs", args.epochs),
                    "resolution": {**BASE, **RECIPES.get(recipe, {})}["train.resolution"],
                    "commit": commit,
@@ -409,7 +412,8 @@ def main() -> None:
                    "machine": f"{os.cpu_count()}-core CPU, no GPU", "load_average_after": os.getloadavg()}
         # Another epoch count files apart: the 4-epoch results stay what the docs quote
         epochs_apart = tool in ("pipeline", "timm") and args.epochs != BASE["train.epochs"]
-        name = part.replace(":", "-") + (f"-{args.epochs}-epochs" if epochs_apart else "")
+        name = ("probe" if part == "probe:sgd" else part.replace(":", "-")) + (
+            f"-{args.epochs}-epochs" if epochs_apart else "")
         (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         if result["top1"] is not None:
             print(f"real_data: {part}: test top-1 {result['top1']:.2%}, {result['wall_s'] / 60:.1f} min", flush=True)
