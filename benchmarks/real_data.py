@@ -199,9 +199,26 @@ def run_pipeline(recipe: str, args) -> dict:
             "tta_top1": metrics.get("tta", {}).get("top1"), "probe_top1": probe.get("probe_top1"),
             "probe_mean_class_accuracy": probe.get("probe_mean_class_accuracy"),
             "wise_ft": json.loads((clone / "metrics/train/metrics.json").read_text()).get("wise_ft"),
-            "wall_s": round(seconds, 1),
+            "against_probe": against_probe(clone), "wall_s": round(seconds, 1),
             "train_images_per_s": spread(speeds), "most_confused": report["most_confused"][:5],
             "clone": str(clone)}
+
+
+def against_probe(clone: Path) -> dict | None:
+    """The fine-tune against its own probe on the same test images: who alone was right, and the exact McNemar p
+    (as the run's report says it), from the two per-image prediction files."""
+    from finetune.stats import correct_by_id, paired
+
+    def read(name: str) -> dict[str, bool]:
+        return correct_by_id(list(csv.DictReader(open(clone / "plots" / name))))
+
+    tuned, probe = read("predictions.csv"), read("probe_predictions.csv")
+    if not probe:
+        return None
+    ids = sorted(tuned.keys() & probe.keys())
+    pair = paired([tuned[i] for i in ids], [probe[i] for i in ids])
+    return {"images": pair.images, "only_fine_tune_right": pair.only_first_right,
+            "only_probe_right": pair.only_second_right, "mcnemar_p": float(f"{pair.p_value:.3g}")}
 
 
 def run_timm(recipe: str, args) -> dict:
@@ -350,7 +367,8 @@ def print_table() -> None:
 
 
 def print_dataset_table(rows: list[dict]) -> None:
-    print("| Run | Recipe | Resolution | Epochs | Test top-1 | Its linear probe (points over it) | Mean per-class | "
+    print("| Run | Recipe | Resolution | Epochs | Test top-1 | Its linear probe (points over it; images right alone, "
+          "exact McNemar p) | Mean per-class | "
           "TTA top-1 | Wall time | Train images/s (min / median / max over epochs) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -359,7 +377,10 @@ def print_dataset_table(rows: list[dict]) -> None:
                       else f"features: {row['feature_images_per_s']['train']}")
         tta = f"{row['tta_top1']:.2%}" if row.get("tta_top1") is not None else "-"
         probe = row.get("probe_top1")  # the probe stage of the pipeline run's own clone
-        probe_text = f"{probe:.2%} ({(row['top1'] - probe) * 100:+.2f})" if probe is not None else "-"
+        pair = row.get("against_probe")
+        noise = f"; {pair['only_fine_tune_right']} vs {pair['only_probe_right']} right alone, p {pair['mcnemar_p']:.2g}" \
+            if pair else ""
+        probe_text = f"{probe:.2%} ({(row['top1'] - probe) * 100:+.2f}{noise})" if probe is not None else "-"
         print(f"| {row['tool']} | {row['recipe']} | {row.get('resolution', 160)} | {row.get('epochs') or '-'} | "
               f"{row['top1']:.2%} | {probe_text} | {row['mean_class_accuracy']:.2%} | {tta} | "
               f"{row['wall_s'] / 60:.1f} min | "

@@ -76,6 +76,7 @@ def test_readme_command_gives_valid_params_and_a_buildable_model(command, tmp_pa
         # optimizer groups and input size check, exactly as train builds them.
         raw = params.model_dump()
         raw["model"]["weights"] = "none"
+        raw["train"]["head_init"] = "random"  # a probe needs pretrained weights (tests/test_pipeline.py runs one)
         trainer = Trainer(type(params).model_validate(raw), 196, torch.device("cpu"))
         assert trainer.learning_rates()["lr"] == pytest.approx(params.train.lr * (
             1 if params.train.warmup_epochs == 0 else 1 / (params.train.warmup_epochs + 1)))
