@@ -378,8 +378,8 @@ def print_dataset_table(rows: list[dict]) -> None:
         tta = f"{row['tta_top1']:.2%}" if row.get("tta_top1") is not None else "-"
         probe = row.get("probe_top1")  # the probe stage of the pipeline run's own clone
         pair = row.get("against_probe")
-        noise = f"; {pair['only_fine_tune_right']} vs {pair['only_probe_right']} right alone, p {pair['mcnemar_p']:.2g}" \
-            if pair else ""
+        noise = (f"; {pair['only_fine_tune_right']} vs {pair['only_probe_right']} right alone, "
+                 f"p {pair['mcnemar_p']:.2g}") if pair else ""
         probe_text = f"{probe:.2%} ({(row['top1'] - probe) * 100:+.2f}{noise})" if probe is not None else "-"
         print(f"| {row['tool']} | {row['recipe']} | {row.get('resolution', 160)} | {row.get('epochs') or '-'} | "
               f"{row['top1']:.2%} | {probe_text} | {row['mean_class_accuracy']:.2%} | {tta} | "
