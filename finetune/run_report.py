@@ -297,10 +297,11 @@ def probe_verdict(probe: ProbeComparison, top1: float, mix: dict | None = None) 
                 + (f"; a difference like this one needs about {needed:,} test images to be told apart" if needed
                    else "") + "). The probe (`models/probe.pt`) costs one forward pass over the data.")
     return (f"**Fine-tuning lost to a linear probe of the same frozen weights: {points(gain)} top-1** ({evidence}). "
-            f"The pretrained features already separate these classes, and this recipe distorted them. Try starting "
-            f"from the probe with a gentler recipe (`train.head_init: probe`, see docs/recipes.md, \"When fine-tuning "
-            f"loses to the linear probe\"), letting validation choose a mix with the start (`train.wise_ft`), or use "
-            f"the probe itself (`models/probe.pt`).")
+            f"The pretrained features already separate these classes, and this recipe distorted them. Try the "
+            f"recommended recipe's square crops (`train.crop: resize_then_crop`), more epochs and a start from the "
+            f"probe (`train.head_init: probe`; see docs/recipes.md, \"When fine-tuning loses to the linear probe\"), "
+            f"letting validation choose a mix with the start (`train.wise_ft`), or use the probe itself "
+            f"(`models/probe.pt`).")
 
 
 def mix_scores(mix: dict) -> str:

@@ -158,7 +158,7 @@ def test_the_verdict_says_whether_fine_tuning_paid():
     lost = comparison(10, 60, 850)
     text = report.probe_verdict(lost, 0.86)
     assert "**Fine-tuning lost to a linear probe of the same frozen weights: -5.0 points top-1**" in text
-    assert "train.head_init: probe" in text and "models/probe.pt" in text
+    assert "train.head_init: probe" in text and "models/probe.pt" in text and "train.crop: resize_then_crop" in text
     tied = comparison(3, 2, 900)
     text = report.probe_verdict(tied, 0.903)
     assert "did not measurably beat" in text and "within the noise" in text and "test images to be told apart" in text
